@@ -1,0 +1,86 @@
+"""The ``kvtune`` command: parse arguments, call the public API, render with rich. Nothing else.
+
+Every user-fixable problem is a :class:`~kvtune.errors.KVTuneError` (or a click usage error): it is
+printed as one ``error: ...`` line on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from kvtune.errors import KVTuneError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="kvtune", message="kvtune %(version)s")
+def cli(verbose: int) -> None:
+    """Make the KV cache of transformer LLMs small and fast: calibrate, search, eval, bench."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _not_built(name: str, issue: str) -> Callable[..., None]:
+    @cli.command(name=name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                 help=f"(not built yet: {issue})")
+    def _cmd() -> None:
+        raise KVTuneError(f"'kvtune {name}' is not built yet", f"it lands with the {issue} issue")
+
+    return _cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one line and exit code 2 on user errors."""
+    _register_commands()
+    try:
+        cli.main(args=argv, standalone_mode=False, prog_name="kvtune")
+    except KVTuneError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()} (see 'kvtune --help')", err=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+_REGISTERED = False
+
+
+def _register_commands() -> None:
+    """Attach the stage commands that exist in this installation (each module adds its own)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    import importlib
+
+    for name, issue in (("inspect", "foundation"), ("calibrate", "calibration"), ("search", "search"),
+                        ("eval", "evaluation"), ("bench", "evaluation"), ("demo", "evaluation")):
+        module = f"kvtune.commands.{name}"
+        try:
+            importlib.import_module(module).register(cli)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            _not_built(name, issue)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

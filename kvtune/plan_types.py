@@ -1,0 +1,220 @@
+"""Frozen dataclasses of a plan: per layer (and optionally per KV head) what K and V become.
+
+Everything here is pure data with validation; YAML/safetensors I/O lives in :mod:`kvtune.plan`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from kvtune.errors import KVTuneError
+from kvtune.quant.formats import QuantSpec
+
+SCORES = ("normalized_attention", "accumulated_attention", "probe", "key_norm")
+MERGES = ("none", "elastic")
+
+
+def _strict(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """Check ``data`` is a mapping with only ``cls``'s field names; return a plain dict copy."""
+    if not isinstance(data, Mapping):
+        raise KVTuneError(f"{where}: expected a mapping, got {type(data).__name__}", "see configs/ for examples")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise KVTuneError(f"{where}: unknown key(s) {unknown}", f"valid keys are {sorted(known)}")
+    return dict(data)
+
+
+def _build(cls: type, kwargs: dict[str, Any], where: str) -> Any:
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, KVTuneError):
+            raise
+        raise KVTuneError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SalientPolicy:
+    """Tokens kept at higher precision than the rest (ZipCache, AKVQ-VL, VidKV).
+
+    ``ratio`` of the quantized tokens, chosen by ``score`` (a registry name), are *additionally* stored
+    at ``bits`` (per-token, whole head_dim group); their low-bit copies are masked out at attention.
+    ``sink_tokens`` first tokens are kept in fp16 and never quantized. ``probe_recent``/``probe_random``
+    are the shares of queries used as probes for the score (ZipCache: 5% + 5%).
+    """
+
+    ratio: float = 0.0
+    bits: float = 16
+    score: str = "normalized_attention"
+    sink_tokens: int = 0
+    probe_recent: float = 0.05
+    probe_random: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"salient ratio must be in [0, 1), got {self.ratio}")
+        QuantSpec(bits=self.bits)
+        if self.score not in SCORES:
+            raise ValueError(f"salient score must be one of {SCORES}, got {self.score!r}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        for name in ("probe_recent", "probe_random"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """Elastic Cache: merge ``ratio`` of the non-anchor tokens into their nearest anchors."""
+
+    ratio: float = 0.0
+    method: str = "none"
+    keep_recent: int = 32
+    keep_initial: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in MERGES:
+            raise ValueError(f"merge method must be one of {MERGES}, got {self.method!r}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"merge ratio must be in [0, 1), got {self.ratio}")
+        if self.ratio > 0 and self.method == "none":
+            raise ValueError("merge ratio > 0 needs a merge method (e.g. 'elastic')")
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """Key and value quantizers of one KV head (or of every head of a layer)."""
+
+    key: QuantSpec = QuantSpec()
+    value: QuantSpec = QuantSpec()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key.to_dict(), "value": self.value.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "HeadPlan":
+        d = _strict(cls, data, where)
+        return cls(key=QuantSpec.from_dict(d.get("key", {}), f"{where}.key"),
+                   value=QuantSpec.from_dict(d.get("value", {}), f"{where}.value"))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer: default K/V specs, optional per-KV-head overrides, and token policies.
+
+    ``residual``: most recent tokens kept fp16 (KIVI); a block of ``flush`` tokens leaves the window
+    once ``residual + flush`` are buffered (``flush`` = lcm of the specs' token groups, see bits.py).
+    ``block``: tokens quantized together when they leave the window (0 = lcm of the specs' token
+    groups); channel-separable norms are computed per block.
+    """
+
+    key: QuantSpec = QuantSpec()
+    value: QuantSpec = QuantSpec()
+    heads: tuple[HeadPlan, ...] = ()
+    residual: int = 0
+    salient: SalientPolicy = SalientPolicy()
+    merge: MergePolicy = MergePolicy()
+    block: int = 0
+
+    def __post_init__(self) -> None:
+        if self.residual < 0:
+            raise ValueError(f"residual must be >= 0, got {self.residual}")
+        if self.block < 0:
+            raise ValueError(f"block must be >= 0 (0 = automatic), got {self.block}")
+        for spec in [self.key, self.value, *(s for h in self.heads for s in (h.key, h.value))]:
+            if self.block and self.block % spec.token_group:
+                raise ValueError(f"block {self.block} is not a multiple of the token group {spec.token_group}")
+
+    @property
+    def flush(self) -> int:
+        """Tokens quantized together when they leave the fp16 window."""
+        if self.block:
+            return self.block
+        specs = [self.key, self.value, *(s for h in self.heads for s in (h.key, h.value))]
+        return math.lcm(*(s.token_group for s in specs))
+
+    def head(self, h: int) -> HeadPlan:
+        """The specs of KV head ``h``."""
+        return self.heads[h] if self.heads else HeadPlan(self.key, self.value)
+
+    def head_plans(self, num_kv_heads: int) -> tuple[HeadPlan, ...]:
+        if self.heads and len(self.heads) != num_kv_heads:
+            raise KVTuneError(f"layer has {len(self.heads)} per-head specs but the model has "
+                              f"{num_kv_heads} KV heads", "re-run the search for this model")
+        return tuple(self.head(h) for h in range(num_kv_heads))
+
+    def with_heads(self, heads: tuple[HeadPlan, ...]) -> "LayerPlan":
+        return replace(self, heads=heads)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"key": self.key.to_dict(), "value": self.value.to_dict()}
+        if self.heads:
+            d["heads"] = [h.to_dict() for h in self.heads]
+        if self.residual:
+            d["residual"] = self.residual
+        for name, default in (("salient", SalientPolicy()), ("merge", MergePolicy())):
+            if getattr(self, name) != default:
+                d[name] = asdict(getattr(self, name))
+        if self.block:
+            d["block"] = self.block
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "LayerPlan":
+        d = _strict(cls, data, where)
+        kw: dict[str, Any] = {
+            "key": QuantSpec.from_dict(d.get("key", {}), f"{where}.key"),
+            "value": QuantSpec.from_dict(d.get("value", {}), f"{where}.value"),
+            "heads": tuple(HeadPlan.from_dict(h, f"{where}.heads[{i}]") for i, h in enumerate(d.get("heads", []))),
+            "residual": d.get("residual", 0),
+            "salient": _build(SalientPolicy, _strict(SalientPolicy, d.get("salient", {}), f"{where}.salient"),
+                              f"{where}.salient"),
+            "merge": _build(MergePolicy, _strict(MergePolicy, d.get("merge", {}), f"{where}.merge"),
+                            f"{where}.merge"),
+            "block": d.get("block", 0),
+        }
+        return _build(cls, kw, where)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a plan was made for; a plan refuses to bind to a model with another identity."""
+
+    architecture: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "model") -> "ModelIdentity":
+        return _build(cls, _strict(cls, data, where), where)
+
+    def mismatch(self, other: "ModelIdentity") -> str | None:
+        """First field where ``other`` differs, as ``"field: mine != theirs"``, or None."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "fingerprint" and (not mine or not theirs):
+                continue
+            if mine != theirs:
+                return f"{f.name}: plan has {mine!r}, model has {theirs!r}"
+        return None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a plan came from."""
+
+    kvtune_version: str = ""
+    source: str = ""
+    calibration_hash: str = ""
+    study: str = ""
+    trial: int = -1
+    extra: tuple[tuple[str, str], ...] = field(default=())

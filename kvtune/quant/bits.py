@@ -1,0 +1,133 @@
+"""The one exact stored-bit accountant. Everyone who reports or budgets bits calls this.
+
+At a logical sequence length ``L`` a layer stores, per KV head, for K and for V:
+
+* ``N = L - merged`` tokens (Elastic Cache merges ``floor(ratio * (L - keep_initial - keep_recent))``);
+* ``sink = min(sink_tokens, N)`` fp16 tokens, then of the ``rest = N - sink`` tokens the fp16 window
+  holds ``rest`` if ``rest <= residual`` else ``residual + (rest - residual) % flush``; the other
+  ``n_q`` tokens are quantized;
+* for ``n_q`` quantized tokens of a spec with ``o`` outlier channels and ``D' = D - o`` main channels:
+  codes ``n_q * packed_width(D', bits) * 8``; scales (and zero-points unless symmetric/ternary) at the
+  scale dtype, ``ceil(n_q / G) * D'`` of them on the channel axis or ``n_q * ceil(D' / G)`` on the
+  token axis; channel-separable norms ``ceil(n_q / flush) * D'`` fp16; outliers ``o`` fp16 values a
+  token (or their own per-channel quantizer) plus ``o`` int16 indices;
+* salient tokens ``floor(ratio * n_q)``: an extra per-token copy at the salient bits (with an fp16
+  scale and zero) plus an int32 index each (shared by K and V, counted half each);
+* fp16 tokens (sinks + window): ``16 * D`` each.
+
+Effective bits = total stored bits / (2 * L * D * heads): the logical K and V element count.
+Hadamard rotation and FFT store nothing extra.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from kvtune.plan_types import LayerPlan
+from kvtune.quant.formats import SCALE_DTYPES, QuantSpec
+
+REFERENCE_LENGTH = 4096
+FP_BITS = 16
+INDEX_BITS = 16
+SALIENT_INDEX_BITS = 32
+
+
+@dataclass(frozen=True)
+class BitBreakdown:
+    """Stored bits by kind, and the logical element count they cover."""
+
+    codes: float = 0.0
+    scales: float = 0.0
+    zeros: float = 0.0
+    outliers: float = 0.0
+    indices: float = 0.0
+    salient: float = 0.0
+    full_precision: float = 0.0
+    elements: int = 0
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self) if f.name != "elements")
+
+    @property
+    def effective(self) -> float:
+        """Stored bits per logical K/V element."""
+        return self.total / self.elements if self.elements else 0.0
+
+    def __add__(self, other: "BitBreakdown") -> "BitBreakdown":
+        return BitBreakdown(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def as_dict(self) -> dict[str, float]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(total=self.total, effective=self.effective)
+        return d
+
+
+def packed_bytes(d: int, bits: float) -> int:
+    """Bytes per token row of ``d`` codes (fp16 passthrough: ``2 * d``); matches :func:`ops.pack`."""
+    fmt = QuantSpec(bits=bits).format
+    if fmt.passthrough:
+        return 2 * d
+    per = (lambda plane: 5) if fmt.base == 3 else (lambda plane: 8 // plane)
+    return sum(math.ceil(d / per(p)) for p in fmt.planes)
+
+
+def token_counts(layer: LayerPlan, length: int) -> dict[str, int]:
+    """How the ``length`` logical tokens of one head are stored: merged / fp16 / quantized / salient."""
+    merge = layer.merge
+    mergeable = max(0, length - merge.keep_initial - merge.keep_recent)
+    merged = int(math.floor(merge.ratio * mergeable)) if merge.method != "none" else 0
+    stored = length - merged
+    sink = min(layer.salient.sink_tokens, stored)
+    rest = stored - sink
+    flush = layer.flush
+    window = rest if rest <= layer.residual else layer.residual + (rest - layer.residual) % flush
+    quantized = rest - window
+    salient = int(math.floor(layer.salient.ratio * quantized))
+    return {"merged": merged, "fp16": sink + window, "quantized": quantized, "salient": salient}
+
+
+def spec_bits(spec: QuantSpec, n_q: int, d: int, flush: int) -> BitBreakdown:
+    """Bits of ``n_q`` quantized tokens of one head under ``spec`` (fp16 specs: all codes)."""
+    if spec.passthrough:
+        return BitBreakdown(codes=n_q * d * FP_BITS)
+    o, dm = spec.outliers, d - spec.outliers
+    sbits = SCALE_DTYPES[spec.scale_dtype]
+    if spec.axis == "channel":
+        n_params = math.ceil(n_q / (spec.group or max(n_q, 1))) * dm if n_q else 0
+    else:
+        n_params = n_q * math.ceil(dm / min(spec.group or dm, dm))
+    has_zero = not (spec.symmetric or spec.format.base == 3)
+    scales = n_params * sbits + (math.ceil(n_q / flush) * dm * FP_BITS if spec.channel_separable else 0)
+    outliers = 0.0
+    if o:
+        out_spec = QuantSpec(bits=spec.outlier_bits, axis="channel",
+                             group=spec.group if spec.axis == "channel" else 0)
+        outliers = spec_bits(out_spec, n_q, o, flush).total
+    return BitBreakdown(codes=n_q * packed_bytes(dm, spec.bits) * 8, scales=scales,
+                        zeros=n_params * sbits if has_zero else 0, outliers=outliers,
+                        indices=o * INDEX_BITS if n_q else 0)
+
+
+def layer_bits(layer: LayerPlan, num_kv_heads: int, head_dim: int, length: int = REFERENCE_LENGTH) -> BitBreakdown:
+    """Stored bits of one layer's K and V, all KV heads, at ``length`` tokens."""
+    counts = token_counts(layer, length)
+    n_q, n_sal, d = counts["quantized"], counts["salient"], head_dim
+    salient_row = QuantSpec(bits=layer.salient.bits, axis="token", group=0)
+    total = BitBreakdown(elements=2 * length * d * num_kv_heads)
+    for head in layer.head_plans(num_kv_heads):
+        for spec in (head.key, head.value):
+            sal = spec_bits(salient_row, n_sal, d, layer.flush).total + n_sal * SALIENT_INDEX_BITS / 2
+            total = total + spec_bits(spec, n_q, d, layer.flush) + BitBreakdown(
+                salient=sal, full_precision=counts["fp16"] * d * FP_BITS)
+    return total
+
+
+def layers_bits(layers: list[LayerPlan] | tuple[LayerPlan, ...], num_kv_heads: int, head_dim: int,
+                length: int = REFERENCE_LENGTH) -> BitBreakdown:
+    """Sum of :func:`layer_bits` over a model's layers."""
+    total = BitBreakdown()
+    for layer in layers:
+        total = total + layer_bits(layer, num_kv_heads, head_dim, length)
+    return total
