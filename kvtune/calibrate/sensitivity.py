@@ -1,0 +1,159 @@
+"""How much each candidate quantizer hurts each layer/head: attention-output error and end-to-end KL.
+
+**Attention-output error** (per layer, per KV head, per candidate), on the held sample:
+``rel_mse = ||O_q - O||^2 / ||O||^2`` with ``O = softmax(Q K^T * scaling) V`` (causal), summed over the query
+heads that share the KV head, over probe query rows (ZipCache probes: last 5% + random 5% of positions, so
+the ``T x T`` matrix is never built) and over the held sequences. A key candidate quantizes only K, a value
+candidate only V. Keys are fake-quantized *post-RoPE* (KIVI), as the runtime cache stores them; KVQuant's
+pre-RoPE keys are a possible extension (the pre-RoPE statistics are already collected).
+
+Token grouping: a channel-axis spec with group G quantizes the first ``floor(T/G)*G`` tokens and keeps the
+rest in fp16 (:func:`quantize_tokens`), as the runtime's residual window does. Outlier channels come from
+calibration (``rank``, per head, for specs without Hadamard) or, with Hadamard, from the rotated data.
+
+**End-to-end KL** (:func:`layer_kl`): for a few candidates, per layer, the mean over positions of
+``KL(p_fp || p_q)`` of next-token distributions when only that layer's K (or V) is quantized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvtune.calibrate.attention import probe_attention
+from kvtune.calibrate.hooks import AttentionCall, capture
+from kvtune.quant.formats import QuantSpec
+from kvtune.quant.ops import fake_quantize
+
+
+def default_candidates() -> tuple[tuple[QuantSpec, ...], tuple[QuantSpec, ...]]:
+    """``(key_candidates, value_candidates)``: 24 key and 26 value quantizers (order is part of the artifact).
+
+    Keys: per-channel g32 (KIVI) at 1/1.58/2/3/4/8 bits; + Hadamard at 1..4 bits; + 1/2/4 fp16 outlier channels
+    at 2 and 3 bits, 4 at 1 and 1.58 bits; VidKV-style (FFT, 1 bit + 4 channels at 2 bits; FFT 1.58 bits);
+    groups 64/128 at 2 bits and 128 at 4 bits.
+    Values: per-token g32 (KIVI) at 1/1.58/2/3/4/8 bits; + Hadamard at 1..4; channel-separable (ZipCache) at
+    1.58..4; + 1/2/4 fp16 outlier channels at 2 and 3 bits; groups 64/128 at 2 bits, 64 at 4 bits; per-channel
+    g32 (VidKV values) at 1.58 and 2 bits.
+    """
+    ch, tok = "channel", "token"
+    keys = [QuantSpec(b, ch, 32) for b in (1, 1.58, 2, 3, 4, 8)]
+    keys += [QuantSpec(b, ch, 32, hadamard=True) for b in (1, 1.58, 2, 3, 4)]
+    keys += [QuantSpec(b, ch, 32, outliers=o) for b in (2, 3) for o in (1, 2, 4)]
+    keys += [QuantSpec(b, ch, 32, outliers=4) for b in (1, 1.58)]
+    keys += [QuantSpec(1, ch, 32, fft=True, outliers=4, outlier_bits=2), QuantSpec(1.58, ch, 32, fft=True)]
+    keys += [QuantSpec(2, ch, 64), QuantSpec(2, ch, 128), QuantSpec(4, ch, 128)]
+    values = [QuantSpec(b, tok, 32) for b in (1, 1.58, 2, 3, 4, 8)]
+    values += [QuantSpec(b, tok, 32, hadamard=True) for b in (1, 1.58, 2, 3, 4)]
+    values += [QuantSpec(b, tok, 32, channel_separable=True) for b in (1.58, 2, 3, 4)]
+    values += [QuantSpec(b, tok, 32, outliers=o) for b in (2, 3) for o in (1, 2, 4)]
+    values += [QuantSpec(2, tok, 64), QuantSpec(2, tok, 128), QuantSpec(4, tok, 64)]
+    values += [QuantSpec(b, ch, 32) for b in (1.58, 2)]
+    return tuple(keys), tuple(values)
+
+
+def default_kl_candidates(keys: tuple[QuantSpec, ...], values: tuple[QuantSpec, ...]) -> tuple[list[int], list[int]]:
+    """Indices of the candidates that get an end-to-end KL: plain 2-bit keys (KIVI) and plain 2-bit values."""
+    return [keys.index(QuantSpec(2, "channel", 32))], [values.index(QuantSpec(2, "token", 32))]
+
+
+def quantize_tokens(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Fake-quantize ``x`` ``[..., T, D]``: whole token groups through ``spec``, the tail rounded to fp16."""
+    g = spec.token_group or x.shape[-2]  # channel axis: a token group; group 0 = all tokens
+    n = (x.shape[-2] // g) * g
+    if n == x.shape[-2]:
+        return fake_quantize(x, spec, outlier_idx)
+    head = fake_quantize(x[..., :n, :], spec, outlier_idx) if n else x[..., :0, :]
+    return torch.cat([head, x[..., n:, :].to(torch.float16).to(x.dtype)], dim=-2)
+
+
+def _outlier_idx(spec: QuantSpec, rank: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """Calibrated outlier channels ``[B, Hkv, o]`` from ``rank`` ``[Hkv, D]``, or None (take them from the data)."""
+    if not spec.outliers or spec.hadamard or rank is None:
+        return None
+    return rank[:, : spec.outliers].sort(dim=-1).values.unsqueeze(0).expand(batch, -1, -1)
+
+
+def _grouped_out(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``probs`` ``[B, Hq, P, T]`` @ ``value`` ``[B, Hkv, T, D]`` -> ``[B, Hkv, G, P, D]``."""
+    b, hq, p, t = probs.shape
+    hkv = value.shape[1]
+    return probs.view(b, hkv, hq // hkv, p, t) @ value.float().unsqueeze(2)
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Relative squared error per KV head: ``[B, Hkv, G, P, D]`` x2 -> ``[Hkv]``."""
+    dims = (0, 2, 3, 4)
+    return (out - ref).square().sum(dim=dims) / ref.square().sum(dim=dims).clamp_min(1e-30)
+
+
+def layer_sensitivity(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
+                      scaling: float, key_specs: tuple[QuantSpec, ...], value_specs: tuple[QuantSpec, ...],
+                      key_rank: torch.Tensor | None = None, value_rank: torch.Tensor | None = None,
+                      window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relative attention-output MSE of every candidate for one layer.
+
+    ``query`` ``[B, Hq, T, D]``, ``key``/``value`` ``[B, Hkv, T, D]``, probe ``positions`` ``[P]``,
+    ``key_rank``/``value_rank`` ``[Hkv, D]`` calibrated channel order. Returns float32 ``[Hkv, Ck]``, ``[Hkv, Cv]``.
+    """
+    b = key.shape[0]
+    probs = probe_attention(query, key, positions, scaling, window)  # [B, Hq, P, T]
+    ref = _grouped_out(probs, value)
+    k_err = [_rel_error(_grouped_out(probe_attention(query, quantize_tokens(key, s, _outlier_idx(s, key_rank, b)),
+                                                     positions, scaling, window), value), ref) for s in key_specs]
+    v_err = [_rel_error(_grouped_out(probs, quantize_tokens(value, s, _outlier_idx(s, value_rank, b))), ref)
+             for s in value_specs]
+    return torch.stack(k_err, dim=-1).float(), torch.stack(v_err, dim=-1).float()
+
+
+def _perturb(layer: int, key_specs: list[QuantSpec], value_specs: list[QuantSpec], n_seq: int) -> Callable:
+    """Observer quantizing, at ``layer`` only, K of batch block ``i`` (``i < len(key_specs)``) or V of the next blocks."""
+
+    def observer(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if call.layer != layer:
+            return None
+        key, value = call.key.clone(), call.value.clone()
+        for i, spec in enumerate(key_specs):
+            rows = slice(i * n_seq, (i + 1) * n_seq)
+            key[rows] = quantize_tokens(call.key[rows], spec)
+        for i, spec in enumerate(value_specs, start=len(key_specs)):
+            rows = slice(i * n_seq, (i + 1) * n_seq)
+            value[rows] = quantize_tokens(call.value[rows], spec)
+        return key, value
+
+    return observer
+
+
+def _log_probs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities ``[B, T, V]`` float32."""
+    return model(input_ids=ids, use_cache=False).logits.float().log_softmax(dim=-1)
+
+
+def layer_kl(model: Any, input_ids: torch.Tensor, key_specs: list[QuantSpec], value_specs: list[QuantSpec],
+             on_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer end-to-end KL: ``input_ids`` ``[n, T]`` -> ``kl_key`` ``[L, len(key_specs)]``, ``kl_value`` ``[L, nv]``.
+
+    One forward per layer, batched over candidates (``n * (nk + nv)`` sequences). ``on_layer(i)`` is called
+    after layer ``i``. Runs under ``torch.inference_mode``.
+    """
+    from kvtune.calibrate.hooks import attention_modules
+
+    n, nk = input_ids.shape[0], len(key_specs)
+    blocks = nk + len(value_specs)
+    layers = [i for i, _ in attention_modules(model)]
+    rows = torch.zeros(len(layers), blocks)
+    with torch.inference_mode():
+        with capture(model, on_attention=lambda call: None):
+            ref = _log_probs(model, input_ids)  # [n, T, V]
+        p_ref = ref.exp()
+        batch = input_ids.repeat(blocks, 1)
+        for row, layer in enumerate(layers):
+            with capture(model, on_attention=_perturb(layer, key_specs, value_specs, n)):
+                logq = _log_probs(model, batch).view(blocks, n, *ref.shape[1:])
+            kl = (p_ref * (ref - logq)).sum(dim=-1)  # [blocks, n, T]
+            rows[row] = kl.mean(dim=(1, 2)).clamp_min(0).cpu()  # >= 0 up to float rounding
+            if on_layer is not None:
+                on_layer(row)
+    return rows[:, :nk].contiguous(), rows[:, nk:].contiguous()

@@ -1,0 +1,629 @@
+"""Fused decode attention over bit-packed K/V plus a full-precision extra segment (Triton).
+
+One query token per sequence attends over, per KV head, ``T`` quantized tokens (layout of
+:mod:`kvtune.kernels.pack`) and ``R`` full-precision "extra" tokens (residual window, sinks, salient
+tokens; unordered). Flash-decoding: the grid is ``(n_splits + 1, B * Hkv)``; program ``(s, b*Hkv+h)``
+walks its chunk of the quantized sequence in tiles of ``BLOCK_T`` tokens, the last split program
+walks the extra segment instead. Each program serves *all* ``n_rep`` query heads of its KV head
+(padded to 16 rows so that both products run on tensor cores: at n_rep = 4 a broadcast
+multiply-sum would cost 4 CUDA-core FMAs per K and per V element, more than the unpacking itself),
+unpacks one channel slice at a time (the strided layout makes slot ``s`` of every byte the
+contiguous channel slice ``[s*W, (s+1)*W)``, so q and the output accumulator are split the same
+way), dequantizes in registers, keeps an online softmax in base 2, and writes a partial
+``(max, sum, out)``. A second tiny kernel merges the partials with log-sum-exp.
+
+The extra segment runs as one more split of the same launch (not in torch): it costs no extra launch,
+no Python-side softmax, and its partial merges like any other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from kvtune.kernels.pack import slicing, unpack_codes_reference
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class PackedKeys:
+    """Packed keys of one layer (per-channel groups of ``group`` tokens).
+
+    packed: uint8 ``[B, Hkv, T, row_bytes]`` (last dim contiguous); scale, zero: fp16
+    ``[B, Hkv, T/group, D]`` (same strides); bits: 1, 1.58, 2, 3, 4 or 8; group: tokens per group.
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: float
+    group: int
+
+    def __post_init__(self) -> None:
+        b, h, t, _ = self.packed.shape
+        if self.group <= 0 or t % self.group:
+            raise ValueError(f"T={t} must be a multiple of the key group {self.group}")
+        if self.scale.shape != self.zero.shape or tuple(self.scale.shape[:3]) != (b, h, t // self.group):
+            raise ValueError(f"key scale/zero must be [B, Hkv, T/G, D], got {tuple(self.scale.shape)}")
+        if self.packed.shape[-1] != slicing(self.bits, self.scale.shape[-1]).row_bytes:
+            raise ValueError(f"packed keys have {self.packed.shape[-1]} bytes a row, expected "
+                             f"{slicing(self.bits, self.scale.shape[-1]).row_bytes}")
+
+
+@dataclass(frozen=True)
+class PackedValues:
+    """Packed values of one layer (per-token groups of ``group`` channels; 0 = all D).
+
+    packed: uint8 ``[B, Hkv, T, row_bytes]``; scale, zero: fp16 ``[B, Hkv, T, ceil(D/group)]``.
+    The head dim ``D`` is taken from the keys.
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: float
+    group: int
+
+    def __post_init__(self) -> None:
+        if self.group < 0:
+            raise ValueError(f"value group must be >= 0, got {self.group}")
+        if self.scale.shape != self.zero.shape or tuple(self.scale.shape[:3]) != tuple(self.packed.shape[:3]):
+            raise ValueError(f"value scale/zero must be [B, Hkv, T, D/Gc], got {tuple(self.scale.shape)}")
+
+
+# ------------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _bytes_f16(x, USE_ASM: tl.constexpr):
+    """uint8 -> exact fp16. PTX: two bytes + 0x64 high bytes = (1024 + c) halves, minus 1024 (no I2F)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 m, k;
+            mov.b32 m, 0x64646464;
+            mov.b32 k, 0x64006400;
+            prmt.b32 $0, $2, m, 0x4140;
+            prmt.b32 $1, $2, m, 0x4342;
+            sub.f16x2 $0, $0, k;
+            sub.f16x2 $1, $1, k;
+            }""",
+            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+    return x.to(tl.float16)
+
+
+@triton.jit
+def _slot_f16(x, SHIFT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp16 value of bits [SHIFT, SHIFT + BITS) of every byte of uint8 ``x`` (one shift + and per 4 codes)."""
+    if BITS == 8:
+        return _bytes_f16(x, USE_ASM)
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t, m, k;
+            shr.b32 t, $2, {SHIFT};
+            and.b32 t, t, {((1 << BITS) - 1) * 0x01010101};
+            mov.b32 m, 0x64646464;
+            mov.b32 k, 0x64006400;
+            prmt.b32 $0, t, m, 0x4140;
+            prmt.b32 $1, t, m, 0x4342;
+            sub.f16x2 $0, $0, k;
+            sub.f16x2 $1, $1, k;
+            }}""",
+            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+    return ((x >> SHIFT) & ((1 << BITS) - 1)).to(tl.float16)
+
+
+@triton.jit
+def _slice_f16(x0, x1, x2, S_IDX: tl.constexpr, FMT: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp16 codes of channel slice ``S_IDX`` from uint8 byte tiles (same shape as ``x0``).
+
+    b-bit: slot ``S_IDX`` of ``x0``; 3-bit: low 2 bits from ``x0``/``x1`` (even/odd slice), high bit from
+    ``x2``; ternary (FMT 0): base-3 digit ``S_IDX`` of ``x0``.
+    """
+    if FMT == 0:
+        c = x0.to(tl.int32)
+        for _ in tl.static_range(S_IDX):
+            c = c // 3
+        return _bytes_f16((c % 3).to(tl.uint8), USE_ASM)
+    elif FMT == 3:
+        if S_IDX % 2 == 0:
+            lo = x0
+        else:
+            lo = x1
+        c = ((lo >> (2 * (S_IDX // 2))) & 3) | (((x2 >> S_IDX) & 1) << 2)
+        return _bytes_f16(c.to(tl.uint8), USE_ASM)
+    else:
+        return _slot_f16(x0, S_IDX * FMT, FMT, USE_ASM)
+
+
+@triton.jit
+def _load_packed(ptrs, mask, FMT: tl.constexpr, W: tl.constexpr, HAS_MASK: tl.constexpr = True):
+    """The uint8 byte tiles one tile of tokens needs: (x0, x1, x2) (x1, x2 differ only for 3-bit)."""
+    if HAS_MASK:
+        x0 = tl.load(ptrs, mask=mask, other=0)
+    else:
+        x0 = tl.load(ptrs)
+    x1 = x0
+    x2 = x0
+    if FMT == 3:
+        if HAS_MASK:
+            x1 = tl.load(ptrs + W, mask=mask, other=0)
+            x2 = tl.load(ptrs + 2 * W, mask=mask, other=0)
+        else:
+            x1 = tl.load(ptrs + W)
+            x2 = tl.load(ptrs + 2 * W)
+    return x0, x1, x2
+
+
+@triton.jit
+def _key_scores(qs, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg,
+                D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
+                WKP: tl.constexpr, G: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
+                USE_ASM: tl.constexpr):
+    """Scores ``[QH, KG]`` of the KG tokens from ``tg`` (one key group: one scale row per slice).
+
+    MASKED: tokens outside ``[st, hi)`` get -inf (head/tail tiles); unmasked tiles load without predicates.
+    """
+    offs = tg + tl.arange(0, KG)
+    j = tl.arange(0, WKP)[None, :]
+    cmask = j < WK
+    if MASKED:
+        tm = (offs < hi) & (offs >= st)
+        x0, x1, x2 = _load_packed(kp_row + offs[:, None] * stride_kpt + j, tm[:, None] & cmask, FMT_K, WK)
+        grow = (tl.minimum(tg, hi - 1) // G) * stride_ksg
+    elif WKP == WK:
+        x0, x1, x2 = _load_packed(kp_row + offs[:, None] * stride_kpt + j, None, FMT_K, WK, False)
+        grow = (tg // G) * stride_ksg
+    else:
+        x0, x1, x2 = _load_packed(kp_row + offs[:, None] * stride_kpt + j, cmask, FMT_K, WK)
+        grow = (tg // G) * stride_ksg
+    scores = tl.zeros([QH, KG], tl.float32)
+    for s in tl.static_range(SK):
+        e = s * WK + j
+        if WKP == WK and SK * WK == D:
+            sc = tl.load(ks_row + grow + e)                                  # [1, WKP] fp16
+            zr = tl.load(kz_row + grow + e)
+        else:
+            sc = tl.load(ks_row + grow + e, mask=cmask & (e < D), other=0.0)
+            zr = tl.load(kz_row + grow + e, mask=cmask & (e < D), other=0.0)
+        kd = _slice_f16(x0, x1, x2, s, FMT_K, USE_ASM) * sc + zr          # [KG, WKP] fp16
+        scores = tl.dot(qs[s], tl.trans(kd), scores)
+    if MASKED:
+        scores = tl.where(tm[None, :], scores, float("-inf"))
+    return scores
+
+
+@triton.jit
+def _value_update(accs, z_acc, p, vp_row, vs_row, vz_row, tg, hi, st, stride_vpt, stride_vst,
+                  D: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
+                  WVP: tl.constexpr, GC: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
+                  USE_ASM: tl.constexpr):
+    """acc_s += P @ V_s over the KG tokens from ``tg``, for every value slice.
+
+    One channel group (GC >= D): the per-token scale is folded into P and the zero-point term
+    ``P * zero`` goes to ``z_acc`` ``[QH, KG]`` (reduced once at the end), so the codes go to the
+    tensor cores as they are. Otherwise V is dequantized in registers (per-token column of scales
+    when a slice lies in one channel group, else a gathered tile).
+    """
+    offs_t = tg + tl.arange(0, KG)
+    jv = tl.arange(0, WVP)[None, :]
+    cmask = jv < WV
+    ptrs = vp_row + offs_t[:, None] * stride_vpt + jv
+    if MASKED:
+        tmask = (offs_t < hi) & (offs_t >= st)
+        x0, x1, x2 = _load_packed(ptrs, tmask[:, None] & cmask, FMT_V, WV)
+    elif WVP == WV:
+        tmask = None
+        x0, x1, x2 = _load_packed(ptrs, None, FMT_V, WV, False)
+    else:
+        tmask = None
+        x0, x1, x2 = _load_packed(ptrs, cmask, FMT_V, WV)
+    if GC >= D:
+        if MASKED:
+            vs = tl.load(vs_row + offs_t * stride_vst, mask=tmask, other=0.0).to(tl.float32)
+            vz = tl.load(vz_row + offs_t * stride_vst, mask=tmask, other=0.0).to(tl.float32)
+        else:
+            vs = tl.load(vs_row + offs_t * stride_vst).to(tl.float32)
+            vz = tl.load(vz_row + offs_t * stride_vst).to(tl.float32)
+        pv = (p * vs[None, :]).to(tl.float16)
+        z_acc += p * vz[None, :]
+    else:
+        p16 = p.to(tl.float16)
+    new = ()
+    for s in tl.static_range(SV):
+        c = _slice_f16(x0, x1, x2, s, FMT_V, USE_ASM)                       # [KG, WVP] fp16
+        if GC >= D:
+            acc = tl.dot(pv, c, accs[s])
+        else:
+            if GC % WV == 0:  # the slice lies in one channel group: a per-token column
+                col = offs_t[:, None] * stride_vst + (s * WV) // GC
+                if MASKED:
+                    sc = tl.load(vs_row + col, mask=tmask[:, None], other=0.0)
+                    zr = tl.load(vz_row + col, mask=tmask[:, None], other=0.0)
+                else:
+                    sc = tl.load(vs_row + col)
+                    zr = tl.load(vz_row + col)
+            else:
+                col = offs_t[:, None] * stride_vst + (s * WV + jv) // GC
+                cm = cmask & (s * WV + jv < D)
+                if MASKED:
+                    cm = cm & tmask[:, None]
+                sc = tl.load(vs_row + col, mask=cm, other=0.0)
+                zr = tl.load(vz_row + col, mask=cm, other=0.0)
+            acc = tl.dot(p16, c * sc + zr, accs[s])
+        new = new + (acc,)
+    return new, z_acc
+
+
+@triton.jit
+def _tile(t0, hi, st, m_i, l_acc, z_acc, accs, qs, kp_row, ks_row, kz_row, vp_row, vs_row, vz_row,
+          stride_kpt, stride_ksg, stride_vpt, stride_vst,
+          D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
+          WKP: tl.constexpr, G: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
+          WVP: tl.constexpr, GC: tl.constexpr, KG: tl.constexpr, NG: tl.constexpr, MASKED: tl.constexpr,
+          USE_ASM: tl.constexpr):
+    """One tile of NG * KG tokens: NG key-group sub-tiles, a single online-softmax rescale.
+
+    Row sums (``l_acc``) and zero-point terms (``z_acc``) stay elementwise ``[QH, KG]`` tiles, so the
+    only cross-thread reduction per tile is the row max.
+    """
+    scores = ()
+    for g in tl.static_range(NG):
+        scores = scores + (_key_scores(qs, kp_row, ks_row, kz_row, t0 + g * KG, hi, st, stride_kpt, stride_ksg,
+                                       D, QH, FMT_K, SK, WK, WKP, G, KG, MASKED, USE_ASM),)
+    smax = scores[0]
+    for g in tl.static_range(1, NG):
+        smax = tl.maximum(smax, scores[g])
+    m_new = tl.maximum(m_i, tl.max(smax, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    l_acc = l_acc * alpha[:, None]
+    z_acc = z_acc * alpha[:, None]
+    scaled = ()
+    for s in tl.static_range(SV):
+        scaled = scaled + (accs[s] * alpha[:, None],)
+    accs = scaled
+    for g in tl.static_range(NG):
+        p = tl.math.exp2(scores[g] - m_new[:, None])
+        l_acc += p
+        accs, z_acc = _value_update(accs, z_acc, p, vp_row, vs_row, vz_row, t0 + g * KG, hi, st, stride_vpt,
+                                    stride_vst, D, FMT_V, SV, WV, WVP, GC, KG, MASKED, USE_ASM)
+    return m_new, l_acc, z_acc, accs
+
+
+@triton.jit
+def _softmax_step(scores, valid, m_i, l_i):
+    """Online softmax (base 2) over one tile: returns (p, alpha, m_new, l_new)."""
+    scores = tl.where(valid[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(scores - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, stride_qb, stride_qh,
+    kp_ptr, stride_kpb, stride_kph, stride_kpt,
+    ks_ptr, kz_ptr, stride_ksb, stride_ksh, stride_ksg,
+    vp_ptr, stride_vpb, stride_vph, stride_vpt,
+    vs_ptr, vz_ptr, stride_vsb, stride_vsh, stride_vst,
+    ek_ptr, stride_ekb, stride_ekh, stride_ekt,
+    ev_ptr, stride_evb, stride_evh, stride_evt,
+    emask_ptr, stride_emb, start_ptr,
+    m_ptr, l_ptr, o_ptr,
+    T, R, chunk, n_qsplits, NS, Hkv, qk_scale,
+    D: tl.constexpr, NREP: tl.constexpr, QH: tl.constexpr,
+    FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr, WKP: tl.constexpr, G: tl.constexpr,
+    FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr, WVP: tl.constexpr, GC: tl.constexpr,
+    BT: tl.constexpr, BTE: tl.constexpr, EXTRA: tl.constexpr, HAS_START: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    """Partial attention of one (split, batch * kv head).
+
+    q [B, Hq, 1, D]; packed K/V [B, Hkv, T, bytes]; key scale/zero [B, Hkv, T/G, D]; value scale/zero
+    [B, Hkv, T, D/GC]; extra K/V [B, Hkv, R, D]; EXTRA: 0 none, 1 lengths [B] (valid prefix),
+    2 mask [B, R], 3 all valid; start [B] (tokens t < start are padding). Writes m, l [B*Hq, NS]
+    (base 2) and unnormalised o [B*Hq, NS, D] (fp32) at split ``pid_s``.
+    """
+    KG: tl.constexpr = min(BT, G)
+    NG: tl.constexpr = BT // KG
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    rows = tl.arange(0, QH)
+    rmask = rows < NREP
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + (h * NREP + rows[:, None]) * stride_qh
+    jk = tl.arange(0, WKP)[None, :]
+    jv = tl.arange(0, WVP)[None, :]
+
+    qs = ()
+    for s in tl.static_range(SK):
+        e = s * WK + jk
+        qv = tl.load(q_row + e, mask=rmask[:, None] & (jk < WK) & (e < D), other=0.0)
+        qs = qs + ((qv.to(tl.float32) * qk_scale).to(tl.float16),)
+    accs = ()
+    for s in tl.static_range(SV):
+        accs = accs + (tl.zeros([QH, WVP], tl.float32),)
+    m_i = tl.full([QH], -1.0e30, tl.float32)
+    l_acc = tl.zeros([QH, KG], tl.float32)
+    z_acc = tl.zeros([QH, KG], tl.float32)
+
+    # ---- quantized part: tokens [lo, hi) of this split; tokens t < start are padding
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, T)
+    hi = tl.where(pid_s < n_qsplits, hi, lo)
+    st = 0
+    if HAS_START:
+        st = tl.load(start_ptr + b)
+    skip = tl.maximum(st - lo, 0)
+    first = lo + (skip // BT) * BT                  # first tile with a valid token
+    full_lo = lo + ((skip + BT - 1) // BT) * BT     # first tile with only valid tokens
+    full_hi = lo + ((hi - lo) // BT) * BT           # end of the tiles that end before hi
+    kp_row = kp_ptr + b.to(tl.int64) * stride_kpb + h.to(tl.int64) * stride_kph
+    vp_row = vp_ptr + b.to(tl.int64) * stride_vpb + h.to(tl.int64) * stride_vph
+    ks_row = ks_ptr + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh
+    kz_row = kz_ptr + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh
+    vs_row = vs_ptr + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh
+    vz_row = vz_ptr + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh
+    for t0 in tl.range(first, tl.minimum(full_lo, hi), BT, num_stages=1):  # partial head tile
+        m_i, l_acc, z_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, accs, qs, kp_row, ks_row, kz_row, vp_row,
+                                        vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst, D, QH,
+                                        FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True, USE_ASM)
+    for t0 in range(full_lo, full_hi, BT):  # the hot loop: whole tiles, no predicates
+        m_i, l_acc, z_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, accs, qs, kp_row, ks_row, kz_row, vp_row,
+                                        vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst, D, QH,
+                                        FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, False, USE_ASM)
+    for t0 in tl.range(tl.maximum(full_hi, full_lo), hi, BT, num_stages=1):  # partial tail tile
+        m_i, l_acc, z_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, accs, qs, kp_row, ks_row, kz_row, vp_row,
+                                        vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst, D, QH,
+                                        FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True, USE_ASM)
+    l_i = tl.sum(l_acc, 1)
+    if GC >= D:
+        zt = tl.sum(z_acc, 1)[:, None]
+        added = ()
+        for s in tl.static_range(SV):
+            added = added + (accs[s] + zt,)
+        accs = added
+
+    # ---- extra segment (last split only): full-precision K/V, validity by lengths or mask
+    if EXTRA != 0:
+        r_end = tl.where(pid_s == n_qsplits, R, 0)
+        n_valid = R
+        if EXTRA == 1:
+            n_valid = tl.load(emask_ptr + b)
+        ek_row = ek_ptr + b.to(tl.int64) * stride_ekb + h.to(tl.int64) * stride_ekh
+        ev_row = ev_ptr + b.to(tl.int64) * stride_evb + h.to(tl.int64) * stride_evh
+        for r0 in tl.range(0, r_end, BTE, num_stages=1):  # short loop: no smem pipeline
+            offs_r = r0 + tl.arange(0, BTE)
+            valid = (offs_r < R) & (offs_r < n_valid)
+            if EXTRA == 2:
+                mk = tl.load(emask_ptr + b.to(tl.int64) * stride_emb + offs_r, mask=offs_r < R, other=0)
+                valid = valid & (mk != 0)
+            scores = tl.zeros([QH, BTE], tl.float32)
+            for s in tl.static_range(SK):
+                e = s * WK + jk
+                cm = valid[:, None] & (jk < WK) & (e < D)
+                kd = tl.load(ek_row + offs_r[:, None] * stride_ekt + e, mask=cm, other=0.0).to(tl.float16)
+                scores = tl.dot(qs[s], tl.trans(kd), scores)
+            p, alpha, m_i, l_i = _softmax_step(scores, valid, m_i, l_i)
+            p16 = p.to(tl.float16)
+            new = ()
+            for s in tl.static_range(SV):
+                e = s * WV + jv
+                cm = valid[:, None] & (jv < WV) & (e < D)
+                vd = tl.load(ev_row + offs_r[:, None] * stride_evt + e, mask=cm, other=0.0).to(tl.float16)
+                new = new + (tl.dot(p16, vd, accs[s] * alpha[:, None]),)
+            accs = new
+
+    # ---- partial results of the n_rep real rows
+    hq = (b * Hkv + h) * NREP + rows
+    tl.store(m_ptr + hq * NS + pid_s, m_i, mask=rmask)
+    tl.store(l_ptr + hq * NS + pid_s, l_i, mask=rmask)
+    o_row = o_ptr + (hq[:, None].to(tl.int64) * NS + pid_s) * D
+    for s in tl.static_range(SV):
+        e = s * WV + jv
+        tl.store(o_row + e, accs[s], mask=rmask[:, None] & (jv < WV) & (e < D))
+
+
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ob, stride_oh, Hq, NS,
+                  D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr):
+    """out[b, hq, 0, :] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the NS partials."""
+    pid = tl.program_id(0)
+    sidx = tl.arange(0, BS)
+    d = tl.arange(0, DP)
+    mx = tl.full([BS], -1.0e30, tl.float32)
+    for s0 in range(0, NS, BS):
+        mx = tl.maximum(mx, tl.load(m_ptr + pid * NS + s0 + sidx, mask=s0 + sidx < NS, other=-1.0e30))
+    big = tl.max(mx, 0)
+    den = tl.zeros([BS], tl.float32)
+    num = tl.zeros([BS, DP], tl.float32)
+    for s0 in range(0, NS, BS):
+        sm = s0 + sidx < NS
+        w = tl.math.exp2(tl.load(m_ptr + pid * NS + s0 + sidx, mask=sm, other=-1.0e30) - big)
+        w = tl.where(sm, w, 0.0)
+        den += w * tl.load(l_ptr + pid * NS + s0 + sidx, mask=sm, other=0.0)
+        o = tl.load(o_ptr + (pid.to(tl.int64) * NS + s0 + sidx[:, None]) * D + d[None, :],
+                    mask=sm[:, None] & (d[None, :] < D), other=0.0)
+        num += w[:, None] * o
+    total = tl.sum(den, 0)
+    out = tl.sum(num, 0) / tl.where(total > 0, total, 1.0)
+    b = pid // Hq
+    hq = pid % Hq
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < D)
+
+
+# ------------------------------------------------------------------------------------------ wrapper
+@lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _p2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch choices: tokens a tile, splits of the quantized sequence, warps, pipeline stages."""
+
+    block_t: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(batch: int, hkv: int, t: int, d: int, device: torch.device) -> DecodeConfig:
+    """Enough (batch, head, split) programs to fill the GPU ~4 times, each with >= 4 tiles when possible."""
+    block_t = 128 if d <= 128 else 64
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    tiles = max(1, math.ceil(t / block_t))
+    splits = max(1, min(math.ceil(4 * sms / max(batch * hkv, 1)), math.ceil(tiles / 4)))
+    return DecodeConfig(block_t, splits, 4, 3 if device.type == "cuda" else 1)
+
+
+def _extra_args(extra_k, extra_v, extra_len, q):
+    """(ek, ev, emask, stride_emb, R, mode): mode 0 none, 1 lengths [B], 2 mask [B, R], 3 all valid."""
+    if extra_k is None or extra_k.shape[2] == 0:
+        return q, q, q, 0, 0, 0
+    r = extra_k.shape[2]
+    if extra_len is None:
+        return extra_k, extra_v, q, 0, r, 3
+    if extra_len.dtype == torch.bool:
+        mask = extra_len.to(torch.uint8)
+        return extra_k, extra_v, mask, mask.stride(0), r, 2
+    return extra_k, extra_v, extra_len.to(torch.int32), 0, r, 1
+
+
+def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
+                     extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None,
+                     extra_len: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                     scaling: float | None = None, config: DecodeConfig | None = None) -> torch.Tensor:
+    """Decode attention of one query token over packed K/V plus a full-precision extra segment.
+
+    q: ``[B, Hq, 1, D]`` fp16/bf16 (Hq = Hkv * n_rep, query heads ``h*n_rep..`` share KV head ``h``);
+    kq/vq: :class:`PackedKeys` / :class:`PackedValues` with ``T`` tokens (T may be 0);
+    extra_k/extra_v: ``[B, Hkv, R, D]`` or None; extra_len: int ``[B]`` (first extra_len[b] extra tokens
+    valid), bool ``[B, R]`` validity mask, or None (all valid); start: int ``[B]`` (quantized tokens
+    ``t < start[b]`` are left padding) or None; scaling: softmax scale (default ``1/sqrt(D)``).
+    Returns ``[B, Hq, 1, D]`` in q's dtype.
+    """
+    # q: [B, Hq, 1, D]
+    bsz, hq, one, d = q.shape
+    _, hkv, t, _ = kq.packed.shape
+    if one != 1 or hq % hkv or kq.scale.shape[-1] != d:
+        raise ValueError(f"q must be [B, Hkv*n_rep, 1, D] matching keys; got q {tuple(q.shape)}, "
+                         f"keys {tuple(kq.scale.shape)}")
+    n_rep = hq // hkv
+    lk, lv = slicing(kq.bits, d), slicing(vq.bits, d)
+    if vq.packed.shape[-1] != lv.row_bytes:
+        raise ValueError(f"packed values have {vq.packed.shape[-1]} bytes a row, expected {lv.row_bytes}")
+    gc = min(vq.group or d, d)
+    if vq.scale.shape[-1] != math.ceil(d / gc):
+        raise ValueError(f"value scale has {vq.scale.shape[-1]} groups, expected {math.ceil(d / gc)}")
+    scaling = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
+    cfg = config or default_config(bsz, hkv, t, d, q.device)
+    chunk = math.ceil(math.ceil(max(t, 1) / cfg.num_splits) / cfg.block_t) * cfg.block_t
+    n_q = math.ceil(t / chunk) if t else 0
+    ek, ev, emask, stride_emb, r, mode = _extra_args(extra_k, extra_v, extra_len, q)
+    ns = n_q + (1 if mode else 0)
+    out = torch.empty_like(q)
+    if ns == 0:
+        return out.zero_()
+    kp, ks, kz = _last_contig(kq.packed), _last_contig(kq.scale), _last_contig(kq.zero)
+    vp, vs, vz = _last_contig(vq.packed), _last_contig(vq.scale), _last_contig(vq.zero)
+    if ks.stride() != kz.stride():
+        ks, kz = ks.contiguous(), kz.contiguous()
+    if vs.stride() != vz.stride():
+        vs, vz = vs.contiguous(), vz.contiguous()
+    ek, ev = _last_contig(ek), _last_contig(ev)
+    qc = _last_contig(q)
+    m = torch.empty(bsz * hq, ns, dtype=torch.float32, device=q.device)
+    lse = torch.empty_like(m)
+    o = torch.empty(bsz * hq, ns, d, dtype=torch.float32, device=q.device)
+    st = start.to(device=q.device, dtype=torch.int32) if start is not None else m
+    _decode_split_kernel[(ns, bsz * hkv)](
+        qc, qc.stride(0), qc.stride(1),
+        kp, kp.stride(0), kp.stride(1), kp.stride(2),
+        ks, kz, ks.stride(0), ks.stride(1), ks.stride(2),
+        vp, vp.stride(0), vp.stride(1), vp.stride(2),
+        vs, vz, vs.stride(0), vs.stride(1), vs.stride(2),
+        ek, ek.stride(0), ek.stride(1), ek.stride(2) if ek.dim() > 2 else 0,
+        ev, ev.stride(0), ev.stride(1), ev.stride(2) if ev.dim() > 2 else 0,
+        emask, stride_emb, st,
+        m, lse, o,
+        t, r, chunk, n_q, ns, hkv, scaling * LOG2E,
+        D=d, NREP=n_rep, QH=max(16, _p2(n_rep)),
+        FMT_K=lk.fmt, SK=lk.slices, WK=lk.width, WKP=max(16, _p2(lk.width)), G=kq.group,
+        FMT_V=lv.fmt, SV=lv.slices, WV=lv.width, WVP=max(16, _p2(lv.width)), GC=gc,
+        BT=cfg.block_t, BTE=min(cfg.block_t, max(16, _p2(r))), EXTRA=mode,
+        HAS_START=start is not None, USE_ASM=_use_asm(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _merge_kernel[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
+                               D=d, DP=_p2(d), BS=min(16, _p2(ns)), num_warps=4)
+    return out
+
+
+def _use_asm(q: torch.Tensor) -> bool:
+    """Inline PTX only on NVIDIA GPUs outside the interpreter."""
+    return q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _last_contig(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ---------------------------------------------------------------------------------------- reference
+def dequantize_keys_reference(kq: PackedKeys, d: int) -> torch.Tensor:
+    """fp32 keys ``[B, Hkv, T, D]``: ``code * scale[t // G] + zero[t // G]``."""
+    codes = unpack_codes_reference(kq.packed, kq.bits, d).float()
+    scale, zero = (x.float().repeat_interleave(kq.group, dim=2) for x in (kq.scale, kq.zero))
+    return codes * scale + zero
+
+
+def dequantize_values_reference(vq: PackedValues, d: int) -> torch.Tensor:
+    """fp32 values ``[B, Hkv, T, D]``: ``code * scale[t, e // Gc] + zero[t, e // Gc]``."""
+    gc = min(vq.group or d, d)
+    codes = unpack_codes_reference(vq.packed, vq.bits, d).float()
+    scale, zero = (x.float().repeat_interleave(gc, dim=-1)[..., :d] for x in (vq.scale, vq.zero))
+    return codes * scale + zero
+
+
+def decode_attention_reference(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
+                               extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None,
+                               extra_len: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                               scaling: float | None = None) -> torch.Tensor:
+    """PyTorch twin of :func:`decode_attention` (dequantize everything, fp32 softmax); same arguments."""
+    # q: [B, Hq, 1, D]
+    bsz, hq, _, d = q.shape
+    k = dequantize_keys_reference(kq, d)  # [B, Hkv, T, D]
+    v = dequantize_values_reference(vq, d)
+    t = k.shape[2]
+    valid = torch.ones(bsz, t, dtype=torch.bool, device=q.device)
+    if start is not None:
+        valid &= torch.arange(t, device=q.device)[None, :] >= start.to(q.device)[:, None]
+    if extra_k is not None and extra_k.shape[2]:
+        r = extra_k.shape[2]
+        if extra_len is None:
+            ev = torch.ones(bsz, r, dtype=torch.bool, device=q.device)
+        elif extra_len.dtype == torch.bool:
+            ev = extra_len.to(q.device)
+        else:
+            ev = torch.arange(r, device=q.device)[None, :] < extra_len.to(q.device)[:, None]
+        k, v = torch.cat([k, extra_k.float()], 2), torch.cat([v, extra_v.float()], 2)
+        valid = torch.cat([valid, ev], 1)
+    n_rep = hq // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    scaling = 1.0 / math.sqrt(d) if scaling is None else scaling
+    s = (q.float() @ k.transpose(-1, -2)) * scaling  # [B, Hq, 1, T+R]
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ v).to(q.dtype)

@@ -1,0 +1,74 @@
+"""Candidate lists, token-group handling, attention-output sensitivity and per-layer KL."""
+
+from __future__ import annotations
+
+import torch
+
+from kvtune.calibrate.attention import probe_positions
+from kvtune.calibrate.pipeline import outlier_tensors
+from kvtune.calibrate.sensitivity import (
+    default_candidates,
+    default_kl_candidates,
+    layer_kl,
+    layer_sensitivity,
+    quantize_tokens,
+)
+from kvtune.models import tiny_model
+from kvtune.quant.formats import QuantSpec
+
+
+def test_default_candidates() -> None:
+    keys, values = default_candidates()
+    assert 20 <= len(keys) <= 40 and 20 <= len(values) <= 40
+    assert len(set(keys)) == len(keys) and len(set(values)) == len(values)
+    assert {s.bits for s in keys} >= {1, 1.58, 2, 3, 4, 8} and {s.bits for s in values} >= {1, 1.58, 2, 3, 4, 8}
+    assert all(s.axis == "channel" for s in keys)
+    assert any(s.hadamard for s in values) and any(s.channel_separable for s in values)
+    assert {s.outliers for s in keys} >= {0, 1, 2, 4}
+    k, v = default_kl_candidates(keys, values)
+    assert keys[k[0]] == QuantSpec(2, "channel", 32) and values[v[0]] == QuantSpec(2, "token", 32)
+    assert all(QuantSpec.from_dict(s.to_dict()) == s for s in keys + values)
+
+
+def test_quantize_tokens_keeps_the_ragged_tail_in_fp16() -> None:
+    x = torch.randn(1, 2, 70, 16, generator=torch.Generator().manual_seed(0))
+    y = quantize_tokens(x, QuantSpec(2, "channel", 32))
+    torch.testing.assert_close(y[..., 64:, :], x[..., 64:, :].half().float())
+    assert (y[..., :64, :] - x[..., :64, :]).abs().max() > 1e-2
+    assert quantize_tokens(x, QuantSpec(2, "token", 32)).shape == x.shape
+
+
+def _planted_qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [1, 4, 256, 32], k/v [1, 2, 256, 32]; key channel 5 of KV head 1 is a 30x outlier."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 256, 32, generator=gen) for h in (4, 2, 2))
+    k[:, 1, :, 5] = k[:, 1, :, 5] * 30 + 10
+    return q, k, v
+
+
+def test_planted_outlier_channel_is_ranked_first() -> None:
+    _, k, _ = _planted_qkv()
+    scores, rank = outlier_tensors(k.abs().amax(dim=2))  # [1, Hkv, D]
+    assert rank[0, 1, 0] == 5 and scores[0, 1, 5] > 10 and scores[0, 0].max() < 3
+
+
+def test_sensitivity_orders_bits_and_rewards_outliers() -> None:
+    q, k, v = _planted_qkv()
+    keys = (QuantSpec(2, "channel", 32), QuantSpec(2, "channel", 32, outliers=1), QuantSpec(8, "channel", 32))
+    values = (QuantSpec(2, "token", 32), QuantSpec(4, "token", 32), QuantSpec(8, "token", 32))
+    _, rank = outlier_tensors(k.abs().amax(dim=2))
+    sk, sv = layer_sensitivity(q, k, v, probe_positions(256), 32 ** -0.5, keys, values, key_rank=rank[0])
+    assert sk.shape == (2, 3) and sv.shape == (2, 3) and sk.dtype == torch.float32
+    assert (sv[:, 0] > sv[:, 1]).all() and (sv[:, 1] > sv[:, 2]).all()
+    assert (sk[:, 2] < sk[:, 0]).all()
+    assert sk[1, 1] < sk[1, 0] * 0.5  # keeping the planted channel in fp16 helps head 1
+
+
+def test_layer_kl_shapes_and_ordering() -> None:
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(0))
+    kl_k, kl_v = layer_kl(model, ids, [QuantSpec(1, "channel", 32), QuantSpec(8, "channel", 32)],
+                          [QuantSpec(16)])
+    assert kl_k.shape == (2, 2) and kl_v.shape == (2, 1)
+    assert (kl_k[:, 0] > kl_k[:, 1]).all() and (kl_k >= 0).all()
+    assert kl_v.abs().max() < 1e-6  # fp16 passthrough ~ lossless
