@@ -1,0 +1,149 @@
+"""The ``"kvtune"`` attention function (registered with transformers' AttentionInterface) and its dispatch.
+
+The model calls ``cache.update(k, v)`` and then this function with whatever ``update`` returned; a
+:class:`~kvtune.runtime.layer.KVTuneLayer` attaches a :class:`~kvtune.runtime.layer.Step` to the key
+tensor, and this function attends over the layer's *stored* tokens directly:
+
+* one query token on CUDA (or anywhere with ``backend="triton"``, e.g. under ``TRITON_INTERPRET=1``),
+  with kernel-supported specs: the fused Triton decode kernel reads the packed
+  codes (:func:`kvtune.kernels.decode_attention`), the fp16 sinks + window ride along as its extra
+  segment, Hadamard-rotated specs rotate q (and the output) instead of the cache;
+* everything else: :func:`kvtune.runtime.reference.attend` (PyTorch, blockwise; the CPU path).
+
+Without a step (no cache, or another cache class) it is plain SDPA, so switching a model to
+``"kvtune"`` never changes what it computes without a :class:`KVTuneCache`. The mask function is
+transformers' SDPA mask (boolean, True = attend).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from kvtune.quant.formats import QuantSpec
+from kvtune.quant.transforms import hadamard
+from kvtune.runtime import policies, reference
+from kvtune.runtime.heads import HeadGroup
+from kvtune.runtime.layer import Step
+
+log = logging.getLogger(__name__)
+NAME = "kvtune"
+KERNEL_BITS = (1, 2, 3, 4, 8)
+_REGISTERED = False
+
+
+def kvtune_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None,
+                     dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """``query [B, Hq, L, D]`` -> ``(out [B, L, Hq, D], None)`` over the cache's stored tokens."""
+    step: Step | None = getattr(key, "_kvtune_step", None)
+    if step is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
+    pad = reference.left_padding(attention_mask, query.shape[0], query.device)
+    out = _kernel_attend(step, query, pad, scaling) if kernel_eligible(step, query) else None
+    if out is None:
+        out = reference.attend(step, query, pad, scaling)
+    policies.after_attention(step, query, pad, scaling)  # probes, then merge + flush, then salient
+    return out.transpose(1, 2).contiguous(), None
+
+
+def install(model: Any) -> None:
+    """Register ``"kvtune"`` (attention + mask) once and switch ``model`` to it (idempotent)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(NAME, kvtune_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+        _REGISTERED = True
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        log.info("switching the model's attention implementation to %r", NAME)
+        model.set_attn_implementation(NAME)
+
+
+# ------------------------------------------------------------------------------------------- kernels
+def _key_ok(spec: QuantSpec) -> bool:
+    g = spec.group
+    return (not spec.passthrough and spec.axis == "channel" and g >= 16 and g & (g - 1) == 0
+            and spec.bits in KERNEL_BITS and _plain(spec))
+
+
+def _value_ok(spec: QuantSpec) -> bool:
+    return not spec.passthrough and spec.axis == "token" and spec.bits in KERNEL_BITS and _plain(spec)
+
+
+def _plain(spec: QuantSpec) -> bool:
+    return (not (spec.outliers or spec.fft or spec.channel_separable or spec.symmetric)
+            and spec.scale_dtype == "float16")
+
+
+def kernel_eligible(step: Step, query: torch.Tensor) -> bool:
+    """True when this call can run on the fused Triton decode kernel."""
+    layer = step.layer
+    if layer.backend == "reference" or step.q_len != 1 or layer.plan.salient.ratio > 0:
+        return False
+    if not query.is_cuda and layer.backend != "triton":
+        return False
+    if not all(_key_ok(g.plan.key) and _value_ok(g.plan.value) for g in layer.groups):
+        return False
+    from kvtune import kernels
+
+    return kernels.available()
+
+
+def _kernel_attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Fused decode over each head group; ``q [B, Hq, 1, D]`` -> ``[B, Hq, 1, D]``."""
+    layer = step.layer
+    n_rep = q.shape[1] // layer.num_kv_heads
+    out = torch.empty_like(q)
+    for g in layer.groups:
+        qh = [h * n_rep + r for h in g.heads for r in range(n_rep)]
+        out[:, qh] = _group_decode(step, g, q[:, qh], pad, scaling).to(q.dtype)
+    return out
+
+
+def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, scaling: float) -> torch.Tensor:
+    from kvtune.kernels.decode_attention import PackedKeys, PackedValues, decode_attention
+
+    layer = step.layer
+    ek = torch.cat([g.select(step.sink_k), g.select(layer.win_k)], 2)  # [B, h, R, D] fp16
+    ev = torch.cat([g.select(step.sink_v), g.select(layer.win_v)], 2)
+    kspec, vspec = g.plan.key, g.plan.value
+    qk = q.to(torch.float16)
+    if kspec.hadamard:
+        qk, ek = hadamard(qk), hadamard(ek)
+    if vspec.hadamard:
+        ev = hadamard(ev)
+    kf, vf = _fields(g.keys, layer, g, "key"), _fields(g.values, layer, g, "value")
+    kq = PackedKeys(kf["codes"], kf["scale"], kf["zero"], kspec.bits, kspec.group)
+    vq = PackedValues(vf["codes"], vf["scale"], vf["zero"], vspec.bits, vspec.group)
+    start = extra = None
+    if bool((pad > 0).any()):
+        s, nq = step.sink_k.shape[2], layer.n_quant
+        start = (pad - s).clamp(0, nq)
+        idx = torch.cat([torch.arange(s, device=q.device), nq + s + torch.arange(layer.win_k.shape[2], device=q.device)])
+        extra = idx[None, :] >= pad[:, None]  # [B, R] bool
+    out = decode_attention(qk, kq, vq, ek, ev, extra, start, scaling)
+    return hadamard(out) if vspec.hadamard else out
+
+
+def _fields(store: Any, layer: Any, g: HeadGroup, which: str) -> dict[str, torch.Tensor]:
+    """The store's packed fields, or empty stand-ins with the right trailing shapes before any flush."""
+    if store:
+        return store.fields()
+    from kvtune.quant.ops import packed_width
+
+    spec, b, h, d = getattr(g.plan, which), layer.win_k.shape[0], len(g.heads), layer.head_dim
+    dev = layer.win_k.device
+    ng = d if which == "key" else math.ceil(d / min(spec.group or d, d))
+    scale = torch.zeros(b, h, 0, ng, dtype=torch.float16, device=dev)
+    return {"codes": torch.zeros(b, h, 0, packed_width(d, spec.bits), dtype=torch.uint8, device=dev),
+            "scale": scale, "zero": scale.clone()}

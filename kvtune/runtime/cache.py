@@ -1,0 +1,110 @@
+"""``KVTuneCache``: a transformers ``Cache`` built from a :class:`~kvtune.plan.Plan`.
+
+    plan = kvtune.load_plan("kvtune-plan")            # or a preset name, e.g. "kivi-2bit"
+    cache = plan.cache(model)                        # == KVTuneCache(plan, model)
+    model.generate(**inputs, past_key_values=cache)
+
+Creating the cache binds the plan to the model (a plan made for another model is a
+:class:`~kvtune.errors.KVTuneError` before anything runs) and switches the model's attention
+implementation to ``"kvtune"`` (:func:`kvtune.runtime.attention.install`), which is plain SDPA for any
+call that does not carry a kvtune cache. One :class:`~kvtune.runtime.layer.KVTuneLayer` per model layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from kvtune.errors import KVTuneError
+from kvtune.plan import Plan
+from kvtune.plan_types import ModelIdentity
+from kvtune.runtime.layer import KVTuneLayer
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "reference", "triton")
+
+
+def identity_of(model: Any) -> ModelIdentity:
+    """The :class:`ModelIdentity` of a loaded model."""
+    from kvtune.models import model_identity
+
+    ident = model_identity(model)
+    return ModelIdentity(**{k: ident[k] for k in ("architecture", "num_layers", "num_heads", "num_kv_heads",
+                                                  "head_dim", "fingerprint")})
+
+
+class KVTuneCache(Cache):
+    """Bit-packed KV cache following ``plan`` for ``model`` (see module docstring).
+
+    Args:
+        plan: a bound plan or a template (preset).
+        model: the transformers causal LM the cache is used with.
+        headroom: extra capacity when stores grow (default 0 on CPU, 12.5% on CUDA).
+        backend: decode attention: ``"auto"`` (Triton kernel on CUDA where the specs allow, else
+            PyTorch), ``"reference"`` (always PyTorch), ``"triton"`` (kernel wherever the specs allow,
+            also on CPU under ``TRITON_INTERPRET=1``).
+    """
+
+    def __init__(self, plan: Plan, model: Any, headroom: float | None = None, backend: str = "auto") -> None:
+        from kvtune.models import check_supported
+        from kvtune.runtime.attention import install
+
+        check_supported(model)
+        ident = identity_of(model)
+        self.plan = plan.bind(ident)
+        self.identity = ident
+        layers = [KVTuneLayer(lp, ident.num_kv_heads, ident.head_dim, _outlier_tensors(self.plan, i), headroom)
+                  for i, lp in enumerate(self.plan.layers)]
+        super().__init__(layers=layers)
+        if backend not in BACKENDS:
+            raise KVTuneError(f"unknown attention backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+        if backend == "triton":
+            from kvtune import kernels
+
+            if not kernels.available():
+                raise KVTuneError("backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1) and triton",
+                                  "use backend='auto' or 'reference'")
+        for layer in layers:
+            layer.backend = backend
+        install(model)
+        self._model_ref = id(model)
+
+    @property
+    def stepwise(self) -> bool:
+        """Multi-token calls emulate token-by-token decoding (teacher-forced evaluation)."""
+        return bool(self.layers) and self.layers[0].stepwise
+
+    @stepwise.setter
+    def stepwise(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.stepwise = on
+
+    def check_model(self, model: Any) -> None:
+        """A cache belongs to the model it was made for."""
+        if id(model) != self._model_ref:
+            raise KVTuneError("this KVTuneCache was created for another model instance",
+                              "create a new cache with plan.cache(model)")
+
+    def nbytes(self, used: bool = False) -> int:
+        """Bytes held by the cache's tensors (codes, scales, zeros, outliers, salient copies, fp16 tokens)."""
+        return sum(layer.nbytes(used) for layer in self.layers)
+
+    def token_counts(self) -> dict[str, int]:
+        """Stored tokens of layer 0 by kind (per head): sinks, quantized, window, merged, logical length."""
+        layer = self.layers[0]
+        if not layer.is_initialized:
+            return {"sink": 0, "quantized": 0, "window": 0, "merged": 0, "length": 0}
+        return {"sink": layer.sink_k.n, "quantized": layer.n_quant, "window": layer.win_k.shape[2],
+                "merged": layer.merged, "length": layer.length}
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if self.layers else 0
+
+
+def _outlier_tensors(plan: Plan, i: int) -> dict[str, torch.Tensor]:
+    """Calibrated outlier channels of layer ``i`` from the plan's tensors (``{"key": [Hkv, o], ...}``)."""
+    return {name: plan.tensors[f"layers.{i}.{name}.outlier_idx"] for name in ("key", "value")
+            if f"layers.{i}.{name}.outlier_idx" in plan.tensors}

@@ -1,0 +1,239 @@
+"""One layer of a :class:`~kvtune.runtime.cache.KVTuneCache`: sinks, quantized blocks, fp16 window.
+
+Stored order of a head's tokens (also the order attention sees them):
+``[sink tokens (fp16)] [quantized blocks (packed, per head group)] [window (fp16)]``.
+
+``update(k, v)`` (called by the model before its attention function):
+
+1. new tokens fill the sinks first (``salient.sink_tokens``), the rest joins the fp16 window;
+2. a :class:`Step` describing this call is attached to the returned key tensor (``key._kvtune_step``)
+   for the registered attention function, which attends and then calls :meth:`KVTuneLayer.finish`:
+3. ``finish`` records each row's left padding, merges (Elastic Cache), and while the window holds
+   ``residual + flush`` tokens quantizes its oldest ``flush`` tokens into the groups' stores (KIVI: old
+   tokens are never re-quantized). Between calls the counts equal :func:`kvtune.quant.bits.token_counts`.
+
+Queries of a multi-token call see this call's tokens in full precision ("prefill" semantics, KIVI)
+unless the cache is in ``stepwise`` mode, where query ``i`` sees exactly what it would have seen had
+the tokens come one at a time (teacher-forced evaluation equal to token-by-token decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from kvtune.plan_types import HeadPlan, LayerPlan
+from kvtune.runtime.heads import HeadGroup
+from kvtune.runtime.store import TokenBuffer
+
+FP = torch.float16
+
+
+@dataclass
+class Step:
+    """One forward call of one layer, as its attention needs it.
+
+    nq_before: quantized tokens (per head) during this call; sink_k/v: fp16 ``[B, Hkv, s, D]``; the window
+    (``layer.win_k/v``, fp16 ``[B, Hkv, w, D]``) holds the older fp16 tokens and then this call's;
+    new_sinks: how many of this call's tokens went to sinks; bounds: int64 ``[q_len]``, the quantized tokens
+    query ``i`` sees in stepwise mode (the first ``bounds[i] - nq_before`` window tokens read back
+    quantized), or None (all window tokens in fp16).
+    """
+
+    layer: "KVTuneLayer"
+    q_len: int
+    nq_before: int
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    new_sinks: int
+    bounds: torch.Tensor | None
+
+
+def window_size(rest: int, residual: int, flush: int) -> int:
+    """fp16 window of ``rest`` non-sink tokens (same rule as :func:`kvtune.quant.bits.token_counts`)."""
+    return rest if rest <= residual else residual + (rest - residual) % flush
+
+
+class KVTuneLayer(CacheLayerMixin):
+    """Cache layer with per-head-group bit-packed storage (see module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, plan: LayerPlan, num_kv_heads: int, head_dim: int,
+                 outlier_idx: dict[str, torch.Tensor] | None = None, headroom: float | None = None) -> None:
+        super().__init__()
+        self.plan, self.num_kv_heads, self.head_dim = plan, num_kv_heads, head_dim
+        self.outlier_idx = dict(outlier_idx or {})
+        self.headroom_setting = headroom
+        self.stepwise = False
+        self.backend = "auto"
+        self.flush = plan.flush
+        self._clear()
+
+    def _clear(self) -> None:
+        self.groups: list[HeadGroup] = []
+        self.length = 0  # logical tokens seen
+        self.merged = 0
+        self.n_quant = 0  # quantized tokens per head
+        self.pad: torch.Tensor | None = None  # int64 [B] left-padding tokens per row
+        self.probes: torch.Tensor | None = None  # [B, Hq, P, D] recent queries (salient / merge scores)
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first index, k, v) just quantized
+        self.is_initialized = False
+
+    # -- transformers CacheLayerMixin ------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        headroom = self.headroom_setting
+        if headroom is None:
+            headroom = 0.125 if key_states.is_cuda else 0.0
+        self.groups = _build_groups(self.plan, self.num_kv_heads, self.head_dim, self.outlier_idx,
+                                    self.device, headroom)
+        self.sink_k, self.sink_v = TokenBuffer(), TokenBuffer()
+        b = key_states.shape[0]
+        self.win_k = key_states.new_zeros(b, self.num_kv_heads, 0, self.head_dim, dtype=FP)
+        self.win_v = self.win_k.clone()
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``key_states, value_states [B, Hkv, m, D]``; returns them with the :class:`Step` attached.
+
+        Nothing is quantized here: the attention function attends first (this call's tokens in fp16), then
+        calls :meth:`finish`, which flushes whole blocks once the padding of each row is known.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        m, nq0 = key_states.shape[2], self.n_quant
+        take = max(0, min(m, self.plan.salient.sink_tokens - self.sink_k.n))
+        if take:
+            self.sink_k.append(key_states[:, :, :take].to(FP))
+            self.sink_v.append(value_states[:, :, :take].to(FP))
+        rest0 = nq0 + self.win_k.shape[2]
+        self.win_k = torch.cat([self.win_k, key_states[:, :, take:].to(FP)], dim=2)
+        self.win_v = torch.cat([self.win_v, value_states[:, :, take:].to(FP)], dim=2)
+        self.length += m
+        step = Step(self, m, nq0, self._sinks(self.sink_k), self._sinks(self.sink_v), take,
+                    self._bounds(m, take, rest0))
+        key_states._kvtune_step = step  # read by kvtune.runtime.attention
+        return key_states, value_states
+
+    def finish(self, pad: torch.Tensor) -> None:
+        """After attention: remember the rows' left padding, merge (Elastic), flush whole blocks."""
+        self.pad = pad
+        if self.plan.merge.method != "none":
+            from kvtune.runtime.policies import merge_window
+
+            merge_window(self, pad)
+        self._flush()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder batch rows (beam search)."""
+        if not self.is_initialized:
+            return
+        idx = beam_idx.to(self.device)
+        for buf in (self.sink_k, self.sink_v):
+            buf.index_select(idx)
+        self.win_k, self.win_v = self.win_k.index_select(0, idx), self.win_v.index_select(0, idx)
+        for g in self.groups:
+            g.index_select(idx)
+        self.pad = self.pad.index_select(0, idx) if self.pad is not None else None
+        self.probes = self.probes.index_select(0, idx) if self.probes is not None else None
+        self.pending = [(i, k.index_select(0, idx), v.index_select(0, idx)) for i, k, v in self.pending]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            b = self.win_k.shape[0]
+            self.reorder_cache(torch.arange(b, device=self.device).repeat_interleave(repeats))
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    @property
+    def n_sinks(self) -> int:
+        return self.sink_k.n if self.is_initialized else 0
+
+    def nbytes(self, used: bool = False) -> int:
+        """Bytes held by this layer's tensors (``used``: without over-allocated capacity)."""
+        if not self.is_initialized:
+            return 0
+        win = 2 * self.win_k.numel() * self.win_k.element_size()
+        sinks = self.sink_k.nbytes(used) + self.sink_v.nbytes(used)
+        return win + sinks + sum(g.nbytes(used) for g in self.groups)
+
+    def _sinks(self, buf: TokenBuffer) -> torch.Tensor:
+        if buf.n:
+            return buf.view()
+        return self.win_k[:, :, :0]
+
+    def _flush(self) -> None:
+        """Quantize all whole blocks off the front of the window beyond ``residual + flush - 1`` tokens."""
+        f = self.flush
+        n = (self.win_k.shape[2] - self.plan.residual) // f * f
+        if n <= 0:
+            return
+        first = self.n_quant
+        bk, bv = self.padded_block(self.win_k[:, :, :n], first), self.padded_block(self.win_v[:, :, :n], first)
+        for g in self.groups:
+            g.append(g.select(bk).float(), g.select(bv).float())
+        if self.plan.salient.ratio > 0:
+            self.pending.append((first, bk, bv))
+        self.n_quant += n
+        self.win_k, self.win_v = self.win_k[:, :, n:].contiguous(), self.win_v[:, :, n:].contiguous()
+
+    def padded_block(self, x: torch.Tensor, first: int) -> torch.Tensor:
+        """``x [B, Hkv, F, D]`` (quantized tokens ``first..first+F``) with left-padding rows replaced by the
+        block's first real token, so padding never widens a quantization range (an all-padding block: 0)."""
+        if self.pad is None:
+            return x
+        stored = self.sink_k.n + first + torch.arange(x.shape[2], device=x.device)  # [F]
+        is_pad = stored[None, :] < self.pad[:, None]  # [B, F]
+        if not bool(is_pad.any()):
+            return x
+        first_real = (~is_pad).float().argmax(-1)  # [B]
+        fill = x.gather(2, first_real.view(-1, 1, 1, 1).expand(x.shape[0], x.shape[1], 1, x.shape[3]))
+        fill = torch.where((~is_pad).any(-1).view(-1, 1, 1, 1), fill, torch.zeros_like(fill))
+        return torch.where(is_pad[:, None, :, None], fill, x)
+
+    def _bounds(self, m: int, take: int, rest0: int) -> torch.Tensor | None:
+        """Quantized tokens query ``i`` would see had this call's tokens come one at a time."""
+        if not self.stepwise or m == 1 or self.plan.merge.method != "none":
+            return None
+        rest = rest0 + (torch.arange(m) - take).clamp_min(0)  # non-sink tokens before query i
+        window = torch.tensor([window_size(int(r), self.plan.residual, self.flush) for r in rest])
+        bounds = rest - window
+        return bounds.to(self.device) if int(bounds.max()) > self.n_quant else None
+
+
+def _build_groups(plan: LayerPlan, num_kv_heads: int, head_dim: int, outlier_idx: dict[str, torch.Tensor],
+                  device: torch.device, headroom: float) -> list[HeadGroup]:
+    """One :class:`HeadGroup` per distinct head plan, heads in ascending order."""
+    by_plan: dict[HeadPlan, list[int]] = {}
+    for h, hp in enumerate(plan.head_plans(num_kv_heads)):
+        by_plan.setdefault(hp, []).append(h)
+    groups = []
+    for hp, heads in by_plan.items():
+        idx = {}
+        for name in ("key", "value"):
+            t = outlier_idx.get(name)
+            spec = getattr(hp, name)
+            idx[name] = t[heads, : spec.outliers].to(device) if t is not None and spec.outliers else None
+        groups.append(HeadGroup(tuple(heads), hp, plan.flush, head_dim, idx["key"], idx["value"], headroom))
+    return groups

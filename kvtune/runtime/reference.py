@@ -1,0 +1,105 @@
+"""Attention over a :class:`~kvtune.runtime.layer.Step` in pure PyTorch: the specification and the CPU path.
+
+Per head group, keys/values are ``[sinks (fp16)] [quantized tokens, dequantized block by block] [fp16
+window]`` and the softmax runs in float32. Queries are processed in slices of :data:`QUERY_SLICE` so a
+long prefill never materializes a ``T x T`` score matrix. Grouped-query attention: the ``n_rep`` query
+heads of one KV head share its keys through broadcasting (no repeated K/V).
+
+In stepwise mode (``step.bounds``) the window tokens that token-by-token decoding would already have
+quantized for some query of this call form a "transition" region: query ``i`` reads the first
+``bounds[i] - nq_before`` of them quantized (encoded and decoded exactly as the coming flush will store
+them) and the rest in fp16, exactly as if the tokens had arrived one at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtune.runtime.layer import Step
+
+QUERY_SLICE = 256
+
+
+def left_padding(mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """Left-padding tokens per row ``[B]`` from a boolean mask ``[B, 1, q, kv]`` (True = attend), or zeros."""
+    if mask is None or mask.dtype != torch.bool:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    last = mask[:, 0, -1, :]  # [B, kv]
+    return torch.where(last.any(-1), last.float().argmax(-1), torch.zeros_like(last[:, 0], dtype=torch.float)).long()
+
+
+def attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of ``q [B, Hq, L, D]`` over the layer's stored tokens; returns ``[B, Hq, L, D]`` in q's dtype."""
+    layer = step.layer
+    b, hq, lq, d = q.shape
+    n_rep = hq // layer.num_kv_heads
+    q5 = q.float().reshape(b, layer.num_kv_heads, n_rep, lq, d)
+    out = torch.empty(b, layer.num_kv_heads, n_rep, lq, d, dtype=torch.float32, device=q.device)
+    for g in layer.groups:
+        keys, vals, alt = _segments(step, g)
+        newidx = _new_index(step, keys.shape[2])
+        heads = list(g.heads)
+        for s in range(0, lq, QUERY_SLICE):
+            e = min(lq, s + QUERY_SLICE)
+            qs = q5[:, heads, :, s:e]  # [B, h, r, l, D]
+            valid = _valid(pad, newidx, torch.arange(s, e, device=q.device))  # [B, 1, 1, l, N]
+            bounds = step.bounds[s:e] if step.bounds is not None else None
+            out[:, heads, :, s:e] = _attend_slice(qs, keys, vals, valid, alt, bounds, step, scaling)
+    return out.reshape(b, hq, lq, d).to(q.dtype)
+
+
+def _segments(step: Step, g) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """Keys/values ``[B, h, N, D]`` float32 and the stepwise transition ``(offset, k, v, fp_k, fp_v)``."""
+    layer = step.layer
+    if g.keys:
+        dk, dv = g.dequantized()  # [B, h, Nq, D]
+    else:
+        dk = dv = g.select(layer.win_k)[:, :, :0].float()
+    sk, sv = g.select(step.sink_k).float(), g.select(step.sink_v).float()
+    wk, wv = g.select(layer.win_k).float(), g.select(layer.win_v).float()
+    keys, vals = torch.cat([sk, dk, wk], 2), torch.cat([sv, dv, wv], 2)
+    if step.bounds is None:
+        return keys, vals, None
+    a = int(step.bounds.max()) - step.nq_before  # window tokens some query reads back quantized
+    ak, av = g.roundtrip(layer.padded_block(layer.win_k[:, :, :a], step.nq_before),
+                         layer.padded_block(layer.win_v[:, :, :a], step.nq_before), g.select)
+    return keys, vals, (sk.shape[2] + dk.shape[2], ak, av, wk[:, :, :a], wv[:, :, :a])
+
+
+def _new_index(step: Step, n: int) -> torch.Tensor:
+    """For each stored key of this call's sequence, its index among this call's tokens (-1: older)."""
+    idx = torch.full((n,), -1, dtype=torch.long, device=step.sink_k.device)
+    if step.q_len == 1:
+        return idx
+    s = step.sink_k.shape[2]
+    idx[s - step.new_sinks: s] = torch.arange(step.new_sinks, device=idx.device)
+    n_rest = step.q_len - step.new_sinks
+    if n_rest:
+        idx[n - n_rest:] = torch.arange(step.new_sinks, step.q_len, device=idx.device)
+    return idx
+
+
+def _valid(pad: torch.Tensor, newidx: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, 1, l, N]`` bool: not left padding, and causal among this call's tokens."""
+    n = newidx.shape[0]
+    not_pad = torch.arange(n, device=pad.device)[None, :] >= pad[:, None]  # [B, N]
+    causal = newidx[None, :] <= queries[:, None]  # [l, N]
+    return not_pad[:, None, None, None, :] & causal[None, None, None]
+
+
+def _attend_slice(qs, keys, vals, valid, alt, bounds, step, scaling) -> torch.Tensor:
+    """Softmax attention of ``qs [B, h, r, l, D]`` over ``keys/vals [B, h, N, D]`` (+ transition)."""
+    scores = (qs @ keys[:, :, None].transpose(-1, -2)) * scaling  # [B, h, r, l, N]
+    use = None
+    if alt is not None:
+        off, ak, av, fk, fv = alt
+        a = ak.shape[2]
+        use = torch.arange(a, device=qs.device)[None, :] < (bounds - step.nq_before)[:, None]  # [l, A]
+        s_alt = (qs @ ak[:, :, None].transpose(-1, -2)) * scaling
+        scores[..., off:off + a] = torch.where(use, s_alt, scores[..., off:off + a])
+    scores = scores.masked_fill(~valid, float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = p @ vals[:, :, None]  # [B, h, r, l, D]
+    if use is not None:
+        out = out + (p[..., off:off + a] * use) @ (av - fv)[:, :, None]
+    return out

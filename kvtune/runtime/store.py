@@ -1,0 +1,95 @@
+"""Growing tensors along the token axis: the quantized part of one K or V store.
+
+:class:`TokenBuffer` holds one tensor ``[B, h, cap, *]`` of which the first ``n`` rows along dim 2 are
+used. On CPU it grows exactly (``headroom = 0``: bytes held = bytes used); on GPU it over-allocates by
+``headroom`` so that appends do not copy the whole history every block. :class:`FieldStore` is a dict
+of buffers: the stored fields of :mod:`kvtune.runtime.codec` for a run of blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Fields = dict[str, torch.Tensor]
+
+
+class TokenBuffer:
+    """A tensor that grows along dim 2; ``view()`` is the used part ``[B, h, n, *]``."""
+
+    def __init__(self, headroom: float = 0.0) -> None:
+        self.data: torch.Tensor | None = None
+        self.n = 0
+        self.headroom = headroom
+
+    def append(self, x: torch.Tensor) -> None:
+        """Append ``x [B, h, m, *]`` along dim 2."""
+        if self.data is None:
+            self.data = x.clone() if not self.headroom else self._alloc(x, x.shape[2])
+            if self.headroom:
+                self.data[:, :, : x.shape[2]] = x
+            self.n = x.shape[2]
+            return
+        need = self.n + x.shape[2]
+        if need > self.data.shape[2]:
+            if not self.headroom:
+                self.data = torch.cat([self.data[:, :, : self.n], x], dim=2)
+                self.n = need
+                return
+            grown = self._alloc(self.data, need)
+            grown[:, :, : self.n] = self.data[:, :, : self.n]
+            self.data = grown
+        self.data[:, :, self.n: need] = x
+        self.n = need
+
+    def _alloc(self, like: torch.Tensor, need: int) -> torch.Tensor:
+        cap = max(need, math.ceil(need * (1 + self.headroom)))
+        return torch.empty(*like.shape[:2], cap, *like.shape[3:], dtype=like.dtype, device=like.device)
+
+    def view(self) -> torch.Tensor:
+        assert self.data is not None
+        return self.data[:, :, : self.n]
+
+    def nbytes(self, used: bool = False) -> int:
+        if self.data is None:
+            return 0
+        rows = self.n if used else self.data.shape[2]
+        return rows * self.data[:, :, :1].numel() * self.data.element_size()
+
+    def index_select(self, batch_idx: torch.Tensor) -> None:
+        if self.data is not None:
+            self.data = self.data.index_select(0, batch_idx.to(self.data.device))
+
+    def repeat_interleave(self, repeats: int) -> None:
+        if self.data is not None:
+            self.data = self.data.repeat_interleave(repeats, dim=0)
+
+
+class FieldStore:
+    """Named :class:`TokenBuffer` s that grow together, one block of fields at a time."""
+
+    def __init__(self, headroom: float = 0.0) -> None:
+        self.buffers: dict[str, TokenBuffer] = {}
+        self.headroom = headroom
+
+    def append(self, fields: Fields) -> None:
+        for name, x in fields.items():
+            self.buffers.setdefault(name, TokenBuffer(self.headroom)).append(x)
+
+    def fields(self) -> Fields:
+        return {name: buf.view() for name, buf in self.buffers.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.buffers)
+
+    def nbytes(self, used: bool = False) -> int:
+        return sum(buf.nbytes(used) for buf in self.buffers.values())
+
+    def index_select(self, batch_idx: torch.Tensor) -> None:
+        for buf in self.buffers.values():
+            buf.index_select(batch_idx)
+
+    def repeat_interleave(self, repeats: int) -> None:
+        for buf in self.buffers.values():
+            buf.repeat_interleave(repeats)

@@ -1,0 +1,33 @@
+"""Teacher-forced logits through a :class:`~kvtune.runtime.cache.KVTuneCache` (evaluation and search validation).
+
+The first ``prefill`` tokens go through one forward (full-precision attention among them, then
+quantized into the cache, as in deployment); the rest go ``chunk`` tokens per forward in *stepwise*
+mode, so each query reads exactly what token-by-token decoding would have shown it (older tokens
+quantized, the fp16 window as it was then). ``chunk=1`` is token-by-token decoding itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+
+from kvtune.plan import Plan
+
+
+@torch.no_grad()
+def teacher_forced_logits(model: Any, plan: Plan, input_ids: torch.Tensor, chunk: int = 64,
+                          prefill: int = 0) -> torch.Tensor:
+    """``input_ids [B, T]`` int64 -> logits ``[B, T, V]`` float32 through a fresh cache of ``plan``."""
+    if chunk < 1:
+        raise ValueError("chunk must be >= 1")
+    cache = plan.cache(model)
+    t = input_ids.shape[1]
+    bounds = sorted({0, *([min(prefill, t)] if prefill > 0 else []), *range(max(prefill, 0) + chunk, t, chunk), t})
+    pieces = []
+    for s, e in itertools.pairwise(bounds):
+        cache.stepwise = s >= prefill
+        out = model(input_ids[:, s:e], past_key_values=cache, use_cache=True)
+        pieces.append(out.logits.float())
+    return torch.cat(pieces, dim=1)
