@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvtune.calibrate import run
+from kvtune.calibrate import hooks, run
 from kvtune.calibrate.artifact import load_calibration, save_calibration
 from kvtune.calibrate.attention import PATTERN_LABELS
 from kvtune.calibrate.pipeline import calibrate_model
@@ -41,6 +41,24 @@ def test_tiny_models_end_to_end(arch: str, tmp_path: Path) -> None:
     assert calib.tensor("sensitivity.value").isfinite().all() and (calib.tensor("sensitivity.value") >= 0).all()
     save_calibration(calib, tmp_path)
     assert load_calibration(tmp_path).tensor("kl.value").shape == (2, 1)
+    assert model.config._attn_implementation == "sdpa" and not hooks._ROUTES  # nothing left behind
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_planted_outlier_channel_in_a_model_is_found() -> None:
+    """Scaling one k_proj output row (KV head 1, channel 3) makes a pre-RoPE outlier channel; RoPE pairs
+    channel c with c + D/2, so after RoPE the outlier sits in channel 3 or 11."""
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=16)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight[16 + 3] *= 40
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    settings = CalibSettings(tokens=128, seq_len=64, held_len=64, kl_len=16, attention_seqs=1)
+    calib = calibrate_model(model, ids, settings)
+    assert (calib.tensor("outliers.key_pre_rope_rank")[:, 1, 0] == 3).all()
+    assert set(calib.tensor("outliers.key_rank")[:, 1, :2].flatten().tolist()) == {3, 11}
+    assert (calib.tensor("outliers.key_pre_rope_scores")[:, 1, 3] > 10).all()
+    assert calib.summary["outlier_channels"]["key_pre_rope"][0][1][0] == 3
 
 
 @pytest.fixture
@@ -118,4 +136,4 @@ def test_embedded_model_first_token_is_a_sink(smollm: tuple[Any, Any]) -> None:
     counts = calib.summary["pattern_counts"]
     assert sum(counts.values()) == 30 * 9 and counts[PATTERN_LABELS[2]] > 0
     assert calib.tensor("sensitivity.key").shape == (30, 3, len(calib.key_candidates))
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa" and not hooks._ROUTES
