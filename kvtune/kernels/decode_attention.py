@@ -80,9 +80,18 @@ class PackedValues:
 
 # ------------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _bytes_f16(x, USE_ASM: tl.constexpr):
-    """uint8 -> exact fp16. PTX: two bytes + 0x64 high bytes = (1024 + c) halves, minus 1024 (no I2F)."""
+def _bytes_f16(x, RAW: tl.constexpr, USE_ASM: tl.constexpr):
+    """uint8 -> fp16 ``x`` (``1024 + x`` when RAW). PTX: bytes under a 0x64 high byte are 1024 + x, no I2F."""
     if USE_ASM:
+        if RAW:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 m;
+                mov.b32 m, 0x64646464;
+                prmt.b32 $0, $2, m, 0x4140;
+                prmt.b32 $1, $2, m, 0x4342;
+                }""",
+                constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
         return tl.inline_asm_elementwise(
             asm="""{
             .reg .b32 m, k;
@@ -94,52 +103,82 @@ def _bytes_f16(x, USE_ASM: tl.constexpr):
             sub.f16x2 $1, $1, k;
             }""",
             constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+    if RAW:
+        return x.to(tl.float16) + 1024.0
     return x.to(tl.float16)
 
 
 @triton.jit
-def _slot_f16(x, SHIFT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """fp16 value of bits [SHIFT, SHIFT + BITS) of every byte of uint8 ``x`` (one shift + and per 4 codes)."""
-    if BITS == 8:
-        return _bytes_f16(x, USE_ASM)
+def _slot_f16(x, SHIFT: tl.constexpr, BITS: tl.constexpr, RAW: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp16 value of bits [SHIFT, SHIFT + BITS) of every byte of uint8 ``x``: the code ``c``, or when RAW
+    ``1024 + c * 2^SHIFT`` (the caller removes offset and scale once per program).
+
+    PTX per 32-bit word of 4 bytes: two PRMTs spread the bytes under zero high bytes (shared by all
+    slots of the word); per slot, LOP3 ``(w & mask << SHIFT) | 0x6400`` makes ``1024 + c * 2^SHIFT``
+    halves, and (unless RAW) one fma ``* 2^-SHIFT - 2^(10 - SHIFT)`` gives ``c`` exactly: ~1.1
+    instructions a code, no I2F conversion.
+    """
     if USE_ASM:
+        if RAW:
+            return tl.inline_asm_elementwise(
+                asm=f"""{{
+                .reg .b32 z, p0, p1;
+                mov.b32 z, 0;
+                prmt.b32 p0, $2, z, 0x4140;
+                prmt.b32 p1, $2, z, 0x4342;
+                lop3.b32 $0, p0, {((1 << BITS) - 1) * (1 << SHIFT) * 0x10001}, 0x64006400, 0xEA;
+                lop3.b32 $1, p1, {((1 << BITS) - 1) * (1 << SHIFT) * 0x10001}, 0x64006400, 0xEA;
+                }}""",
+                constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
         return tl.inline_asm_elementwise(
             asm=f"""{{
-            .reg .b32 t, m, k;
-            shr.b32 t, $2, {SHIFT};
-            and.b32 t, t, {((1 << BITS) - 1) * 0x01010101};
-            mov.b32 m, 0x64646464;
-            mov.b32 k, 0x64006400;
-            prmt.b32 $0, t, m, 0x4140;
-            prmt.b32 $1, t, m, 0x4342;
-            sub.f16x2 $0, $0, k;
-            sub.f16x2 $1, $1, k;
+            .reg .b32 z, p0, p1, m, a;
+            mov.b32 z, 0;
+            prmt.b32 p0, $2, z, 0x4140;
+            prmt.b32 p1, $2, z, 0x4342;
+            lop3.b32 $0, p0, {((1 << BITS) - 1) * (1 << SHIFT) * 0x10001}, 0x64006400, 0xEA;
+            lop3.b32 $1, p1, {((1 << BITS) - 1) * (1 << SHIFT) * 0x10001}, 0x64006400, 0xEA;
+            mov.b32 m, {((15 - SHIFT) << 10) * 0x10001};
+            mov.b32 a, {(0x8000 | ((25 - SHIFT) << 10)) * 0x10001};
+            fma.rn.f16x2 $0, $0, m, a;
+            fma.rn.f16x2 $1, $1, m, a;
             }}""",
             constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
-    return ((x >> SHIFT) & ((1 << BITS) - 1)).to(tl.float16)
+    c = ((x >> SHIFT) & ((1 << BITS) - 1)).to(tl.float16)
+    if RAW:
+        c = c * (1 << SHIFT) + 1024.0
+    return c
 
 
 @triton.jit
-def _slice_f16(x0, x1, x2, S_IDX: tl.constexpr, FMT: tl.constexpr, USE_ASM: tl.constexpr):
+def _slice_f16(x0, x1, x2, S_IDX: tl.constexpr, FMT: tl.constexpr, RAW: tl.constexpr, USE_ASM: tl.constexpr):
     """fp16 codes of channel slice ``S_IDX`` from uint8 byte tiles (same shape as ``x0``).
 
     b-bit: slot ``S_IDX`` of ``x0``; 3-bit: low 2 bits from ``x0``/``x1`` (even/odd slice), high bit from
-    ``x2``; ternary (FMT 0): base-3 digit ``S_IDX`` of ``x0``.
+    ``x2``; ternary (FMT 0): base-3 digit ``S_IDX`` of ``x0``. RAW: ``1024 + c * 2^_raw_shift``.
     """
     if FMT == 0:
         c = x0.to(tl.int32)
         for _ in tl.static_range(S_IDX):
             c = c // 3
-        return _bytes_f16((c % 3).to(tl.uint8), USE_ASM)
+        return _bytes_f16((c % 3).to(tl.uint8), RAW, USE_ASM)
     elif FMT == 3:
         if S_IDX % 2 == 0:
             lo = x0
         else:
             lo = x1
         c = ((lo >> (2 * (S_IDX // 2))) & 3) | (((x2 >> S_IDX) & 1) << 2)
-        return _bytes_f16(c.to(tl.uint8), USE_ASM)
+        return _bytes_f16(c.to(tl.uint8), RAW, USE_ASM)
     else:
-        return _slot_f16(x0, S_IDX * FMT, FMT, USE_ASM)
+        return _slot_f16(x0, S_IDX * FMT, FMT, RAW, USE_ASM)
+
+
+@triton.jit
+def _raw_shift(S_IDX: tl.constexpr, FMT: tl.constexpr):
+    """log2 of the factor a RAW code of slice S_IDX carries (b-bit slots keep their bit position)."""
+    if FMT == 0 or FMT == 3:
+        return 0
+    return S_IDX * FMT
 
 
 @triton.jit
@@ -192,7 +231,7 @@ def _key_scores(qs, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg,
         else:
             sc = tl.load(ks_row + grow + e, mask=cmask & (e < D), other=0.0)
             zr = tl.load(kz_row + grow + e, mask=cmask & (e < D), other=0.0)
-        kd = _slice_f16(x0, x1, x2, s, FMT_K, USE_ASM) * sc + zr          # [KG, WKP] fp16
+        kd = _slice_f16(x0, x1, x2, s, FMT_K, False, USE_ASM) * sc + zr   # [KG, WKP] fp16
         scores = tl.dot(qs[s], tl.trans(kd), scores)
     if MASKED:
         scores = tl.where(tm[None, :], scores, float("-inf"))
@@ -200,7 +239,7 @@ def _key_scores(qs, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg,
 
 
 @triton.jit
-def _value_update(accs, z_acc, p, vp_row, vs_row, vz_row, tg, hi, st, stride_vpt, stride_vst,
+def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, stride_vpt, stride_vst,
                   D: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
                   WVP: tl.constexpr, GC: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
                   USE_ASM: tl.constexpr):
@@ -208,7 +247,7 @@ def _value_update(accs, z_acc, p, vp_row, vs_row, vz_row, tg, hi, st, stride_vpt
 
     One channel group (GC >= D): the per-token scale is folded into P and the zero-point term
     ``P * zero`` goes to ``z_acc`` ``[QH, KG]`` (reduced once at the end), so the codes go to the
-    tensor cores as they are. Otherwise V is dequantized in registers (per-token column of scales
+    tensor cores as they come out of the unpack (``1024 + c``, the offset also leaves through ``z_acc``). Otherwise V is dequantized in registers (per-token column of scales
     when a slice lies in one channel group, else a gathered tile).
     """
     offs_t = tg + tl.arange(0, KG)
@@ -233,11 +272,12 @@ def _value_update(accs, z_acc, p, vp_row, vs_row, vz_row, tg, hi, st, stride_vpt
             vz = tl.load(vz_row + offs_t * stride_vst).to(tl.float32)
         pv = (p * vs[None, :]).to(tl.float16)
         z_acc += p * vz[None, :]
+        o_acc += pv.to(tl.float32)  # codes enter the MMA as 1024 + c * 2^shift: 1024 * sum(pv) leaves later
     else:
         p16 = p.to(tl.float16)
     new = ()
     for s in tl.static_range(SV):
-        c = _slice_f16(x0, x1, x2, s, FMT_V, USE_ASM)                       # [KG, WVP] fp16
+        c = _slice_f16(x0, x1, x2, s, FMT_V, GC >= D, USE_ASM)              # [KG, WVP] fp16
         if GC >= D:
             acc = tl.dot(pv, c, accs[s])
         else:
@@ -258,11 +298,11 @@ def _value_update(accs, z_acc, p, vp_row, vs_row, vz_row, tg, hi, st, stride_vpt
                 zr = tl.load(vz_row + col, mask=cm, other=0.0)
             acc = tl.dot(p16, c * sc + zr, accs[s])
         new = new + (acc,)
-    return new, z_acc
+    return new, z_acc, o_acc
 
 
 @triton.jit
-def _tile(t0, hi, st, m_i, l_acc, z_acc, accs, qs, kp_row, ks_row, kz_row, vp_row, vs_row, vz_row,
+def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row, vp_row, vs_row, vz_row,
           stride_kpt, stride_ksg, stride_vpt, stride_vst,
           D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
           WKP: tl.constexpr, G: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
@@ -284,6 +324,7 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, accs, qs, kp_row, ks_row, kz_row, vp_ro
     alpha = tl.math.exp2(m_i - m_new)
     l_acc = l_acc * alpha[:, None]
     z_acc = z_acc * alpha[:, None]
+    o_acc = o_acc * alpha[:, None]
     scaled = ()
     for s in tl.static_range(SV):
         scaled = scaled + (accs[s] * alpha[:, None],)
@@ -291,9 +332,9 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, accs, qs, kp_row, ks_row, kz_row, vp_ro
     for g in tl.static_range(NG):
         p = tl.math.exp2(scores[g] - m_new[:, None])
         l_acc += p
-        accs, z_acc = _value_update(accs, z_acc, p, vp_row, vs_row, vz_row, t0 + g * KG, hi, st, stride_vpt,
+        accs, z_acc, o_acc = _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, t0 + g * KG, hi, st, stride_vpt,
                                     stride_vst, D, FMT_V, SV, WV, WVP, GC, KG, MASKED, USE_ASM)
-    return m_new, l_acc, z_acc, accs
+    return m_new, l_acc, z_acc, o_acc, accs
 
 
 @triton.jit
@@ -322,14 +363,15 @@ def _decode_split_kernel(
     FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr, WKP: tl.constexpr, G: tl.constexpr,
     FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr, WVP: tl.constexpr, GC: tl.constexpr,
     BT: tl.constexpr, BTE: tl.constexpr, EXTRA: tl.constexpr, HAS_START: tl.constexpr,
-    USE_ASM: tl.constexpr,
+    USE_ASM: tl.constexpr, FAST: tl.constexpr,
 ):
     """Partial attention of one (split, batch * kv head).
 
     q [B, Hq, 1, D]; packed K/V [B, Hkv, T, bytes]; key scale/zero [B, Hkv, T/G, D]; value scale/zero
     [B, Hkv, T, D/GC]; extra K/V [B, Hkv, R, D]; EXTRA: 0 none, 1 lengths [B] (valid prefix),
     2 mask [B, R], 3 all valid; start [B] (tokens t < start are padding). Writes m, l [B*Hq, NS]
-    (base 2) and unnormalised o [B*Hq, NS, D] (fp32) at split ``pid_s``.
+    (base 2) and unnormalised o [B*Hq, NS, D] (fp32) at split ``pid_s``. FAST (2/4/8-bit, full-width
+    slices): BT tokens a tile as BT/G key-group sub-tiles and an unmasked hot loop; otherwise BT == G.
     """
     KG: tl.constexpr = min(BT, G)
     NG: tl.constexpr = BT // KG
@@ -345,8 +387,8 @@ def _decode_split_kernel(
 
     qs = ()
     for s in tl.static_range(SK):
-        e = s * WK + jk
-        qv = tl.load(q_row + e, mask=rmask[:, None] & (jk < WK) & (e < D), other=0.0)
+        qe = s * WK + jk
+        qv = tl.load(q_row + qe, mask=rmask[:, None] & (jk < WK) & (qe < D), other=0.0)
         qs = qs + ((qv.to(tl.float32) * qk_scale).to(tl.float16),)
     accs = ()
     for s in tl.static_range(SV):
@@ -354,6 +396,7 @@ def _decode_split_kernel(
     m_i = tl.full([QH], -1.0e30, tl.float32)
     l_acc = tl.zeros([QH, KG], tl.float32)
     z_acc = tl.zeros([QH, KG], tl.float32)
+    o_acc = tl.zeros([QH, KG], tl.float32)
 
     # ---- quantized part: tokens [lo, hi) of this split; tokens t < start are padding
     lo = pid_s * chunk
@@ -372,24 +415,36 @@ def _decode_split_kernel(
     kz_row = kz_ptr + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh
     vs_row = vs_ptr + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh
     vz_row = vz_ptr + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh
-    for t0 in tl.range(first, tl.minimum(full_lo, hi), BT, num_stages=1):  # partial head tile
-        m_i, l_acc, z_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, accs, qs, kp_row, ks_row, kz_row, vp_row,
-                                        vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst, D, QH,
-                                        FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True, USE_ASM)
-    for t0 in range(full_lo, full_hi, BT):  # the hot loop: whole tiles, no predicates
-        m_i, l_acc, z_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, accs, qs, kp_row, ks_row, kz_row, vp_row,
-                                        vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst, D, QH,
-                                        FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, False, USE_ASM)
-    for t0 in tl.range(tl.maximum(full_hi, full_lo), hi, BT, num_stages=1):  # partial tail tile
-        m_i, l_acc, z_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, accs, qs, kp_row, ks_row, kz_row, vp_row,
-                                        vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst, D, QH,
-                                        FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True, USE_ASM)
+    if FAST:
+        # at most two partial tiles (head: contains start, tail: contains hi) with masks, then the hot
+        # loop over whole tiles without predicates
+        tail = tl.maximum(full_hi, full_lo)
+        n_head = (first < tl.minimum(full_lo, hi)).to(tl.int32)
+        n_masked = n_head + (tail < hi).to(tl.int32)
+        for i in tl.range(0, n_masked, num_stages=1):
+            t0 = tl.where(i < n_head, first, tail)
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row,
+                                            vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst,
+                                            D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True,
+                                            USE_ASM)
+        for t0 in range(full_lo, full_hi, BT):
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row,
+                                            vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst,
+                                            D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, False,
+                                            USE_ASM)
+    else:  # other formats: one masked loop (keeps the unrolled code, and the compile time, small)
+        for t0 in range(first, hi, BT):
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row,
+                                            vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst,
+                                            D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True,
+                                            USE_ASM)
     l_i = tl.sum(l_acc, 1)
-    if GC >= D:
+    if GC >= D:  # value zero-points, and the RAW codes' offset (1024 * sum pv) and scale (2^shift)
         zt = tl.sum(z_acc, 1)[:, None]
+        off = 1024.0 * tl.sum(o_acc, 1)[:, None]
         added = ()
         for s in tl.static_range(SV):
-            added = added + (accs[s] + zt,)
+            added = added + ((accs[s] - off) * (1.0 / (1 << _raw_shift(s, FMT_V))) + zt,)
         accs = added
 
     # ---- extra segment (last split only): full-precision K/V, validity by lengths or mask
@@ -408,17 +463,17 @@ def _decode_split_kernel(
                 valid = valid & (mk != 0)
             scores = tl.zeros([QH, BTE], tl.float32)
             for s in tl.static_range(SK):
-                e = s * WK + jk
-                cm = valid[:, None] & (jk < WK) & (e < D)
-                kd = tl.load(ek_row + offs_r[:, None] * stride_ekt + e, mask=cm, other=0.0).to(tl.float16)
+                ke = s * WK + jk
+                kcm = valid[:, None] & (jk < WK) & (ke < D)
+                kd = tl.load(ek_row + offs_r[:, None] * stride_ekt + ke, mask=kcm, other=0.0).to(tl.float16)
                 scores = tl.dot(qs[s], tl.trans(kd), scores)
             p, alpha, m_i, l_i = _softmax_step(scores, valid, m_i, l_i)
             p16 = p.to(tl.float16)
             new = ()
             for s in tl.static_range(SV):
-                e = s * WV + jv
-                cm = valid[:, None] & (jv < WV) & (e < D)
-                vd = tl.load(ev_row + offs_r[:, None] * stride_evt + e, mask=cm, other=0.0).to(tl.float16)
+                ve = s * WV + jv
+                vcm = valid[:, None] & (jv < WV) & (ve < D)
+                vd = tl.load(ev_row + offs_r[:, None] * stride_evt + ve, mask=vcm, other=0.0).to(tl.float16)
                 new = new + (tl.dot(p16, vd, accs[s] * alpha[:, None]),)
             accs = new
 
@@ -428,8 +483,8 @@ def _decode_split_kernel(
     tl.store(l_ptr + hq * NS + pid_s, l_i, mask=rmask)
     o_row = o_ptr + (hq[:, None].to(tl.int64) * NS + pid_s) * D
     for s in tl.static_range(SV):
-        e = s * WV + jv
-        tl.store(o_row + e, accs[s], mask=rmask[:, None] & (jv < WV) & (e < D))
+        oe = s * WV + jv
+        tl.store(o_row + oe, accs[s], mask=rmask[:, None] & (jv < WV) & (oe < D))
 
 
 @triton.jit
@@ -530,22 +585,26 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     if vq.scale.shape[-1] != math.ceil(d / gc):
         raise ValueError(f"value scale has {vq.scale.shape[-1]} groups, expected {math.ceil(d / gc)}")
     scaling = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
+    if kq.group < 16 or kq.group & (kq.group - 1):
+        raise ValueError(f"key group must be a power of two >= 16, got {kq.group}")
     cfg = config or default_config(bsz, hkv, t, d, q.device)
-    chunk = math.ceil(math.ceil(max(t, 1) / cfg.num_splits) / cfg.block_t) * cfg.block_t
+    fast = _fast_path(lk, d) and _fast_path(lv, d)
+    block_t = cfg.block_t if fast else min(cfg.block_t, kq.group)
+    chunk = math.ceil(math.ceil(max(t, 1) / cfg.num_splits) / block_t) * block_t
     n_q = math.ceil(t / chunk) if t else 0
     ek, ev, emask, stride_emb, r, mode = _extra_args(extra_k, extra_v, extra_len, q)
     ns = n_q + (1 if mode else 0)
     out = torch.empty_like(q)
     if ns == 0:
         return out.zero_()
-    kp, ks, kz = _last_contig(kq.packed), _last_contig(kq.scale), _last_contig(kq.zero)
-    vp, vs, vz = _last_contig(vq.packed), _last_contig(vq.scale), _last_contig(vq.zero)
+    kp, ks, kz = (_arg(x) for x in (kq.packed, kq.scale, kq.zero))
+    vp, vs, vz = (_arg(x) for x in (vq.packed, vq.scale, vq.zero))
     if ks.stride() != kz.stride():
         ks, kz = ks.contiguous(), kz.contiguous()
     if vs.stride() != vz.stride():
         vs, vz = vs.contiguous(), vz.contiguous()
-    ek, ev = _last_contig(ek), _last_contig(ev)
-    qc = _last_contig(q)
+    ek, ev = _arg(ek), _arg(ev)
+    qc = _arg(q)
     m = torch.empty(bsz * hq, ns, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
     o = torch.empty(bsz * hq, ns, d, dtype=torch.float32, device=q.device)
@@ -564,12 +623,17 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
         D=d, NREP=n_rep, QH=max(16, _p2(n_rep)),
         FMT_K=lk.fmt, SK=lk.slices, WK=lk.width, WKP=max(16, _p2(lk.width)), G=kq.group,
         FMT_V=lv.fmt, SV=lv.slices, WV=lv.width, WVP=max(16, _p2(lv.width)), GC=gc,
-        BT=cfg.block_t, BTE=min(cfg.block_t, max(16, _p2(r))), EXTRA=mode,
-        HAS_START=start is not None, USE_ASM=_use_asm(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode,
+        HAS_START=start is not None, USE_ASM=_use_asm(q), FAST=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _merge_kernel[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
                                D=d, DP=_p2(d), BS=min(16, _p2(ns)), num_warps=4)
     return out
+
+
+def _fast_path(lay, d: int) -> bool:
+    """2/4/8-bit codes whose slices are full power-of-two widths >= 16 (e.g. D = 64, 128 at 2/4 bits)."""
+    return lay.fmt in (2, 4, 8) and lay.width >= 16 and lay.width == _p2(lay.width) and lay.slices * lay.width == d
 
 
 def _use_asm(q: torch.Tensor) -> bool:
@@ -577,7 +641,11 @@ def _use_asm(q: torch.Tensor) -> bool:
     return q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def _last_contig(x: torch.Tensor) -> torch.Tensor:
+def _arg(x: torch.Tensor) -> torch.Tensor:
+    """A kernel argument: last dim contiguous; an empty tensor (T = 0) becomes a 1-element stand-in,
+    since triton refuses null pointers (the kernel never reads it)."""
+    if x.numel() == 0:
+        return torch.zeros((1,) * x.dim(), dtype=x.dtype, device=x.device)
     return x if x.stride(-1) == 1 else x.contiguous()
 
 

@@ -8,7 +8,7 @@ At a logical sequence length ``L`` a layer stores, per KV head, for K and for V:
   ``n_q`` tokens are quantized;
 * for ``n_q`` quantized tokens of a spec with ``o`` outlier channels and ``D' = D - o`` main channels:
   codes ``n_q * packed_width(D', bits) * 8``; scales (and zero-points unless symmetric/ternary) at the
-  scale dtype, ``ceil(n_q / G) * D'`` of them on the channel axis or ``n_q * ceil(D' / G)`` on the
+  scale dtype, ``ceil(n_q / G) * D'`` of them on the channel axis (``G = 0``: one group per flushed block) or ``n_q * ceil(D' / G)`` on the
   token axis; channel-separable norms ``ceil(n_q / flush) * D'`` fp16; outliers ``o`` fp16 values a
   token (or their own per-channel quantizer) plus ``o`` int16 indices;
 * salient tokens ``floor(ratio * n_q)``: an extra per-token copy at the salient bits (with an fp16
@@ -95,7 +95,7 @@ def spec_bits(spec: QuantSpec, n_q: int, d: int, flush: int) -> BitBreakdown:
     o, dm = spec.outliers, d - spec.outliers
     sbits = SCALE_DTYPES[spec.scale_dtype]
     if spec.axis == "channel":
-        n_params = math.ceil(n_q / (spec.group or max(n_q, 1))) * dm if n_q else 0
+        n_params = math.ceil(n_q / (spec.group or flush)) * dm if n_q else 0  # group 0: one per flushed block
     else:
         n_params = n_q * math.ceil(dm / min(spec.group or dm, dm))
     has_zero = not (spec.symmetric or spec.format.base == 3)

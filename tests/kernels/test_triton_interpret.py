@@ -22,8 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kvtune.kernels import decode_attention as da  # noqa: E402
-from kvtune.kernels import pack as pk  # noqa: E402
+from kvtune.kernels import decode_attention as da
+from kvtune.kernels import pack as pk
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -133,7 +133,9 @@ def _reference(q, kq, vq, ek, ev, ext, start, extra, d):
 
 def _run(q, kq, vq, ek, ev, ext, start, extra, config=None):
     on = extra != "none"
-    dev = lambda x: None if x is None else x.to(DEV)  # noqa: E731
+    def dev(x):
+        return None if x is None else x.to(DEV)
+
     return da.decode_attention(dev(q), kq, vq, dev(ek) if on else None, dev(ev) if on else None,
                                dev(ext) if on else None, dev(start), None, config=config).cpu()
 
