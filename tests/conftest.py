@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
+
+# Without a GPU the Triton kernels run under the interpreter. The variable must be set before any kernel
+# module is imported (triton decides at @jit time), so it is set here, first, for the whole session.
+if os.environ.get("KVTUNE_TEST_COMPILED") != "1":
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
 
 
 @pytest.fixture(scope="session")

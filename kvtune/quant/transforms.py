@@ -23,11 +23,14 @@ from kvtune.errors import KVTuneError
 
 @lru_cache(maxsize=16)
 def _hadamard_matrix(d: int) -> torch.Tensor:
-    """Orthonormal Sylvester Hadamard matrix ``[d, d]`` (float32, CPU)."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(d)
+    """Orthonormal Sylvester Hadamard matrix ``[d, d]`` (float32, CPU). Built outside inference mode: it is
+    cached, and an inference tensor (first call under ``torch.inference_mode``, e.g. calibration) would break
+    later calls under autograd."""
+    with torch.inference_mode(False):
+        h = torch.ones(1, 1)
+        while h.shape[0] < d:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return h / math.sqrt(d)
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
