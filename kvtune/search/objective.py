@@ -1,0 +1,244 @@
+"""Scoring a point of the space from the calibration tables alone: (proxy, effective bits), no model.
+
+**Proxy** = predicted end-to-end KL (nats) at the reference length:
+``sum_l q_l * sum_h (w_key[l] * sens_key[l, h, k_lh] + w_value[l] * sens_value[l, h, v_lh]) / H``, where
+``w`` are the per-layer KL weights (:mod:`kvtune.search.tables`) and ``q_l`` is the share of the layer's
+tokens that are quantized at the reference length (sinks and the fp16 residual window are not; counted by
+:func:`kvtune.quant.bits.token_counts`) times ``1 - kept``, the share of the error the layer's token policy is
+predicted to remove (:func:`kvtune.search.tokens.kept_share`). **Bits** come from :func:`kvtune.quant.bits.layer_bits` (exact,
+everything counted); layer results are memoised per distinct layer plan, so a trial costs microseconds.
+
+:func:`greedy_path` walks from the cheapest point upwards, each step taking the single change with the
+best proxy gain per added bit: the points it passes seed the first generation of the study.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvtune.plan_types import LayerPlan
+from kvtune.quant.bits import layer_bits, token_counts
+from kvtune.search.space import SearchSpace, spec_cost
+from kvtune.search.tables import CalibrationTables
+from kvtune.search.tokens import SALIENT_RATIOS, kept_share, policy_of
+
+
+@dataclass(frozen=True)
+class Score:
+    """One point: ``proxy`` (predicted KL, nats) and ``bits`` (effective bits at the reference length)."""
+
+    proxy: float
+    bits: float
+
+
+class Evaluator:
+    """``evaluator(params) -> Score`` for one space and one calibration."""
+
+    def __init__(self, space: SearchSpace, tables: CalibrationTables) -> None:
+        self.space = space
+        self.e_key, self.e_value = tables.head_errors()  # [L, H, Ck], [L, H, Cv] float64
+        ident = space.identity
+        self.elements = 2 * space.reference_length * ident.head_dim * ident.num_kv_heads * ident.num_layers
+        self._heads: dict[tuple[int, int, int, int, int], float] = {}
+        self._shares: dict[tuple[int, int, int], float] = {}
+        self.key_group = [s.token_group for s in space.key_candidates]
+        self.value_group = [s.token_group for s in space.value_candidates]
+        self.key_cost = [spec_cost(s, ident.head_dim) for s in space.key_candidates]
+        self.value_cost = [spec_cost(s, ident.head_dim) for s in space.value_candidates]
+        self.kept = _kept_shares(space, tables)  # [L, P]: error share each token policy removes
+
+    def _head(self, key: int, value: int, residual: int, tokens: int, flush: int) -> float:
+        """Stored bits of one head's K and V in a layer whose flush block is ``flush`` (memoised).
+
+        A layer's bits are the sum over its heads of this (the token counts depend only on the window, the
+        token policy and the flush block, all per layer), so ``layer_bits`` on a one-head layer is exact.
+        """
+        memo_key = (key, value, residual, tokens, flush)
+        hit = self._heads.get(memo_key)
+        if hit is None:
+            plan = LayerPlan(key=self.space.key_candidates[key], value=self.space.value_candidates[value],
+                             residual=residual, block=flush, salient=self.space.token_policies[tokens].salient())
+            hit = layer_bits(plan, 1, self.space.identity.head_dim, self.space.reference_length).total
+            self._heads[memo_key] = hit
+        return hit
+
+    def _share(self, residual: int, tokens: int, flush: int) -> float:
+        """Share of a layer's tokens quantized (not sinks, not in the window) at the reference length (memoised)."""
+        hit = self._shares.get((residual, tokens, flush))
+        if hit is None:
+            length = self.space.reference_length
+            policy = self.space.token_policies[tokens].salient()
+            hit = token_counts(LayerPlan(residual=residual, block=flush, salient=policy), length)["quantized"] / length
+            self._shares[(residual, tokens, flush)] = hit
+        return hit
+
+    def layer_terms(self, a: Mapping[str, np.ndarray], layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(stored bits, proxy) of ``layers`` under an assignment ``a`` (:meth:`SearchSpace.assignment`)."""
+        heads = np.arange(a["key"].shape[1])
+        bits, proxy = np.empty(len(layers)), np.empty(len(layers))
+        for j, i in enumerate(layers):
+            k, v, r, t = a["key"][i].tolist(), a["value"][i].tolist(), int(a["residual"][i]), int(a["tokens"][i])
+            flush = math.lcm(*(self.key_group[c] for c in k), *(self.value_group[c] for c in v))
+            bits[j] = sum(self._head(b, c, r, t, flush) for b, c in zip(k, v))
+            err = self.e_key[i, heads, a["key"][i]].sum() + self.e_value[i, heads, a["value"][i]].sum()
+            proxy[j] = self._share(r, t, flush) * (1.0 - self.kept[i, t]) * float(err)
+        return bits, proxy
+
+    def __call__(self, params: Mapping[str, int]) -> Score:
+        a = self.space.assignment(params)
+        bits, proxy = self.layer_terms(a, range(len(a["residual"])))
+        return Score(proxy=float(proxy.sum()), bits=float(bits.sum()) / self.elements)
+
+    def min_params(self) -> dict[str, int]:
+        return self.space.min_params(self.key_cost, self.value_cost)
+
+    def plan_proxy(self, layers: Sequence[LayerPlan]) -> float | None:
+        """Proxy of any bound plan whose specs and token policies are all in the space (fp16 counts as error 0)."""
+        ident, length = self.space.identity, self.space.reference_length
+        fp16 = LayerPlan().key
+        total = 0.0
+        for i, layer in enumerate(layers):
+            policy = policy_of(layer.salient)
+            if policy not in self.space.token_policies:
+                return None
+            share = token_counts(layer, length)["quantized"] / length
+            share *= 1.0 - self.kept[i, self.space.token_policies.index(policy)]
+            for h, head in enumerate(layer.head_plans(ident.num_kv_heads)):
+                for spec, cands, err in ((head.key, self.space.key_candidates, self.e_key),
+                                         (head.value, self.space.value_candidates, self.e_value)):
+                    if spec == fp16:
+                        continue
+                    if spec not in cands:
+                        return None
+                    total += share * float(err[i, h, cands.index(spec)])
+        return total
+
+
+def _kept_shares(space: SearchSpace, tables: CalibrationTables) -> np.ndarray:
+    """``[L, P]`` float64: the error share each of the space's token policies removes in each layer."""
+    n_layers, policies = space.identity.num_layers, space.token_policies
+    kept = np.zeros((n_layers, len(policies)))
+    if tables.sink_mass is None or tables.salient_mass is None:
+        return kept
+    for i in range(n_layers):
+        salient = dict(zip(SALIENT_RATIOS, tables.salient_mass[i].tolist()))
+        kept[i] = [kept_share(p, float(tables.sink_mass[i]), salient) for p in policies]
+    return kept
+
+
+def greedy_path(evaluator: Evaluator, max_bits: float, max_steps: int = 1000,
+                start: Mapping[str, int] | None = None) -> list[tuple[dict[str, int], Score]]:
+    """Points from ``start`` (default: the cheapest) upwards, each adding the change with the best proxy gain per
+    bit, up to ``max_bits``.
+
+    Only the layers a parameter touches are re-scored for a move (exact: bits and proxy add up over layers).
+    """
+    space = evaluator.space
+    cells = space.param_cells()
+    params = dict(start) if start is not None else evaluator.min_params()
+    state = space.assignment(params)
+    bits, proxy = evaluator.layer_terms(state, range(len(state["residual"])))
+    path = [(dict(params), Score(float(proxy.sum()), float(bits.sum()) / evaluator.elements))]
+    budget_total = max_bits * evaluator.elements
+    for _ in range(max_steps):
+        best = _best_move(evaluator, cells, params, state, bits, proxy, budget_total)
+        if best is None:
+            break
+        name, c, state, layers, b, p = best
+        params = {**params, name: c}
+        bits[layers], proxy[layers] = b, p
+        path.append((dict(params), Score(float(proxy.sum()), float(bits.sum()) / evaluator.elements)))
+    return path
+
+
+def _moves(evaluator: Evaluator, cells: Mapping[str, tuple[str, np.ndarray, np.ndarray]], params: Mapping[str, int],
+           state: Mapping[str, np.ndarray], bits: np.ndarray, proxy: np.ndarray) -> Iterator[tuple]:
+    """Every single-parameter change: ``(name, choice, moved state, layers, their bits, their proxy, d_proxy, d_bits)``."""
+    for name, options in evaluator.space.params().items():
+        kind, ls, hs = cells[name]
+        layers = np.unique(ls)
+        for c in options:
+            if c == params[name]:
+                continue
+            moved = dict(state)
+            moved[kind] = state[kind].copy()
+            if kind in ("residual", "tokens"):
+                moved[kind][ls] = c
+            else:
+                moved[kind][ls, hs] = c
+            b, p = evaluator.layer_terms(moved, layers)
+            yield name, c, moved, layers, b, p, float(p.sum() - proxy[layers].sum()), float(b.sum() - bits[layers].sum())
+
+
+def _best_move(evaluator: Evaluator, cells: Mapping[str, tuple[str, np.ndarray, np.ndarray]],
+               params: Mapping[str, int], state: Mapping[str, np.ndarray], bits: np.ndarray, proxy: np.ndarray,
+               budget_total: float) -> tuple | None:
+    """The single parameter change with the best proxy gain per added bit that stays within the budget."""
+    best, best_ratio = None, 0.0
+    for *move, d_proxy, d_bits in _moves(evaluator, cells, params, state, bits, proxy):
+        if d_proxy >= 0 or bits.sum() + d_bits > budget_total:
+            continue
+        ratio = -d_proxy / d_bits if d_bits > 0 else float("inf")
+        if best is None or ratio > best_ratio:
+            best, best_ratio = tuple(move), ratio
+    return best
+
+
+def greedy_descent(evaluator: Evaluator, max_bits: float, max_steps: int = 2000) -> tuple[dict[str, int], Score]:
+    """The other way round from :func:`greedy_path`: from the lowest-proxy point (each parameter at its best
+    choice), drop the change costing the least proxy per bit saved until the point fits ``max_bits``, then
+    spend the bits left over as :func:`greedy_path` does.
+
+    Lands at about the budget by a different route, so validation has a second strong alternative."""
+    space, cells = evaluator.space, evaluator.space.param_cells()
+    params = dict(evaluator.min_params())
+    for name, options in space.params().items():  # one coordinate pass to the least proxy (most bits on ties)
+        params[name] = min(options, key=lambda c: (evaluator({**params, name: c}).proxy, -evaluator({**params,
+                           name: c}).bits))
+    state = space.assignment(params)
+    bits, proxy = evaluator.layer_terms(state, range(len(state["residual"])))
+    for _ in range(max_steps):
+        if bits.sum() <= max_bits * evaluator.elements:
+            break
+        best, best_ratio = None, float("inf")
+        for *move, d_proxy, d_bits in _moves(evaluator, cells, params, state, bits, proxy):
+            ratio = d_proxy / -d_bits if d_bits < 0 else float("inf")
+            if ratio < best_ratio:
+                best, best_ratio = tuple(move), ratio
+        if best is None:
+            break
+        name, c, state, layers, b, p = best
+        params[name] = c
+        bits[layers], proxy[layers] = b, p
+    return greedy_path(evaluator, max_bits, start=params)[-1]  # spend what the last cut left over
+
+
+def seed_points(evaluator: Evaluator, budget: float, presets: Mapping[str, Sequence[LayerPlan]],
+                n_budgets: int = 16) -> list[tuple[str, dict[str, int]]]:
+    """``(label, params)`` to enqueue first: the cheapest point, uniform presets (mapped into the space)
+    within ``budget``, the :func:`greedy_descent` point, and greedy points at ``n_budgets`` budgets from the
+    minimum up to ``budget``."""
+    seeds: list[tuple[str, dict[str, int]]] = [("min", evaluator.min_params())]
+    for name, layers in presets.items():
+        p = evaluator.space.params_for(layers[0]) if len(set(layers)) == 1 else None
+        if p is not None and evaluator(p).bits <= budget:
+            seeds.append((f"preset:{name}", p))
+    down, score = greedy_descent(evaluator, budget)
+    if score.bits <= budget:
+        seeds.append(("descent", down))
+    path = greedy_path(evaluator, budget)
+    lo = path[0][1].bits
+    for j in range(1, n_budgets + 1):
+        target = lo + (budget - lo) * j / n_budgets
+        fit = [p for p, s in path if s.bits <= target]
+        if fit:
+            seeds.append((f"greedy:{target:.3f}", fit[-1]))
+    unique: list[tuple[str, dict[str, int]]] = []
+    for label, p in seeds:
+        if all(p != q for _, q in unique):
+            unique.append((label, p))
+    return unique
