@@ -234,21 +234,19 @@ def sweep(dev, copy_gbs: float, vgroup: int, rep_ms: int) -> list[dict]:
     auto = default_config(bsz, hkv, ctx - RESIDUAL, d, dev)
     print(f"default config: {auto}")
     rows = []
-    for bt in (64, 128):
-        for splits in sorted({max(1, auto.num_splits // 2), auto.num_splits, auto.num_splits * 2}):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    cfg = DecodeConfig(bt, splits, warps, stages)
-                    try:
-                        ms = _bench_graph(lambda cfg=cfg: decode_attention(q, kq, vq, ek, ev, config=cfg), rep_ms)
-                    except Exception as exc:  # noqa: BLE001 - report and go on (e.g. out of resources)
-                        print(f"  {cfg}: failed ({type(exc).__name__})")
-                        continue
-                    gbs = nbytes / ms / 1e6
-                    rows.append({"block_t": bt, "num_splits": splits, "num_warps": warps, "num_stages": stages,
-                                 "ms": ms, "gbs": gbs, "pct_copy_bw": 100 * gbs / copy_gbs})
-                    print(f"  bt={bt:<4} splits={splits:<3} warps={warps} stages={stages}: {ms:.4f} ms "
-                          f"{gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}%)", flush=True)
+    grid = [(128, 4, 3, 1), (128, 4, 3, 2), (64, 4, 3, 1), (64, 4, 3, 2), (64, 2, 3, 2), (128, 2, 3, 2),
+            (128, 4, 2, 2), (128, 8, 3, 2)]  # (block_t, warps, stages, splits x default)
+    for bt, warps, stages, mult in grid:
+        cfg = DecodeConfig(bt, auto.num_splits * mult, warps, stages)
+        try:
+            ms = _bench_graph(lambda cfg=cfg: decode_attention(q, kq, vq, ek, ev, config=cfg), rep_ms)
+        except Exception as exc:  # noqa: BLE001 - report and go on (e.g. out of resources)
+            print(f"  {cfg}: failed ({type(exc).__name__}: {exc})")
+            continue
+        gbs = nbytes / ms / 1e6
+        rows.append({"block_t": bt, "num_splits": cfg.num_splits, "num_warps": warps, "num_stages": stages,
+                     "ms": ms, "gbs": gbs, "pct_copy_bw": 100 * gbs / copy_gbs})
+        print(f"  {cfg}: {ms:.4f} ms {gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}%)", flush=True)
     rows.sort(key=lambda r: r["ms"])
     print("best:", rows[:3])
     return rows

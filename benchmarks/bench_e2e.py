@@ -1,0 +1,334 @@
+"""End-to-end decode on a GPU: fp16 DynamicCache vs transformers' QuantizedCache vs kvtune plans.
+
+Model: SmolLM2-135M's architecture (30 layers, 9 q / 3 kv heads, d=64) with random weights in fp16
+(``benchmarks/_common.py``; speed does not depend on the weights), ``max_position_embeddings`` raised
+to fit the longest prompt. For each prompt length (8k, 32k) x batch (1, 8) x method: a random prompt is
+prefilled through a fresh cache in chunks of ``--prefill-chunk`` tokens (timed separately), then
+``--warmup`` untimed steps (40: a whole residual/flush cycle, so every Triton specialization is compiled)
+and ``--new-tokens`` (256) timed greedy steps of one token per sequence (the loop ``model.generate`` runs,
+without its logits processors). Reported per row: decode ms per step and
+tokens/s (``batch * steps / time``), prefill seconds, peak GPU memory of prefill and of decode
+(``torch.cuda.max_memory_allocated``, reset before each phase, weights included), the bytes the cache
+holds at the end (``cache.nbytes()`` for kvtune: capacity included; ``used``: without the growth
+headroom) and their ratio to an fp16 cache of the same tokens.
+
+Methods: ``hf-dynamic`` (fp16; PyTorch 2.11 picks cuDNN SDPA on an H100), ``hf-dynamic-flash`` (fp16, cuDNN
+SDPA disabled: flash attention, far less host time per call), ``hf-quanto-4bit`` / ``hf-hqq-4bit``
+(QuantizedCache, group 64, residual 128; a row states why when the backend does not import), kvtune presets
+by name (``kivi-4bit``, ``k4v2``, ``kivi-2bit``, ``kv2``, ...), ``kivi-3bit`` (3-bit KIVI layout built in
+code) and ``kv2-g128`` (2-bit, keys g128, values one group per head: 2.4 bits, built in code).
+
+    python benchmarks/bench_e2e.py                                   # full run -> results/e2e_<device>.json
+    python benchmarks/bench_e2e.py --lengths 8192 --out X.json       # a subset (rows merge into X.json)
+    python benchmarks/bench_e2e.py --profile --lengths 8192 --batches 1 --methods hf-dynamic,kv2
+    python benchmarks/bench_e2e.py --quick                           # CPU smoke run (2 layers, 256 tokens)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, build_model, device_name, method, model_info, probe_hf_backend, versions
+
+DEFAULT_METHODS = ("hf-dynamic", "hf-dynamic-flash", "hf-quanto-4bit", "hf-hqq-4bit", "kivi-4bit", "k4v2",
+                   "kivi-2bit", "kv2-g128")
+
+
+def kv2_g128_plan() -> Any:
+    from kvtune.plan import Plan
+    from kvtune.plan_types import LayerPlan
+    from kvtune.quant.formats import QuantSpec
+
+    layer = LayerPlan(key=QuantSpec(bits=2, axis="channel", group=128), value=QuantSpec(bits=2, axis="token", group=64))
+    return Plan(layers=(layer,), name="kv2-g128", description="2-bit: K per-channel g128, V per-token g64 (= D), "
+                "asymmetric, fp16 scale+zero, no residual window")
+
+
+def get_method(name: str) -> Any:
+    if name == "kv2-g128":
+        from dataclasses import replace
+
+        from kvtune.runtime import KVTuneCache
+
+        plan = kv2_g128_plan()
+        return replace(method("kv2"), name=name, description=plan.description, plan=plan,
+                       make=lambda m: KVTuneCache(plan, m))
+    return method(name)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int | None:
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+
+def prepare(model: Any, meth: Any, length: int, batch: int, chunk: int, seed: int = 0) -> tuple[Any, torch.Tensor, dict]:
+    """A fresh cache holding a random ``[batch, length]`` prompt; returns (cache, next tokens [B, 1], stats)."""
+    dev = next(model.parameters()).device
+    if meth.kind != "kvtune" and model.config._attn_implementation != "sdpa":
+        model.set_attn_implementation("sdpa")
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen).to(dev)  # [B, T]
+    base = int(torch.cuda.memory_allocated()) if dev.type == "cuda" else None
+    cache = meth.make(model)
+    _reset_peak()
+    t0 = time.perf_counter()
+    for s in range(0, length, chunk):
+        logits = model(prompt[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    _sync()
+    stats = {"prefill_s": time.perf_counter() - t0, "peak_prefill_bytes": _peak(), "allocated_before_bytes": base}
+    nxt = logits[:, -1:].argmax(-1)  # [B, 1]
+    return cache, nxt, stats
+
+
+@torch.no_grad()
+def run_one(model: Any, meth: Any, length: int, batch: int, new_tokens: int, warmup: int, chunk: int) -> dict:
+    cache, nxt, row = prepare(model, meth, length, batch, chunk)
+    _reset_peak()
+    for _ in range(warmup):
+        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    _sync()
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    _sync()
+    decode = time.perf_counter() - t1
+    c = model.config
+    tokens = length + warmup + new_tokens
+    fp16 = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * tokens * c.head_dim * 2
+    held = meth.nbytes(cache)
+    row.update({"decode_s": decode, "ms_per_step": 1000 * decode / new_tokens,
+                "tokens_per_s": batch * new_tokens / decode, "prefill_tokens_per_s": batch * length / row["prefill_s"],
+                "peak_decode_bytes": _peak(), "cache_tokens": tokens, "cache_bytes": held,
+                "fp16_cache_bytes": fp16, "compression_vs_fp16": fp16 / held if held else None,
+                "bits_per_element_held": 8 * held / (fp16 / 2)})
+    if meth.kind == "kvtune":
+        row["cache_bytes_used"] = int(cache.nbytes(used=True))
+        row["effective_bits_accountant"] = float(cache.plan.effective_bits(tokens))
+        row["kernel_path"] = _kernel_path(cache)
+    del cache
+    return row
+
+
+def _kernel_path(cache: Any) -> bool:
+    """Whether single-token decode of every layer of this cache goes through the fused Triton kernel."""
+    from kvtune import kernels
+    from kvtune.runtime.attention import _key_ok, _value_ok
+
+    ok = all(_key_ok(g.plan.key) and _value_ok(g.plan.value) for layer in cache.layers for g in layer.groups)
+    sal = any(layer.plan.salient.ratio > 0 for layer in cache.layers)
+    return bool(ok and not sal and torch.cuda.is_available() and kernels.available())
+
+
+# ---------------------------------------------------------------------------------------------- profile
+class _Timers:
+    """Cumulative CPU wall time inside some kvtune functions (no device sync: time the host spends)."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, list[float]] = {}
+        self.undo: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, owner: Any, attr: str, label: str) -> Any:
+        fn = getattr(owner, attr)
+        acc = self.acc.setdefault(label, [0.0, 0])
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[0] += time.perf_counter() - t
+                acc[1] += 1
+
+        setattr(owner, attr, timed)
+        self.undo.append((owner, attr, fn))
+        return timed
+
+    def install(self) -> None:
+        from transformers import AttentionInterface
+
+        import kvtune.kernels.decode_attention as kd
+        from kvtune.runtime import attention, layer, policies, reference
+
+        att = self.wrap(attention, "kvtune_attention", "kvtune_attention (whole)")
+        AttentionInterface.register(attention.NAME, att)
+        self.wrap(layer.KVTuneLayer, "update", "KVTuneLayer.update")
+        self.wrap(attention, "_kernel_attend", "_kernel_attend")
+        self.wrap(kd, "decode_attention", "decode_attention (launch)")
+        self.wrap(policies, "after_attention", "after_attention (flush)")
+        self.wrap(reference, "left_padding", "left_padding")
+
+    def remove(self) -> None:
+        from transformers import AttentionInterface
+
+        from kvtune.runtime import attention
+
+        for owner, attr, fn in reversed(self.undo):
+            setattr(owner, attr, fn)
+        AttentionInterface.register(attention.NAME, attention.kvtune_attention)
+
+    def reset(self) -> None:
+        for v in self.acc.values():
+            v[0], v[1] = 0.0, 0
+
+
+def _dev_us(e: Any) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(e, attr):
+            return float(getattr(e, attr))
+    return 0.0
+
+
+@torch.no_grad()
+def profile_one(model: Any, meth: Any, length: int, batch: int, chunk: int, steps: int = 16) -> dict:
+    """Where one decode step's time goes: wall, GPU busy time, launches, CPU time in kvtune functions."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache, nxt, _ = prepare(model, meth, length, batch, chunk)
+    for _ in range(40):
+        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    timers = _Timers() if meth.kind == "kvtune" else None
+    if timers:
+        timers.install()
+    _sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    _sync()
+    wall_ms = 1000 * (time.perf_counter() - t) / steps
+    host = {k: {"ms_per_step": 1000 * v[0] / steps, "calls_per_step": v[1] / steps} for k, v in (timers.acc.items() if timers else [])}
+    if timers:
+        timers.remove()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        _sync()
+    ka = prof.key_averages()
+    kernels = [e for e in ka if str(e.device_type).endswith("CUDA") and _dev_us(e) > 0]
+    gpu_us = sum(_dev_us(e) for e in kernels)
+    launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                       "cuLaunchKernelEx"))
+    syncs = sum(e.count for e in ka if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                    "cudaMemcpyAsync"))
+    top_cpu = sorted((e for e in ka if e.key.startswith("aten::") or e.key.startswith("cuda")),
+                     key=lambda e: -e.self_cpu_time_total)[:15]
+    top_gpu = sorted(kernels, key=lambda e: -_dev_us(e))[:12]
+    out = {"method": meth.name, "prompt_tokens": length, "batch": batch, "steps": steps,
+           "wall_ms_per_step_unprofiled": wall_ms,
+           "gpu_kernel_ms_per_step": gpu_us / 1000 / steps,
+           "kernel_launches_per_step": launches / steps,
+           "sync_or_memcpy_calls_per_step": syncs / steps,
+           "host_ms_per_step_in_kvtune_functions": host,
+           "top_host_ops": [{"op": e.key, "calls_per_step": e.count / steps,
+                             "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps} for e in top_cpu],
+           "top_gpu_kernels": [{"kernel": e.key[:120], "calls_per_step": e.count / steps,
+                                "ms_per_step": _dev_us(e) / 1000 / steps} for e in top_gpu]}
+    del cache
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- main
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ints = lambda s: [int(x) for x in s.split(",")]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny CPU/GPU smoke run (2 layers, 256-token prompts)")
+    p.add_argument("--lengths", type=ints, default=None, help="prompt lengths, comma separated (8192,32768)")
+    p.add_argument("--batches", type=ints, default=None, help="batch sizes (1,8)")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=list(DEFAULT_METHODS))
+    p.add_argument("--new-tokens", type=int, default=None, help="timed decode steps (256)")
+    p.add_argument("--warmup", type=int, default=40,
+                   help="untimed steps first (>= one residual/flush cycle, so every kernel variant is compiled)")
+    p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--profile", action="store_true", help="profile decode steps instead of the table")
+    p.add_argument("--out", type=Path, default=None, help="JSON path; rows already there for other cases are kept")
+    a = p.parse_args(argv)
+    a.lengths = a.lengths or ([256] if a.quick else [8192, 32768])
+    a.batches = a.batches or ([1, 2] if a.quick else [1, 8])
+    a.new_tokens = a.new_tokens or (8 if a.quick else 256)
+    a.layers = a.layers or (2 if a.quick else 30)
+    if a.quick:
+        a.warmup, a.prefill_chunk = min(a.warmup, 2), min(a.prefill_chunk, 128)
+    return a
+
+
+def _load(out: Path) -> dict:
+    if out.exists():
+        try:
+            return json.loads(out.read_text())
+        except json.JSONDecodeError:
+            pass
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    model = build_model(args.layers, max(args.lengths) + args.new_tokens + args.warmup + 64, dev, dtype)
+    slug = "".join(ch if ch.isalnum() else "_" for ch in device_name().lower()).strip("_")
+    out = args.out or RESULTS / f"e2e_{slug}{'_quick' if args.quick else ''}.json"
+    result = _load(out)
+    result.update({"schema_version": 1, "benchmark": "e2e_decode", "device": device_name(), "versions": versions(),
+                   "model": model_info(model), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    result.setdefault("settings", {}).update({"new_tokens": args.new_tokens, "warmup": args.warmup,
+                                              "prefill_chunk": args.prefill_chunk})
+    key = ("method", "prompt_tokens", "batch")
+    section = "profiles" if args.profile else "rows"
+    rows = result.setdefault(section, [])
+    probes = {b: probe_hf_backend(b) for b in ("quanto", "hqq") if any(m.startswith(f"hf-{b}") for m in args.methods)}
+    for length in args.lengths:
+        for batch in args.batches:
+            for name in args.methods:
+                entry: dict[str, Any] = {"method": name, "prompt_tokens": length, "batch": batch,
+                                         "new_tokens": args.new_tokens}
+                meth = get_method(name)
+                entry["description"] = meth.description
+                why = next((probes[b] for b in probes if name.startswith(f"hf-{b}")), None)
+                t = time.perf_counter()
+                if why:
+                    entry["error"] = why
+                else:
+                    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+                    try:
+                        torch.backends.cuda.enable_cudnn_sdp(cudnn and not meth.no_cudnn_sdpa)
+                        entry["cudnn_sdpa"] = torch.backends.cuda.cudnn_sdp_enabled()
+                        entry.update(profile_one(model, meth, length, batch, args.prefill_chunk) if args.profile
+                                     else run_one(model, meth, length, batch, args.new_tokens, args.warmup,
+                                                  args.prefill_chunk))
+                    except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others
+                        entry["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+                    finally:
+                        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+                entry["wall_s"] = time.perf_counter() - t
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+                rows[:] = [r for r in rows if tuple(r.get(k) for k in key) != tuple(entry[k] for k in key)]
+                rows.append(entry)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()
+                                  if not isinstance(v, (list, dict))}), flush=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
