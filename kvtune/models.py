@@ -232,18 +232,28 @@ def _fingerprint_fields(config: Any, ident: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def text_config(config: Any) -> Any:
+    """The language model's config: ``config`` itself, or a VLM's ``text_config``."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
 def config_identity(config: Any, fallback_arch: str = "") -> dict[str, Any]:
-    """Structural identity of an HF config: architecture, layer/head counts, head dim, fingerprint."""
+    """Structural identity of an HF config (of a VLM: its language model's counts): architecture, layer/head
+    counts, head dim, fingerprint."""
+    top, config = config, text_config(config)
     heads = int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    archs = getattr(config, "architectures", None) or []
+    archs = getattr(top, "architectures", None) or []
     ident: dict[str, Any] = {
         "architecture": archs[0] if archs else fallback_arch,
         "num_layers": int(config.num_hidden_layers), "num_heads": heads,
         "num_kv_heads": int(getattr(config, "num_key_value_heads", None) or heads), "head_dim": int(head_dim),
         "max_position_embeddings": getattr(config, "max_position_embeddings", None),
     }
-    canonical = json.dumps(_fingerprint_fields(config, ident), sort_keys=True, separators=(",", ":"), default=str)
+    fields = _fingerprint_fields(config, ident)
+    fields["model_type"] = getattr(top, "model_type", "")
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     ident["fingerprint"] = hashlib.sha256(canonical.encode()).hexdigest()[:16]
     return ident
 
@@ -270,10 +280,18 @@ def load_identity(name_or_path: str) -> ModelIdentity:
                                                   "head_dim", "fingerprint")})
 
 
+def decoder_layers(model: Any) -> Any:
+    """The decoder layers of a causal LM (``model.model.layers``) or of a VLM's language model
+    (``model.model.language_model.layers``), or None."""
+    inner = getattr(model, "model", None)
+    return getattr(inner, "layers", None) or getattr(getattr(inner, "language_model", None), "layers", None)
+
+
 def check_supported(model: Any) -> None:
     """Raise :class:`KVTuneError` naming what is missing unless kvtune can hook ``model``'s attention.
 
-    kvtune needs a decoder-only model in eval mode whose layers are ``model.model.layers[i].self_attn``
+    kvtune needs a decoder-only model (or a VLM's language model) in eval mode whose layers are
+    ``model.model.layers[i].self_attn`` (VLM: ``model.model.language_model.layers[i].self_attn``)
     with ``q_proj``/``k_proj``/``v_proj`` and which dispatches attention through transformers' attention
     interface (``config._attn_implementation`` + ``ALL_ATTENTION_FUNCTIONS``), and a ``generation_config``.
     """
@@ -283,7 +301,7 @@ def check_supported(model: Any) -> None:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         raise KVTuneError(f"{name} is not a decoder-only transformers model", "use a causal LM (Llama, Qwen2, ...)")
-    layers = getattr(getattr(model, "model", None), "layers", None)
+    layers = decoder_layers(model)
     if not layers:
         raise KVTuneError(f"{name} has no model.model.layers", "use a Llama-style causal LM (Llama, Mistral, Qwen2)")
     for i, layer in enumerate(layers):

@@ -43,7 +43,11 @@ class SalientPolicy:
     ``ratio`` of the quantized tokens, chosen by ``score`` (a registry name), are *additionally* stored
     at ``bits`` (per-token, whole head_dim group); their low-bit copies are masked out at attention.
     ``sink_tokens`` first tokens are kept in fp16 and never quantized. ``probe_recent``/``probe_random``
-    are the shares of queries used as probes for the score (ZipCache: 5% + 5%).
+    are the shares of queries used as probes for the score (ZipCache: 5% + 5%). ``token_types`` weights
+    the score of each token type (:data:`kvtune.tokens.TOKEN_TYPES`, unlisted types 1.0): e.g.
+    ``{image: 4, video: 4}`` makes visual tokens the first candidates (VidKV, AKVQ-VL). The number of
+    salient tokens (and so the stored bits) does not depend on the types. YAML: a mapping; in memory a
+    sorted tuple of ``(type, weight)`` pairs (hashable).
     """
 
     ratio: float = 0.0
@@ -52,8 +56,10 @@ class SalientPolicy:
     sink_tokens: int = 0
     probe_recent: float = 0.05
     probe_random: float = 0.05
+    token_types: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "token_types", _type_weights(self.token_types))
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"salient ratio must be in [0, 1), got {self.ratio}")
         QuantSpec(bits=self.bits)
@@ -64,6 +70,34 @@ class SalientPolicy:
         for name in ("probe_recent", "probe_random"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
+
+    def weight(self, name: str) -> float:
+        """Score weight of token type ``name``."""
+        return dict(self.token_types).get(name, 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["token_types"] = dict(self.token_types)
+        if not self.token_types:
+            del d["token_types"]
+        return d
+
+
+def _type_weights(raw: Any) -> tuple[tuple[str, float], ...]:
+    """``{type: weight}`` (or pairs) -> sorted ``((type, weight), ...)``, validated."""
+    from kvtune.tokens import TOKEN_TYPES
+
+    items = raw.items() if isinstance(raw, Mapping) else raw
+    try:
+        pairs = {str(k): float(v) for k, v in items}
+    except (TypeError, ValueError):
+        raise ValueError(f"token_types must map token types to weights, got {raw!r}") from None
+    for name, w in pairs.items():
+        if name not in TOKEN_TYPES:
+            raise ValueError(f"unknown token type {name!r} in token_types (use {', '.join(TOKEN_TYPES)})")
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"token_types weight of {name!r} must be finite and >= 0, got {w}")
+    return tuple(sorted(pairs.items()))
 
 
 @dataclass(frozen=True)
@@ -125,7 +159,7 @@ class LayerPlan:
         if self.block < 0:
             raise ValueError(f"block must be >= 0 (0 = automatic), got {self.block}")
         for spec in [self.key, self.value, *(s for h in self.heads for s in (h.key, h.value))]:
-            if self.block and self.block % spec.token_group:
+            if self.block and spec.token_group and self.block % spec.token_group:
                 raise ValueError(f"block {self.block} is not a multiple of the token group {spec.token_group}")
 
     @property
@@ -134,7 +168,7 @@ class LayerPlan:
         if self.block:
             return self.block
         specs = [self.key, self.value, *(s for h in self.heads for s in (h.key, h.value))]
-        return math.lcm(*(s.token_group for s in specs))
+        return math.lcm(*(s.token_group or 1 for s in specs))  # channel-axis group 0: one group per block
 
     def head(self, h: int) -> HeadPlan:
         """The specs of KV head ``h``."""
@@ -155,9 +189,10 @@ class LayerPlan:
             d["heads"] = [h.to_dict() for h in self.heads]
         if self.residual:
             d["residual"] = self.residual
-        for name, default in (("salient", SalientPolicy()), ("merge", MergePolicy())):
-            if getattr(self, name) != default:
-                d[name] = asdict(getattr(self, name))
+        if self.salient != SalientPolicy():
+            d["salient"] = self.salient.to_dict()
+        if self.merge != MergePolicy():
+            d["merge"] = asdict(self.merge)
         if self.block:
             d["block"] = self.block
         return d

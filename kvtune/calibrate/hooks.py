@@ -87,8 +87,10 @@ def _register() -> None:
 
 def attention_modules(model: Any) -> list[tuple[int, torch.nn.Module]]:
     """``(layer index, self_attn module)`` for every decoder layer of a supported model."""
+    from kvtune.models import decoder_layers
+
     return [(int(getattr(layer.self_attn, "layer_idx", i)), layer.self_attn)
-            for i, layer in enumerate(model.model.layers)]
+            for i, layer in enumerate(decoder_layers(model))]
 
 
 def _pre_rope_hook(layer: int, head_dim: int, observer: KeyObserver) -> Callable[..., None]:

@@ -46,12 +46,26 @@ def kvtune_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
-    pad = reference.left_padding(attention_mask, query.shape[0], query.device)
-    out = _kernel_attend(step, query, pad, scaling) if kernel_eligible(step, query) else None
+    pad, padded = _left_padding(attention_mask, query)
+    out = _kernel_attend(step, query, pad, scaling, padded) if kernel_eligible(step, query) else None
     if out is None:
         out = reference.attend(step, query, pad, scaling)
     policies.after_attention(step, query, pad, scaling)  # probes, then merge + flush, then salient
     return out.transpose(1, 2).contiguous(), None
+
+
+def _left_padding(mask: torch.Tensor | None, query: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Left padding per row ``[B]`` and whether any row has some. Every layer of one forward gets the same
+    mask tensor, so both are computed once per forward (memoized on the mask): one device sync per step,
+    not one per layer."""
+    if mask is None or mask.dtype != torch.bool:
+        return reference.left_padding(mask, query.shape[0], query.device), False
+    memo = getattr(mask, "_kvtune_pad", None)
+    if memo is None:
+        pad = reference.left_padding(mask, query.shape[0], query.device)
+        memo = (pad, bool((pad > 0).any()))
+        mask._kvtune_pad = memo
+    return memo
 
 
 def install(model: Any) -> None:
@@ -92,30 +106,45 @@ def kernel_eligible(step: Step, query: torch.Tensor) -> bool:
         return False
     if not query.is_cuda and layer.backend != "triton":
         return False
-    if not all(_key_ok(g.plan.key) and _value_ok(g.plan.value) for g in layer.groups):
-        return False
-    from kvtune import kernels
+    ok = getattr(layer, "_kernel_specs_ok", None)  # the layer's specs never change: check them once
+    if ok is None:
+        from kvtune import kernels
 
-    return kernels.available()
+        specs = all(_key_ok(g.plan.key) and _value_ok(g.plan.value) for g in layer.groups)
+        ok = specs and kernels.available()
+        layer._kernel_specs_ok = ok
+    return ok
 
 
-def _kernel_attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Fused decode over each head group; ``q [B, Hq, 1, D]`` -> ``[B, Hq, 1, D]``."""
+def _kernel_attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float,
+                   padded: bool) -> torch.Tensor:
+    """Fused decode over each head group; ``q [B, Hq, 1, D]`` -> ``[B, Hq, 1, D]``. ``padded``: some row
+    has left padding (False skips the padding bookkeeping)."""
     layer = step.layer
+    if len(layer.groups) == 1:  # one spec for all heads (ascending): no gather/scatter of query heads
+        return _group_decode(step, layer.groups[0], q, pad, scaling, padded).to(q.dtype)
     n_rep = q.shape[1] // layer.num_kv_heads
     out = torch.empty_like(q)
     for g in layer.groups:
         qh = [h * n_rep + r for h in g.heads for r in range(n_rep)]
-        out[:, qh] = _group_decode(step, g, q[:, qh], pad, scaling).to(q.dtype)
+        out[:, qh] = _group_decode(step, g, q[:, qh], pad, scaling, padded).to(q.dtype)
     return out
 
 
-def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, scaling: float) -> torch.Tensor:
+def _extra(g: HeadGroup, sink: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+    """fp16 extra segment ``[B, h, s + w, D]``: sinks then window (the window itself without sinks)."""
+    if sink.shape[2] == 0:
+        return g.select(win)
+    return torch.cat([g.select(sink), g.select(win)], 2)
+
+
+def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, scaling: float,
+                  padded: bool) -> torch.Tensor:
     from kvtune.kernels.decode_attention import PackedKeys, PackedValues, decode_attention
 
     layer = step.layer
-    ek = torch.cat([g.select(step.sink_k), g.select(layer.win_k)], 2)  # [B, h, R, D] fp16
-    ev = torch.cat([g.select(step.sink_v), g.select(layer.win_v)], 2)
+    ek = _extra(g, step.sink_k, layer.win_k)  # [B, h, R, D] fp16
+    ev = _extra(g, step.sink_v, layer.win_v)
     kspec, vspec = g.plan.key, g.plan.value
     qk = q.to(torch.float16)
     if kspec.hadamard:
@@ -126,7 +155,7 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
     kq = PackedKeys(kf["codes"], kf["scale"], kf["zero"], kspec.bits, kspec.group)
     vq = PackedValues(vf["codes"], vf["scale"], vf["zero"], vspec.bits, vspec.group)
     start = extra = None
-    if bool((pad > 0).any()):
+    if padded:
         s, nq = step.sink_k.shape[2], layer.n_quant
         start = (pad - s).clamp(0, nq)
         idx = torch.cat([torch.arange(s, device=q.device), nq + s + torch.arange(layer.win_k.shape[2], device=q.device)])

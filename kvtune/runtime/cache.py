@@ -67,8 +67,12 @@ class KVTuneCache(Cache):
             if not kernels.available():
                 raise KVTuneError("backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1) and triton",
                                   "use backend='auto' or 'reference'")
+        from kvtune.tokens import TokenTypeFeed
+
+        self.token_types = TokenTypeFeed()
         for layer in layers:
             layer.backend = backend
+            layer.type_feed = self.token_types
         install(model)
         self._model_ref = id(model)
 
@@ -81,6 +85,14 @@ class KVTuneCache(Cache):
     def stepwise(self, on: bool) -> None:
         for layer in self.layers:
             layer.stepwise = on
+
+    def set_token_types(self, mask: Any, input_ids: torch.Tensor | None = None) -> None:
+        """Token types (:mod:`kvtune.tokens`) of the tokens this cache receives next, from its current length on:
+        ``mask`` int8 ``[B, T]`` (or names/codes, ``[T]`` or ``[B, T]``), checked against ``input_ids [B, T]``
+        when given; later tokens are ``text``. ``None`` clears it. Only plans with ``salient.token_types`` use it."""
+        from kvtune.tokens import as_mask
+
+        self.token_types.set(None if mask is None else as_mask(mask, input_ids), self.get_seq_length())
 
     def check_model(self, model: Any) -> None:
         """A cache belongs to the model it was made for."""

@@ -12,6 +12,10 @@ Stored order of a head's tokens (also the order attention sees them):
    ``residual + flush`` tokens quantizes its oldest ``flush`` tokens into the groups' stores (KIVI: old
    tokens are never re-quantized). Between calls the counts equal :func:`kvtune.quant.bits.token_counts`.
 
+When the plan weights token types (``salient.token_types``), each stored non-sink token's type (from the
+cache's :class:`~kvtune.tokens.TokenTypeFeed`) follows it: ``win_types`` int8 ``[B, Hkv, w]`` beside the window,
+``q_types`` ``[B, Hkv, Nq]`` for the quantized part (per head, since merging drops tokens per head).
+
 Queries of a multi-token call see this call's tokens in full precision ("prefill" semantics, KIVI)
 unless the cache is in ``stepwise`` mode, where query ``i`` sees exactly what it would have seen had
 the tokens come one at a time (teacher-forced evaluation equal to token-by-token decoding).
@@ -72,6 +76,8 @@ class KVTuneLayer(CacheLayerMixin):
         self.stepwise = False
         self.backend = "auto"
         self.flush = plan.flush
+        self.type_feed: Any = None  # kvtune.tokens.TokenTypeFeed, set by the cache
+        self.track_types = plan.salient.ratio > 0 and bool(plan.salient.token_types)
         self._clear()
 
     def _clear(self) -> None:
@@ -82,6 +88,8 @@ class KVTuneLayer(CacheLayerMixin):
         self.pad: torch.Tensor | None = None  # int64 [B] left-padding tokens per row
         self.probes: torch.Tensor | None = None  # [B, Hq, P, D] recent queries (salient / merge scores)
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first index, k, v) just quantized
+        self.win_types: torch.Tensor | None = None  # int8 [B, Hkv, w] token types of the window (track_types)
+        self.q_types = TokenBuffer()  # int8 [B, Hkv, Nq] token types of the quantized tokens (track_types)
         self.is_initialized = False
 
     # -- transformers CacheLayerMixin ------------------------------------------------------------------
@@ -96,6 +104,8 @@ class KVTuneLayer(CacheLayerMixin):
         b = key_states.shape[0]
         self.win_k = key_states.new_zeros(b, self.num_kv_heads, 0, self.head_dim, dtype=FP)
         self.win_v = self.win_k.clone()
+        if self.track_types:
+            self.win_types = torch.zeros(b, self.num_kv_heads, 0, dtype=torch.int8, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -115,6 +125,11 @@ class KVTuneLayer(CacheLayerMixin):
         rest0 = nq0 + self.win_k.shape[2]
         self.win_k = torch.cat([self.win_k, key_states[:, :, take:].to(FP)], dim=2)
         self.win_v = torch.cat([self.win_v, value_states[:, :, take:].to(FP)], dim=2)
+        if self.win_types is not None:
+            b = key_states.shape[0]
+            new = self.type_feed.take(self.length, m, b, self.device) if self.type_feed is not None else \
+                torch.zeros(b, m, dtype=torch.int8, device=self.device)
+            self.win_types = torch.cat([self.win_types, new[:, None, take:].expand(b, self.num_kv_heads, m - take)], 2)
         self.length += m
         step = Step(self, m, nq0, self._sinks(self.sink_k), self._sinks(self.sink_v), take,
                     self._bounds(m, take, rest0))
@@ -154,6 +169,8 @@ class KVTuneLayer(CacheLayerMixin):
             g.index_select(idx)
         self.pad = self.pad.index_select(0, idx) if self.pad is not None else None
         self.probes = self.probes.index_select(0, idx) if self.probes is not None else None
+        self.win_types = self.win_types.index_select(0, idx) if self.win_types is not None else None
+        self.q_types.index_select(idx)
         self.pending = [(i, k.index_select(0, idx), v.index_select(0, idx)) for i, k, v in self.pending]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -197,6 +214,9 @@ class KVTuneLayer(CacheLayerMixin):
             self.pending.append((first, bk, bv))
         self.n_quant += n
         self.win_k, self.win_v = self.win_k[:, :, n:].contiguous(), self.win_v[:, :, n:].contiguous()
+        if self.win_types is not None:
+            self.q_types.append(self.win_types[:, :, :n])
+            self.win_types = self.win_types[:, :, n:].contiguous()
 
     def padded_block(self, x: torch.Tensor, first: int) -> torch.Tensor:
         """``x [B, Hkv, F, D]`` (quantized tokens ``first..first+F``) with left-padding rows replaced by the

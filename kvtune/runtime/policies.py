@@ -6,7 +6,9 @@
   comes after every scored token, so the count of queries that could see it is the number of probes).
 * **Salient tokens** (ZipCache, AKVQ-VL, VidKV): when blocks were quantized in this call, the salient set
   is re-selected among the current salient tokens and the new ones: the top ``floor(ratio * Nq)`` by
-  score keep a per-token copy at ``salient.bits`` (made from the fp16 values, never from codes).
+  score keep a per-token copy at ``salient.bits`` (made from the fp16 values, never from codes). With
+  ``salient.token_types`` the score of each token is multiplied by its type's weight first (visual tokens
+  become the first candidates); the count, and so the stored bits, stay the same.
 * **Elastic merging** (Elastic Cache): while fewer than ``floor(ratio * (L - keep_initial - keep_recent))``
   tokens are merged, the least important window tokens (not initial, not recent, not padding) are
   averaged into their nearest kept successor (the anchor) and dropped.
@@ -75,6 +77,8 @@ def _select_salient(layer: KVTuneLayer, g: HeadGroup, pad: torch.Tensor) -> None
     spec = QuantSpec(bits=layer.plan.salient.bits, axis="token", group=0)
     s = layer.sink_k.n
     score = probe_scores(layer, g, pad)[:, :, s: s + layer.n_quant]  # [B, h, Nq]
+    if layer.track_types:
+        score = score * _type_weights(layer, score.device)[g.select(layer.q_types.view()).long()]
     b, h = score.shape[:2]
     pend_idx = torch.cat([torch.arange(i, i + k.shape[2]) for i, k, _ in layer.pending]).to(score.device)
     pk = torch.cat([g.select(k) for _, k, _ in layer.pending], 2).float()
@@ -91,6 +95,14 @@ def _select_salient(layer: KVTuneLayer, g: HeadGroup, pad: torch.Tensor) -> None
     pick = lambda t: t.gather(2, top.unsqueeze(-1).expand(*top.shape, t.shape[-1]))  # noqa: E731
     g.salient = Salient(spec, cand.gather(2, top).to(torch.int32),
                         {n: pick(t) for n, t in new_k.items()}, {n: pick(t) for n, t in new_v.items()})
+
+
+def _type_weights(layer: KVTuneLayer, device: torch.device) -> torch.Tensor:
+    """Score weight of each token-type code ``[n_types]`` float32 (``salient.token_types``, default 1)."""
+    from kvtune.tokens import TOKEN_TYPES
+
+    sal = layer.plan.salient
+    return torch.tensor([sal.weight(name) for name in TOKEN_TYPES], dtype=torch.float32, device=device)
 
 
 def merge_window(layer: KVTuneLayer, pad: torch.Tensor) -> None:
@@ -115,6 +127,9 @@ def merge_window(layer: KVTuneLayer, pad: torch.Tensor) -> None:
     imp = imp.masked_fill(~cand[:, None, :], float("inf"))
     chosen = torch.zeros_like(imp, dtype=torch.bool).scatter_(2, imp.topk(need, 2, largest=False).indices, True)
     layer.win_k, layer.win_v = (_merge_into_anchors(x, chosen, need) for x in (layer.win_k, layer.win_v))
+    if layer.win_types is not None:  # an anchor keeps its own type
+        keep = (~chosen).nonzero()[:, -1].reshape(*chosen.shape[:2], -1)
+        layer.win_types = layer.win_types.gather(2, keep)
     layer.merged += need
 
 

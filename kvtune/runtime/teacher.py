@@ -18,11 +18,14 @@ from kvtune.plan import Plan
 
 @torch.no_grad()
 def teacher_forced_logits(model: Any, plan: Plan, input_ids: torch.Tensor, chunk: int = 64,
-                          prefill: int = 0) -> torch.Tensor:
-    """``input_ids [B, T]`` int64 -> logits ``[B, T, V]`` float32 through a fresh cache of ``plan``."""
+                          prefill: int = 0, token_types: Any = None) -> torch.Tensor:
+    """``input_ids [B, T]`` int64 -> logits ``[B, T, V]`` float32 through a fresh cache of ``plan``
+    (``token_types``: an int8 ``[B, T]`` mask of :mod:`kvtune.tokens`, for plans with per-type policies)."""
     if chunk < 1:
         raise ValueError("chunk must be >= 1")
     cache = plan.cache(model)
+    if token_types is not None:
+        cache.set_token_types(token_types, input_ids)
     t = input_ids.shape[1]
     bounds = sorted({0, *([min(prefill, t)] if prefill > 0 else []), *range(max(prefill, 0) + chunk, t, chunk), t})
     pieces = []
