@@ -8,6 +8,8 @@ tensor, and this function attends over the layer's *stored* tokens directly:
   with kernel-supported specs: the fused Triton decode kernel reads the packed
   codes (:func:`kvtune.kernels.decode_attention`), the fp16 sinks + window ride along as its extra
   segment, Hadamard-rotated specs rotate q (and the output) instead of the cache;
+* a prompt's first forward (nothing stored yet, not stepwise): transformers' SDPA over the prompt as stored
+  (fp16), the fastest exact path on CPU and GPU; the tokens are quantized after it, as for any call;
 * everything else: :func:`kvtune.runtime.reference.attend` (PyTorch, blockwise; the CPU path).
 
 Without a step (no cache, or another cache class) it is plain SDPA, so switching a model to
@@ -47,11 +49,36 @@ def kvtune_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
                                       dropout=dropout, **kwargs)
     scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
     pad, padded = _left_padding(attention_mask, query)
-    out = _kernel_attend(step, query, pad, scaling, padded) if kernel_eligible(step, query) else None
-    if out is None:
-        out = reference.attend(step, query, pad, scaling)
+    if _fresh_prefill(step):  # nothing stored before this call: plain SDPA over its own (fp16-stored) tokens
+        out = _prefill_sdpa(module, step, query, attention_mask, scaling, dropout, **kwargs)
+    else:
+        out = _kernel_attend(step, query, pad, scaling, padded) if kernel_eligible(step, query) else None
+        if out is None:
+            out = reference.attend(step, query, pad, scaling)
+        out = out.transpose(1, 2).contiguous()
     policies.after_attention(step, query, pad, scaling)  # probes, then merge + flush, then salient
-    return out.transpose(1, 2).contiguous(), None
+    return out, None
+
+
+def _fresh_prefill(step: Step) -> bool:
+    """True when the layer holds only this call's tokens, all in fp16 (a prompt's first forward, not in
+    stepwise mode): attention over them is ordinary causal attention, which SDPA does fastest."""
+    layer = step.layer
+    return (step.bounds is None and step.q_len > 1 and step.nq_before == 0
+            and step.sink_k.shape[2] + layer.win_k.shape[2] == step.q_len)
+
+
+def _prefill_sdpa(module: Any, step: Step, query: torch.Tensor, attention_mask: torch.Tensor | None,
+                  scaling: float, dropout: float, **kwargs: Any) -> torch.Tensor:
+    """transformers' SDPA over ``[sinks][window]`` (= this call's tokens as stored, fp16, in order);
+    returns ``[B, L, Hq, D]``. The model's mask (causal + left padding) already has the right size."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = step.layer
+    keys = torch.cat([step.sink_k, layer.win_k], 2).to(query.dtype)
+    vals = torch.cat([step.sink_v, layer.win_v], 2).to(query.dtype)
+    return sdpa_attention_forward(module, query, keys, vals, attention_mask, scaling=scaling,
+                                  dropout=dropout, **kwargs)[0]
 
 
 def _left_padding(mask: torch.Tensor | None, query: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -80,9 +80,15 @@ def ward_groups(features: np.ndarray, k: int) -> list[int]:
     return labels.tolist()
 
 
+MIN_BLOCK = 32
+"""Flushed-block size used to price a spec for dominance: a layer flushes blocks of its key's token group (a
+channel-axis key, g32 at least), so per-block costs (ZipCache's channel normalization) are paid per 32
+tokens at most -- not per token, as a token-axis spec's own ``token_group`` of 1 would price them."""
+
+
 def spec_cost(spec: QuantSpec, head_dim: int, length: int = REFERENCE_LENGTH) -> float:
     """Stored bits of one head's ``length`` tokens under ``spec`` alone (for dominance only), via bits.py."""
-    return spec_bits(spec, length, head_dim, spec.token_group).total
+    return spec_bits(spec, length, head_dim, max(spec.token_group, MIN_BLOCK)).total
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,18 @@ def test_layer_kl_shapes_and_ordering() -> None:
     assert kl_k.shape == (2, 2) and kl_v.shape == (2, 1)
     assert (kl_k[:, 0] > kl_k[:, 1]).all() and (kl_k >= 0).all()
     assert kl_v.abs().max() < 1e-6  # fp16 passthrough ~ lossless
+
+
+def test_default_candidates_reach_below_two_bits_without_one_bit_everywhere() -> None:
+    """A 2-bit budget needs cheaper choices than 1-bit g32 (2.0 bits stored): 2-bit keys at g128 and
+    ternary values over a whole 64-channel head fit it together."""
+    from kvtune.search.space import spec_cost
+
+    keys, values = default_candidates()
+    per_elem = lambda s: spec_cost(s, 64) / (4096 * 64)
+    assert min(per_elem(s) for s in keys) < 1.5 and min(per_elem(s) for s in values) < 1.6
+    two_bit_keys = [per_elem(s) for s in keys if s.bits == 2]
+    low_values = [per_elem(s) for s in values if s.bits >= 1.58]
+    assert (min(two_bit_keys) + min(low_values)) / 2 < 2.1
+    cs = next(s for s in values if s.channel_separable and s.bits == 2 and s.group == 32)
+    assert per_elem(cs) == 2 + 32 / 32 + 16 / 32  # codes, scale+zero per 32 channels, norm per 32-token block
