@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class Plan:
         """A template (preset) applies one layer plan to every layer of any model."""
         return self.model is None
 
-    def bind(self, identity: ModelIdentity) -> "Plan":
+    def bind(self, identity: ModelIdentity) -> Plan:
         """This plan for ``identity``: expands a template, or checks a bound plan matches."""
         if self.model is not None:
             problem = self.model.mismatch(identity)
@@ -108,7 +109,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None,
-                  where: str = "plan") -> "Plan":
+                  where: str = "plan") -> Plan:
         known = {"schema_version", "name", "description", "model", "reference_length", "budget",
                  "effective_bits", "provenance", "layers", "tensors"}
         unknown = sorted(set(data) - known)

@@ -6,8 +6,9 @@ Everything here is pure data with validation; YAML/safetensors I/O lives in :mod
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from kvtune.errors import KVTuneError
 from kvtune.quant.formats import QuantSpec
@@ -129,7 +130,7 @@ class HeadPlan:
         return {"key": self.key.to_dict(), "value": self.value.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> "HeadPlan":
+    def from_dict(cls, data: Any, where: str) -> HeadPlan:
         d = _strict(cls, data, where)
         return cls(key=QuantSpec.from_dict(d.get("key", {}), f"{where}.key"),
                    value=QuantSpec.from_dict(d.get("value", {}), f"{where}.value"))
@@ -180,7 +181,7 @@ class LayerPlan:
                               f"{num_kv_heads} KV heads", "re-run the search for this model")
         return tuple(self.head(h) for h in range(num_kv_heads))
 
-    def with_heads(self, heads: tuple[HeadPlan, ...]) -> "LayerPlan":
+    def with_heads(self, heads: tuple[HeadPlan, ...]) -> LayerPlan:
         return replace(self, heads=heads)
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,7 +199,7 @@ class LayerPlan:
         return d
 
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> "LayerPlan":
+    def from_dict(cls, data: Any, where: str) -> LayerPlan:
         d = _strict(cls, data, where)
         kw: dict[str, Any] = {
             "key": QuantSpec.from_dict(d.get("key", {}), f"{where}.key"),
@@ -229,10 +230,10 @@ class ModelIdentity:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "model") -> "ModelIdentity":
+    def from_dict(cls, data: Any, where: str = "model") -> ModelIdentity:
         return _build(cls, _strict(cls, data, where), where)
 
-    def mismatch(self, other: "ModelIdentity") -> str | None:
+    def mismatch(self, other: ModelIdentity) -> str | None:
         """First field where ``other`` differs, as ``"field: mine != theirs"``, or None."""
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)

@@ -16,7 +16,8 @@ the salient score of each type (:class:`kvtune.plan_types.SalientPolicy` ``token
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 

@@ -23,7 +23,7 @@ class CalibSettings:
     * end-to-end KL: the first ``kl_len`` tokens of the first ``kl_seqs`` chunks.
     """
 
-    tokens: int = 65536
+    tokens: int = 32768
     seq_len: int = 2048
     held_seqs: int = 2
     held_len: int = 1024

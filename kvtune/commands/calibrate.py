@@ -186,7 +186,7 @@ def register(cli: click.Group) -> None:
     @cli.command()
     @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or local HF directory.")
     @click.option("--data", default="pydoc:calib", show_default=True, help="pydoc:calib, pydoc:eval or a text file.")
-    @click.option("--tokens", type=click.IntRange(min=1), default=65536, show_default=True,
+    @click.option("--tokens", type=click.IntRange(min=1), default=32768, show_default=True,
                   help="At most this many tokens (all the text has, if fewer).")
     @click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
                   help="Tokens per sequence.")

@@ -32,16 +32,17 @@ def position_stats(logits: torch.Tensor, ref_logits: torch.Tensor,
         targets: ``[N]`` int64, the true next tokens.
 
     Returns:
-        ``(nll [N], kl [N], agree [N])`` float64 tensors.
+        ``(nll [N], kl [N], agree [N])`` float64 tensors (computed in float32: float64 over a 49k vocabulary
+        was 15% of an eval's time, and changes KL by < 1e-6).
     """
     nll, kl, agree = [], [], []
     for s in range(0, logits.shape[0], SLICE):
-        lp = torch.log_softmax(logits[s:s + SLICE].double(), dim=-1)  # [n, V]
-        lr = torch.log_softmax(ref_logits[s:s + SLICE].double(), dim=-1)
-        nll.append(-lp.gather(-1, targets[s:s + SLICE, None]).squeeze(-1))
-        kl.append((lr.exp() * (lr - lp)).sum(-1).clamp_min(0.0))
+        lp = torch.log_softmax(logits[s:s + SLICE].float(), dim=-1)  # [n, V]
+        lr = torch.log_softmax(ref_logits[s:s + SLICE].float(), dim=-1)
+        nll.append(-lp.gather(-1, targets[s:s + SLICE, None]).squeeze(-1).double())
+        kl.append((lr.exp() * (lr - lp)).sum(-1).double())
         agree.append((lp.argmax(-1) == lr.argmax(-1)).double())
-    return torch.cat(nll), torch.cat(kl), torch.cat(agree)
+    return torch.cat(nll), torch.cat(kl).clamp_min(0.0), torch.cat(agree)
 
 
 @dataclass

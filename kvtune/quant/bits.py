@@ -55,7 +55,7 @@ class BitBreakdown:
         """Stored bits per logical K/V element."""
         return self.total / self.elements if self.elements else 0.0
 
-    def __add__(self, other: "BitBreakdown") -> "BitBreakdown":
+    def __add__(self, other: BitBreakdown) -> BitBreakdown:
         return BitBreakdown(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def as_dict(self) -> dict[str, float]:

@@ -14,8 +14,9 @@ Tensors are laid out ``[..., T, D]`` (tokens, channels). Two grouping axes:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from kvtune.errors import KVTuneError
 
@@ -147,7 +148,7 @@ class QuantSpec:
         return {k: v for k, v in asdict(self).items() if k == "bits" or v != getattr(default, k)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "quantizer") -> "QuantSpec":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "quantizer") -> QuantSpec:
         """Strict: unknown keys and bad values are :class:`KVTuneError` naming ``where``."""
         if isinstance(data, (int, float)):
             data = {"bits": data}

@@ -47,7 +47,7 @@ class Step:
     quantized), or None (all window tokens in fp16).
     """
 
-    layer: "KVTuneLayer"
+    layer: KVTuneLayer
     q_len: int
     nq_before: int
     sink_k: torch.Tensor

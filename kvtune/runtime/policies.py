@@ -92,7 +92,7 @@ def _select_salient(layer: KVTuneLayer, g: HeadGroup, pad: torch.Tensor) -> None
         new_v = {n: torch.cat([old.v[n], t], 2) for n, t in new_v.items()}
     target = min(int(math.floor(layer.plan.salient.ratio * layer.n_quant)), cand.shape[2])
     top = score.gather(2, cand).topk(target, dim=2).indices.sort(dim=2).values  # [B, h, S]
-    pick = lambda t: t.gather(2, top.unsqueeze(-1).expand(*top.shape, t.shape[-1]))  # noqa: E731
+    pick = lambda t: t.gather(2, top.unsqueeze(-1).expand(*top.shape, t.shape[-1]))
     g.salient = Salient(spec, cand.gather(2, top).to(torch.int32),
                         {n: pick(t) for n, t in new_k.items()}, {n: pick(t) for n, t in new_v.items()})
 

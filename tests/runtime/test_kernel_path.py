@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kvtune.kernels import pack as pk  # noqa: E402
-from kvtune.plan import load_plan  # noqa: E402
-from kvtune.runtime import KVTuneCache  # noqa: E402
+from kvtune.kernels import pack as pk
+from kvtune.plan import load_plan
+from kvtune.runtime import KVTuneCache
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and not isinstance(pk._pack_kernel, triton.runtime.interpreter.InterpretedFunction):
