@@ -96,7 +96,8 @@ def kv3_plan() -> Any:
 
     layer = LayerPlan(key=QuantSpec(bits=3, axis="channel", group=32), value=QuantSpec(bits=3, axis="token", group=32),
                       residual=128)
-    return Plan(layers=(layer,), name="kivi-3bit", description="3-bit uniform: K per-channel g32, V per-token g32, R=128")
+    return Plan(layers=(layer,), name="kivi-3bit",
+                description="3-bit uniform: K per-channel g32, V per-token g32, R=128")
 
 
 def method(name: str, backend: str = "auto") -> Method:
@@ -142,7 +143,7 @@ def probe_hf_backend(backend: str) -> str | None:
         k, _ = cache.update(x[:, :, :1], x[:, :, :1], 0)
         if k.shape[-2] != 5:
             return f"QuantizedCache({backend}) returned {k.shape[-2]} tokens instead of 5"
-    except Exception as exc:  # noqa: BLE001 - an optional backend's failure becomes the row's reason
+    except Exception as exc:  # an optional backend's failure becomes the row's reason
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"QuantizedCache backend '{backend}' unavailable: {type(exc).__name__}: {first[:200]}"
     return None

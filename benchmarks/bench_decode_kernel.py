@@ -240,7 +240,7 @@ def sweep(dev, copy_gbs: float, vgroup: int, rep_ms: int) -> list[dict]:
         cfg = DecodeConfig(bt, auto.num_splits * mult, warps, stages)
         try:
             ms = _bench_graph(lambda cfg=cfg: decode_attention(q, kq, vq, ek, ev, config=cfg), rep_ms)
-        except Exception as exc:  # noqa: BLE001 - report and go on (e.g. out of resources)
+        except Exception as exc:  # report and go on (e.g. out of resources)
             print(f"  {cfg}: failed ({type(exc).__name__}: {exc})")
             continue
         gbs = nbytes / ms / 1e6

@@ -79,7 +79,8 @@ def _peak() -> int | None:
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
 
 
-def prepare(model: Any, meth: Any, length: int, batch: int, chunk: int, seed: int = 0) -> tuple[Any, torch.Tensor, dict]:
+def prepare(model: Any, meth: Any, length: int, batch: int, chunk: int,
+            seed: int = 0) -> tuple[Any, torch.Tensor, dict]:
     """A fresh cache holding a random ``[batch, length]`` prompt; returns (cache, next tokens [B, 1], stats)."""
     dev = next(model.parameters()).device
     if meth.kind != "kvtune" and model.config._attn_implementation != "sdpa":
@@ -213,7 +214,8 @@ def profile_one(model: Any, meth: Any, length: int, batch: int, chunk: int, step
         nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     _sync()
     wall_ms = 1000 * (time.perf_counter() - t) / steps
-    host = {k: {"ms_per_step": 1000 * v[0] / steps, "calls_per_step": v[1] / steps} for k, v in (timers.acc.items() if timers else [])}
+    host = {k: {"ms_per_step": 1000 * v[0] / steps, "calls_per_step": v[1] / steps}
+            for k, v in (timers.acc.items() if timers else [])}
     if timers:
         timers.remove()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                         entry.update(profile_one(model, meth, length, batch, args.prefill_chunk) if args.profile
                                      else run_one(model, meth, length, batch, args.new_tokens, args.warmup,
                                                   args.prefill_chunk))
-                    except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others
+                    except Exception as exc:  # one failing method must not lose the others
                         entry["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
                     finally:
                         torch.backends.cuda.enable_cudnn_sdp(cudnn)

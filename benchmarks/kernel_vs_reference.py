@@ -8,7 +8,7 @@ Two caches of the same plan (``backend="triton"`` and ``backend="reference"``) d
 * generate (batch 4, left padding): ``model.generate(..., past_key_values=cache)`` runs independently on
   each backend; reported: token equality per row and max |logit diff| per step up to the first divergence.
 
-    python benchmarks/kernel_vs_reference.py                       # kv2 + kivi-2bit -> results/kernel_vs_reference_<device>.json
+    python benchmarks/kernel_vs_reference.py   # kv2 + kivi-2bit -> results/kernel_vs_reference_<device>.json
 """
 
 from __future__ import annotations

@@ -29,7 +29,22 @@ _EXPORTS = {
     "search": "kvtune.search.study",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# Written out (not computed) so that linters and IDEs can read it: the keys of _EXPORTS plus __version__, sorted.
+__all__ = [
+    "HeadPlan",
+    "KVTuneCache",
+    "KVTuneError",
+    "LayerPlan",
+    "ModelIdentity",
+    "Plan",
+    "QuantSpec",
+    "__version__",
+    "calibrate",
+    "load_model",
+    "load_plan",
+    "save_plan",
+    "search",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -189,7 +189,7 @@ def save_plan(plan: Plan, out: str | Path) -> Path:
 def load_plan(path_or_preset: str | Path) -> Plan:
     """A plan directory (or its plan.yaml), or the name of a preset in kvtune/configs/."""
     path = Path(path_or_preset)
-    if path.is_dir() or path.suffix in (".yaml", ".yml") and path.exists():
+    if path.is_dir() or (path.suffix in (".yaml", ".yml") and path.exists()):
         return _load_dir(path if path.is_dir() else path.parent, path if path.is_file() else path / PLAN_YAML)
     preset = preset_names().get(str(path_or_preset))
     if preset is None:

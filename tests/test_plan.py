@@ -48,13 +48,13 @@ def test_presets_load_and_bind(name: str) -> None:
 
 
 def test_unknown_preset_lists_valid() -> None:
-    with pytest.raises(KVTuneError, match="presets: .*kivi-2bit"):
+    with pytest.raises(KVTuneError, match=r"presets: .*kivi-2bit"):
         load_plan("kivi-3bit")
 
 
 def test_wrong_model_is_clear() -> None:
     other = ModelIdentity("LlamaForCausalLM", 4, 8, 4, 64, "zzz")
-    with pytest.raises(KVTuneError, match="another model.*num_kv_heads"):
+    with pytest.raises(KVTuneError, match=r"another model.*num_kv_heads"):
         _plan().bind(other)
 
 
@@ -101,7 +101,8 @@ def test_corrupt_yaml(tmp_path: Path) -> None:
 
 def test_wrong_tensor_shape(tmp_path: Path) -> None:
     plan = _plan()
-    bad = Plan(layers=plan.layers, model=IDENT, tensors={"layers.1.key.outlier_idx": torch.zeros(2, 3, dtype=torch.int16)})
+    bad = Plan(layers=plan.layers, model=IDENT,
+               tensors={"layers.1.key.outlier_idx": torch.zeros(2, 3, dtype=torch.int16)})
     save_plan(bad, tmp_path)
     with pytest.raises(KVTuneError, match="expected \\[kv_heads, 2\\]"):
         load_plan(tmp_path)

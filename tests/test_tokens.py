@@ -24,8 +24,9 @@ def _llava_config():
 def _qwen2vl_config():
     from transformers import Qwen2VLConfig
 
-    return Qwen2VLConfig(text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64),
-                         vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2),
+    return Qwen2VLConfig(text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                      "vocab_size": 64},
+                         vision_config={"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2},
                          image_token_id=61, video_token_id=62)
 
 

@@ -105,7 +105,8 @@ class Calibration:
         try:
             cands = data["candidates"]
             keys = tuple(QuantSpec.from_dict(d, f"{where}.candidates.key[{i}]") for i, d in enumerate(cands["key"]))
-            values = tuple(QuantSpec.from_dict(d, f"{where}.candidates.value[{i}]") for i, d in enumerate(cands["value"]))
+            values = tuple(QuantSpec.from_dict(d, f"{where}.candidates.value[{i}]")
+                           for i, d in enumerate(cands["value"]))
             kl = {k: tuple(int(i) for i in v) for k, v in dict(data["kl_candidates"]).items()}
             return cls(model=dict(data["model"]), data=dict(data["data"]),
                        settings=CalibSettings.from_dict(data["settings"], f"{where}.settings"),
@@ -130,7 +131,8 @@ def expected_shapes(c: Calibration) -> dict[str, tuple[int | None, ...]]:
         "sensitivity.key": (n_l, hkv, len(c.key_candidates)), "sensitivity.value": (n_l, hkv, len(c.value_candidates)),
         "kl.key": (n_l, len(c.kl_candidates.get("key", ()))), "kl.value": (n_l, len(c.kl_candidates.get("value", ()))),
         "attention.normalized_score_mean": (n_l, hq, s.seq_len),
-        "attention.far_score_mean": (n_l, hq, s.seq_len), "attention.sink_rate": (n_l, s.seq_len), "attention.sink_tokens": (n_l, MAX_SINKS),
+        "attention.far_score_mean": (n_l, hq, s.seq_len), "attention.sink_rate": (n_l, s.seq_len),
+        "attention.sink_tokens": (n_l, MAX_SINKS),
         "attention.pattern": (n_l, hq), "attention.pivot_position": (n_l, hq),
         "samples.query": (n_l, hq, None, d), "samples.key": (n_l, hkv, None, d), "samples.value": (n_l, hkv, None, d)}
     for kind in ("keys", "keys_pre_rope", "values"):
@@ -192,5 +194,6 @@ def load_calibration(path: str | Path) -> Calibration:
     try:
         tensors = load_file(str(tfile))
     except (SafetensorError, OSError) as exc:
-        raise KVTuneError(f"calibration tensors {tfile} cannot be read: {exc}", "re-run kvtune calibrate --force") from None
+        raise KVTuneError(f"calibration tensors {tfile} cannot be read: {exc}",
+                          "re-run kvtune calibrate --force") from None
     return Calibration.from_dict({k: v for k, v in data.items() if k != "tensors"}, tensors, where)

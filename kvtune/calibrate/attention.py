@@ -34,8 +34,9 @@ Per-sequence values are averaged over sequences. **AKVQ-VL pattern label** of a 
 is at least :data:`SINK_MIN_SHARE` (5% of each distant query's attention) and at least :data:`SINK_RATIO`
 (20) times the median over eligible positions. The layer's **sink rate** of a position is the share of
 sequences in which it is a sink; its sink tokens are the positions with a rate above :data:`SINK_MIN_RATE`
-(0.5: a strict majority of the sequences) -- at most :data:`MAX_SINKS` (4), highest rate first, listed by position. Content sinks at varying
-positions (a newline that draws attention in one sequence) do not pass the vote; the first token usually does.
+(0.5: a strict majority of the sequences) -- at most :data:`MAX_SINKS` (4), highest rate first, listed by
+position. Content sinks at varying positions (a newline that draws attention in one sequence) do not pass
+the vote; the first token usually does.
 """
 
 from __future__ import annotations

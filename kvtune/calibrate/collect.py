@@ -110,7 +110,8 @@ class Collector:
         return torch.cat(h["query"]), torch.cat(h["key"]), torch.cat(h["value"])
 
     def finalize(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``{kind: {stat: tensor [L, ...]}}`` for kinds ``keys``/``keys_pre_rope``/``values``/``queries``/``attention``."""
+        """``{kind: {stat: tensor [L, ...]}}`` for kinds ``keys``/``keys_pre_rope``/``values``/``queries``/
+        ``attention``."""
         levels, filled = self.options.quantiles, self.sampler.filled
         out: dict[str, dict[str, torch.Tensor]] = {}
         for kind in KINDS:

@@ -65,7 +65,8 @@ def _capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if route is not None:
         layer, observer = route
         scaling = kwargs.get("scaling")
-        call = AttentionCall(layer, query, key, value, float(scaling if scaling is not None else query.shape[-1] ** -0.5),
+        call = AttentionCall(layer, query, key, value,
+                             float(scaling if scaling is not None else query.shape[-1] ** -0.5),
                              kwargs.get("sliding_window"))
         replaced = observer(call)
         if replaced is not None:

@@ -64,7 +64,8 @@ def _stats_pass(model: Any, chunks: torch.Tensor, settings: CalibSettings, progr
 
 
 def outlier_tensors(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``absmax`` ``[L, H, D]`` -> (scores = absmax / the head's median channel absmax, rank by score desc) ``[L, H, D]``."""
+    """``absmax`` ``[L, H, D]`` -> (scores = absmax / the head's median channel absmax, rank by score desc)
+    ``[L, H, D]``."""
     scores = absmax / absmax.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
     return scores, scores.argsort(dim=-1, descending=True)
 
@@ -169,7 +170,8 @@ def calibrate_model(model: Any, chunks: torch.Tensor, settings: CalibSettings | 
         tensors = _stat_tensors(collector.finalize())
         tensors["attention.sink_tokens"] = _sink_tensor(tensors["attention.sink_rate"])
         t0 = time.perf_counter()
-        tensors["sensitivity.key"], tensors["sensitivity.value"] = _sensitivity(collector, tensors, keys, values, progress)
+        tensors["sensitivity.key"], tensors["sensitivity.value"] = _sensitivity(collector, tensors, keys, values,
+                                                                                progress)
         del collector
         timing["sensitivity_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -181,6 +183,7 @@ def calibrate_model(model: Any, chunks: torch.Tensor, settings: CalibSettings | 
     from kvtune import __version__
 
     return Calibration(model=model_identity(model), data=dict(data or {}), settings=settings,
-                       key_candidates=keys, value_candidates=values, kl_candidates={"key": tuple(kl_k), "value": tuple(kl_v)},
+                       key_candidates=keys, value_candidates=values,
+                       kl_candidates={"key": tuple(kl_k), "value": tuple(kl_v)},
                        summary=_summary(tensors, keys, values, chunks), kvtune_version=__version__,
                        timing={k: round(float(v), 3) for k, v in timing.items()}, tensors=tensors)

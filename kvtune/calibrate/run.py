@@ -140,7 +140,8 @@ def calibrate(model_name_or_path: str, data: str = "pydoc:calib", tokens: int = 
     ident = _config_identity(model_name_or_path)
     max_pos = ident.get("max_position_embeddings")
     if max_pos and seq_len > max_pos:
-        raise KVTuneError(f"seq_len {seq_len} exceeds the model's context of {max_pos} tokens", f"use --seq-len <= {max_pos}")
+        raise KVTuneError(f"seq_len {seq_len} exceeds the model's context of {max_pos} tokens",
+                          f"use --seq-len <= {max_pos}")
     out, digest = Path(out), data_hash(text)
     _check_out(out)
     old = _existing(out, ident["fingerprint"], force)

@@ -119,7 +119,8 @@ def layer_sensitivity(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 
 def _perturb(layer: int, key_specs: list[QuantSpec], value_specs: list[QuantSpec], n_seq: int) -> Callable:
-    """Observer quantizing, at ``layer`` only, K of batch block ``i`` (``i < len(key_specs)``) or V of the next blocks."""
+    """Observer quantizing, at ``layer`` only, K of batch block ``i`` (``i < len(key_specs)``) or V of the next
+    blocks."""
 
     def observer(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor] | None:
         if call.layer != layer:
@@ -143,7 +144,8 @@ def _log_probs(model: Any, ids: torch.Tensor) -> torch.Tensor:
 
 def layer_kl(model: Any, input_ids: torch.Tensor, key_specs: list[QuantSpec], value_specs: list[QuantSpec],
              on_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer end-to-end KL: ``input_ids`` ``[n, T]`` -> ``kl_key`` ``[L, len(key_specs)]``, ``kl_value`` ``[L, nv]``.
+    """Per-layer end-to-end KL: ``input_ids`` ``[n, T]`` -> ``kl_key`` ``[L, len(key_specs)]``,
+    ``kl_value`` ``[L, nv]``.
 
     One forward per layer, batched over candidates (``n * (nk + nv)`` sequences). ``on_layer(i)`` is called
     after layer ``i``. Runs under ``torch.inference_mode``.

@@ -183,9 +183,11 @@ class ReservoirSampler:
         return min(self.seen, self.capacity)
 
     def plan(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the next ``n`` stream rows: ``(src, dst)`` int64 -- row ``src[i]`` of the block goes to slot ``dst[i]``."""
+        """For the next ``n`` stream rows: ``(src, dst)`` int64 -- row ``src[i]`` of the block goes to slot
+        ``dst[i]``."""
         t = torch.arange(self.seen, self.seen + n, dtype=torch.float64)
-        slot = torch.where(t < self.capacity, t, (torch.rand(n, generator=self._gen, dtype=torch.float64) * (t + 1)).floor())
+        slot = torch.where(t < self.capacity, t,
+                           (torch.rand(n, generator=self._gen, dtype=torch.float64) * (t + 1)).floor())
         self.seen += n
         keep = (slot < self.capacity).nonzero().flatten().tolist()
         last: dict[int, int] = {}

@@ -95,7 +95,8 @@ def register(cli: click.Group) -> None:
             raise KVTuneError("--lengths and --batch need positive integers")
         set_threads(threads)
         device = _device(device)
-        loaded, _ = load_model(model, device=device, dtype=dtype or ("float16" if device.startswith("cuda") else "float32"))
+        loaded, _ = load_model(model, device=device,
+                               dtype=dtype or ("float16" if device.startswith("cuda") else "float32"))
         limit = getattr(loaded.config, "max_position_embeddings", None)
         if limit and max(ctxs) + warmup + new_tokens > limit:
             raise KVTuneError(f"length {max(ctxs)} + {warmup + new_tokens} decode steps exceeds the model's limit "

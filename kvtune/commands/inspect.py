@@ -45,7 +45,8 @@ def inspect_table(plan: Plan, data: dict[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title=f"{plan.name or 'plan'} on {plan.model.architecture} "
-                        f"({plan.model.num_layers} layers, {plan.model.num_kv_heads} KV heads, d={plan.model.head_dim})",
+                        f"({plan.model.num_layers} layers, {plan.model.num_kv_heads} KV heads, "
+                        f"d={plan.model.head_dim})",
                   caption=f"effective bits: {data['effective_bits']:.4f} at {data['length']} tokens, "
                           f"{data['effective_bits_32k']:.4f} at {LONG_LENGTH} tokens (codes, scales, zeros, "
                           "outliers, fp16 tokens: everything stored)")

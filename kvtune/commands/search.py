@@ -137,9 +137,11 @@ def register(cli: click.Group) -> None:
                   help="Best Pareto candidates checked end to end with the model (0 = choose by proxy).")
     @click.option("--groups", type=click.IntRange(min=1), default=None,
                   help="Clusters of layers (or heads) sharing one choice (default 8).")
-    @click.option("--tokens", type=click.Choice(["sinks", "salient"]), default="sinks", show_default=True,
+    @click.option("--tokens", type=click.Choice(["sinks", "salient", "all"]), default="sinks", show_default=True,
                   help="Token policies searched: first token in fp16 or not; 'salient' adds salient tokens "
-                       "at more bits (their predicted gain is overrated; validation judges).")
+                       "at more bits (their predicted gain is overrated; validation judges); 'all' also adds "
+                       "Elastic Cache merging (25% or 50% of the mergeable tokens; fewer bits, charged in the "
+                       "proxy) and salient tokens with image/video tokens weighted 4x (for VLMs).")
     @click.option("--model", default=None, help="Model for validation (default: the embedded model, "
                   "when it is the calibrated one).")
     @click.option("--threads", type=click.IntRange(min=1), default=None,

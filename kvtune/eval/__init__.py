@@ -124,7 +124,8 @@ def _reference(model: Any, seqs: torch.Tensor, settings: EvalSettings, tick: Cal
         scorer.add(ref, ref, seqs[b:b + 1])
         logits.append(ref)
         tick("reference")
-    prompts = seqs[: settings.gen_prompts, : settings.ctx - settings.gen_tokens + 1] if settings.gen_tokens else seqs[:0]
+    prompts = (seqs[: settings.gen_prompts, : settings.ctx - settings.gen_tokens + 1] if settings.gen_tokens
+               else seqs[:0])
     tokens = []
     for p in range(prompts.shape[0]):
         tokens.append(greedy_generate(model, prompts[p:p + 1], settings.gen_tokens))

@@ -207,7 +207,7 @@ def _probe_backend(backend: str, nbits: int, group: int, residual: int) -> str |
         k, _ = cache.update(x[:, :, :1], x[:, :, :1], 0)
         if k.shape[-2] != 5:
             return f"QuantizedCache({backend}) returned {k.shape[-2]} tokens instead of 5"
-    except Exception as exc:  # noqa: BLE001 - any failure of an optional backend becomes the row's reason
+    except Exception as exc:  # any failure of an optional backend becomes the row's reason
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"transformers QuantizedCache backend '{backend}' unavailable: {first[:160]}"
     return None

@@ -144,7 +144,8 @@ def plot(report: EvalReport, path: str | Path) -> Path:
             y = getattr(r, key)
             if y is None:
                 continue
-            style = {"marker": "*", "s": 220, "color": "crimson", "zorder": 3} if r.is_plan else {"marker": "o", "s": 50}
+            style = ({"marker": "*", "s": 220, "color": "crimson", "zorder": 3} if r.is_plan
+                     else {"marker": "o", "s": 50})
             ax.scatter([r.effective_bits], [y], **style)
             ax.annotate(r.name, (r.effective_bits, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ref = report.reference.get(key)

@@ -78,8 +78,8 @@ def passkey_prompts(tok: Any, haystack: list[int], lengths: tuple[int, ...], dep
     offsets of ``haystack`` so that cases do not share their filler."""
     rng = random.Random(seed)
     prompts = []
-    for i, length in enumerate(lengths):
-        for j, depth in enumerate(depths):
+    for _i, length in enumerate(lengths):
+        for _j, depth in enumerate(depths):
             key = str(rng.randint(10000, 99999))
             span = max(len(haystack) - length, 0)
             offset = (rng.randint(0, span) if span else 0)

@@ -247,8 +247,9 @@ def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, str
 
     One channel group (GC >= D): the per-token scale is folded into P and the zero-point term
     ``P * zero`` goes to ``z_acc`` ``[QH, KG]`` (reduced once at the end), so the codes go to the
-    tensor cores as they come out of the unpack (``1024 + c``, the offset also leaves through ``z_acc``). Otherwise V is dequantized in registers (per-token column of scales
-    when a slice lies in one channel group, else a gathered tile).
+    tensor cores as they come out of the unpack (``1024 + c``, the offset also leaves through ``z_acc``).
+    Otherwise V is dequantized in registers (per-token column of scales when a slice lies in one channel
+    group, else a gathered tile).
     """
     offs_t = tg + tl.arange(0, KG)
     jv = tl.arange(0, WVP)[None, :]
@@ -332,8 +333,8 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row
     for g in tl.static_range(NG):
         p = tl.math.exp2(scores[g] - m_new[:, None])
         l_acc += p
-        accs, z_acc, o_acc = _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, t0 + g * KG, hi, st, stride_vpt,
-                                    stride_vst, D, FMT_V, SV, WV, WVP, GC, KG, MASKED, USE_ASM)
+        accs, z_acc, o_acc = _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, t0 + g * KG, hi, st,
+                                           stride_vpt, stride_vst, D, FMT_V, SV, WV, WVP, GC, KG, MASKED, USE_ASM)
     return m_new, l_acc, z_acc, o_acc, accs
 
 
@@ -391,7 +392,7 @@ def _decode_split_kernel(
         qv = tl.load(q_row + qe, mask=rmask[:, None] & (jk < WK) & (qe < D), other=0.0)
         qs = qs + ((qv.to(tl.float32) * qk_scale).to(tl.float16),)
     accs = ()
-    for s in tl.static_range(SV):
+    for _s in tl.static_range(SV):
         accs = accs + (tl.zeros([QH, WVP], tl.float32),)
     m_i = tl.full([QH], -1.0e30, tl.float32)
     l_acc = tl.zeros([QH, KG], tl.float32)
@@ -423,21 +424,21 @@ def _decode_split_kernel(
         n_masked = n_head + (tail < hi).to(tl.int32)
         for i in tl.range(0, n_masked, num_stages=1):
             t0 = tl.where(i < n_head, first, tail)
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row,
-                                            vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst,
-                                            D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True,
-                                            USE_ASM)
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row,
+                                                   kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt,
+                                                   stride_vst, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG,
+                                                   NG, True, USE_ASM)
         for t0 in range(full_lo, full_hi, BT):
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row,
-                                            vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst,
-                                            D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, False,
-                                            USE_ASM)
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row,
+                                                   kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt,
+                                                   stride_vst, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG,
+                                                   NG, False, USE_ASM)
     else:  # other formats: one masked loop (keeps the unrolled code, and the compile time, small)
         for t0 in range(first, hi, BT):
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row,
-                                            vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt, stride_vst,
-                                            D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True,
-                                            USE_ASM)
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row,
+                                                   kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt,
+                                                   stride_vst, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG,
+                                                   NG, True, USE_ASM)
     l_i = tl.sum(l_acc, 1)
     if GC >= D:  # value zero-points, and the RAW codes' offset (1024 * sum pv) and scale (2^shift)
         zt = tl.sum(z_acc, 1)[:, None]

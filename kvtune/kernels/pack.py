@@ -261,7 +261,8 @@ def _codes_ref(xg: torch.Tensor, dim: int, lay: Slicing) -> tuple[torch.Tensor, 
     return codes, scale.squeeze(dim).half(), zero.squeeze(dim).half()
 
 
-def pack_keys_reference(k: torch.Tensor, bits: float, group: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_keys_reference(k: torch.Tensor, bits: float,
+                        group: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch twin of :func:`pack_keys` (same outputs)."""
     *lead, t, d = k.shape
     g = group or t
@@ -269,7 +270,8 @@ def pack_keys_reference(k: torch.Tensor, bits: float, group: int = 32) -> tuple[
     return pack_codes_reference(codes.reshape(*lead, t, d), bits), scale, zero
 
 
-def pack_values_reference(v: torch.Tensor, bits: float, group: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_values_reference(v: torch.Tensor, bits: float,
+                          group: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch twin of :func:`pack_values` (same outputs; a ragged last group repeats the edge channel)."""
     *lead, t, d = v.shape
     g = min(group or d, d)

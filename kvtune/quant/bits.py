@@ -8,9 +8,9 @@ At a logical sequence length ``L`` a layer stores, per KV head, for K and for V:
   ``n_q`` tokens are quantized;
 * for ``n_q`` quantized tokens of a spec with ``o`` outlier channels and ``D' = D - o`` main channels:
   codes ``n_q * packed_width(D', bits) * 8``; scales (and zero-points unless symmetric/ternary) at the
-  scale dtype, ``ceil(n_q / G) * D'`` of them on the channel axis (``G = 0``: one group per flushed block) or ``n_q * ceil(D' / G)`` on the
-  token axis; channel-separable norms ``ceil(n_q / flush) * D'`` fp16; outliers ``o`` fp16 values a
-  token (or their own per-channel quantizer) plus ``o`` int16 indices;
+  scale dtype, ``ceil(n_q / G) * D'`` of them on the channel axis (``G = 0``: one group per flushed block)
+  or ``n_q * ceil(D' / G)`` on the token axis; channel-separable norms ``ceil(n_q / flush) * D'`` fp16;
+  outliers ``o`` fp16 values a token (or their own per-channel quantizer) plus ``o`` int16 indices;
 * salient tokens ``floor(ratio * n_q)``: an extra per-token copy at the salient bits (with an fp16
   scale and zero) plus an int32 index each (shared by K and V, counted half each);
 * fp16 tokens (sinks + window): ``16 * D`` each.
@@ -77,14 +77,14 @@ def token_counts(layer: LayerPlan, length: int) -> dict[str, int]:
     """How the ``length`` logical tokens of one head are stored: merged / fp16 / quantized / salient."""
     merge = layer.merge
     mergeable = max(0, length - merge.keep_initial - merge.keep_recent)
-    merged = int(math.floor(merge.ratio * mergeable)) if merge.method != "none" else 0
+    merged = math.floor(merge.ratio * mergeable) if merge.method != "none" else 0
     stored = length - merged
     sink = min(layer.salient.sink_tokens, stored)
     rest = stored - sink
     flush = layer.flush
     window = rest if rest <= layer.residual else layer.residual + (rest - layer.residual) % flush
     quantized = rest - window
-    salient = int(math.floor(layer.salient.ratio * quantized))
+    salient = math.floor(layer.salient.ratio * quantized)
     return {"merged": merged, "fp16": sink + window, "quantized": quantized, "salient": salient}
 
 

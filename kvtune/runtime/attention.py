@@ -185,7 +185,8 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
     if padded:
         s, nq = step.sink_k.shape[2], layer.n_quant
         start = (pad - s).clamp(0, nq)
-        idx = torch.cat([torch.arange(s, device=q.device), nq + s + torch.arange(layer.win_k.shape[2], device=q.device)])
+        idx = torch.cat([torch.arange(s, device=q.device),
+                         nq + s + torch.arange(layer.win_k.shape[2], device=q.device)])
         extra = idx[None, :] >= pad[:, None]  # [B, R] bool
     out = decode_attention(qk, kq, vq, ek, ev, extra, start, scaling)
     return hadamard(out) if vspec.hadamard else out

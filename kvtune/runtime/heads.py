@@ -77,8 +77,10 @@ class HeadGroup:
         heads, without storing them: float32 ``[B, h, n, D]``."""
         k, v = select(k).float(), select(v).float()
         f, kspec, vspec = self.flush, self.plan.key, self.plan.value
-        k_idx = self.k_idx if self.k_idx is not None or not kspec.outliers else _first_block_outliers(k[:, :, :f], kspec)
-        v_idx = self.v_idx if self.v_idx is not None or not vspec.outliers else _first_block_outliers(v[:, :, :f], vspec)
+        k_idx = (self.k_idx if self.k_idx is not None or not kspec.outliers
+                 else _first_block_outliers(k[:, :, :f], kspec))
+        v_idx = (self.v_idx if self.v_idx is not None or not vspec.outliers
+                 else _first_block_outliers(v[:, :, :f], vspec))
         outs_k, outs_v = [], []
         for s in range(0, k.shape[2], f):
             kb, vb = k[:, :, s:s + f], v[:, :, s:s + f]

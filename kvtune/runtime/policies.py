@@ -90,7 +90,7 @@ def _select_salient(layer: KVTuneLayer, g: HeadGroup, pad: torch.Tensor) -> None
         cand = torch.cat([old.idx.long(), cand], 2)
         new_k = {n: torch.cat([old.k[n], t], 2) for n, t in new_k.items()}
         new_v = {n: torch.cat([old.v[n], t], 2) for n, t in new_v.items()}
-    target = min(int(math.floor(layer.plan.salient.ratio * layer.n_quant)), cand.shape[2])
+    target = min(math.floor(layer.plan.salient.ratio * layer.n_quant), cand.shape[2])
     top = score.gather(2, cand).topk(target, dim=2).indices.sort(dim=2).values  # [B, h, S]
     pick = lambda t: t.gather(2, top.unsqueeze(-1).expand(*top.shape, t.shape[-1]))
     g.salient = Salient(spec, cand.gather(2, top).to(torch.int32),
@@ -142,7 +142,8 @@ def _merge_into_anchors(x: torch.Tensor, chosen: torch.Tensor, need: int) -> tor
     target = torch.where(chosen, anchor, j)  # chosen -> anchor, kept -> itself
     acc = torch.zeros(b, h, w, d, dtype=torch.float32, device=x.device)
     acc.scatter_add_(2, target.unsqueeze(-1).expand(b, h, w, d), x.float())
-    count = torch.zeros(b, h, w, dtype=torch.float32, device=x.device).scatter_add_(2, target, torch.ones_like(acc[..., 0]))
+    count = torch.zeros(b, h, w, dtype=torch.float32, device=x.device).scatter_add_(2, target,
+                                                                                  torch.ones_like(acc[..., 0]))
     merged = (acc / count.clamp_min(1).unsqueeze(-1)).to(x.dtype)
     keep = (~chosen).nonzero()[:, -1].reshape(b, h, w - need)
     return merged.gather(2, keep.unsqueeze(-1).expand(b, h, w - need, d))

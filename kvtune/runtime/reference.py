@@ -92,7 +92,7 @@ def _attend_slice(qs, keys, vals, valid, alt, bounds, step, scaling) -> torch.Te
     scores = (qs @ keys[:, :, None].transpose(-1, -2)) * scaling  # [B, h, r, l, N]
     use = None
     if alt is not None:
-        off, ak, av, fk, fv = alt
+        off, ak, av, _fk, fv = alt
         a = ak.shape[2]
         use = torch.arange(a, device=qs.device)[None, :] < (bounds - step.nq_before)[:, None]  # [l, A]
         s_alt = (qs @ ak[:, :, None].transpose(-1, -2)) * scaling

@@ -24,7 +24,8 @@ def parse_budget(text: str | float, minimum: float | None = None) -> float:
     else:
         match = _BUDGET.match(str(text))
         if match is None:
-            raise KVTuneError(f"invalid budget {text!r}", "write it like 2.0bit, 2bit or 2.0 (effective bits per element)")
+            raise KVTuneError(f"invalid budget {text!r}",
+                              "write it like 2.0bit, 2bit or 2.0 (effective bits per element)")
         value = float(match.group(1))
     if not math.isfinite(value) or value <= 0:
         raise KVTuneError(f"budget must be a positive number of bits, got {text!r}", "e.g. --budget 2.5bit")

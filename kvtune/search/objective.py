@@ -5,8 +5,14 @@
 ``w`` are the per-layer KL weights (:mod:`kvtune.search.tables`) and ``q_l`` is the share of the layer's
 tokens that are quantized at the reference length (sinks and the fp16 residual window are not; counted by
 :func:`kvtune.quant.bits.token_counts`) times ``1 - kept``, the share of the error the layer's token policy is
-predicted to remove (:func:`kvtune.search.tokens.kept_share`). **Bits** come from :func:`kvtune.quant.bits.layer_bits` (exact,
-everything counted); layer results are memoised per distinct layer plan, so a trial costs microseconds.
+predicted to remove (:func:`kvtune.search.tokens.kept_share`), plus, for a token policy that merges tokens
+(Elastic Cache), ``m_l * (max_k sum_h w_key[l] * sens_key[l, h, k] + max_v sum_h w_value[l] * sens_value[l, h, v])
+/ H``: the merged share ``m_l`` of the layer's tokens (merged / reference length, by ``token_counts``;
+:func:`kvtune.search.tokens.merged_share`) charged, first order, as if quantized by the layer's most lossy key and
+value candidates (a merged token's contribution is replaced by its anchor's), not reduced by ``kept``: merging
+is never free bits. A visual token-type weight does not change the proxy (text-only calibration). **Bits** come
+from :func:`kvtune.quant.bits.layer_bits` (exact, everything counted, merged tokens as not stored); layer
+results are memoised per distinct layer plan, so a trial costs microseconds.
 
 :func:`greedy_path` walks from the cheapest point upwards, each step taking the single change with the
 best proxy gain per added bit: the points it passes seed the first generation of the study.
@@ -24,7 +30,7 @@ from kvtune.plan_types import LayerPlan
 from kvtune.quant.bits import layer_bits, token_counts
 from kvtune.search.space import SearchSpace, spec_cost
 from kvtune.search.tables import CalibrationTables
-from kvtune.search.tokens import SALIENT_RATIOS, kept_share, policy_of
+from kvtune.search.tokens import SALIENT_RATIOS, TokenPolicy, kept_share, merged_share, policy_of
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class Evaluator:
         self.key_cost = [spec_cost(s, ident.head_dim) for s in space.key_candidates]
         self.value_cost = [spec_cost(s, ident.head_dim) for s in space.value_candidates]
         self.kept = _kept_shares(space, tables)  # [L, P]: error share each token policy removes
+        self.merged = np.array([merged_share(p, space.reference_length) for p in space.token_policies])  # [P]
+        # [L]: proxy of a layer's tokens all at its most lossy key and value candidates (what merged tokens cost)
+        self.merge_err = self.e_key.sum(axis=1).max(axis=1) + self.e_value.sum(axis=1).max(axis=1)
 
     def _head(self, key: int, value: int, residual: int, tokens: int, flush: int) -> float:
         """Stored bits of one head's K and V in a layer whose flush block is ``flush`` (memoised).
@@ -60,19 +69,22 @@ class Evaluator:
         memo_key = (key, value, residual, tokens, flush)
         hit = self._heads.get(memo_key)
         if hit is None:
+            policy = self.space.token_policies[tokens]
             plan = LayerPlan(key=self.space.key_candidates[key], value=self.space.value_candidates[value],
-                             residual=residual, block=flush, salient=self.space.token_policies[tokens].salient())
+                             residual=residual, block=flush, salient=policy.salient(), merge=policy.merge_policy())
             hit = layer_bits(plan, 1, self.space.identity.head_dim, self.space.reference_length).total
             self._heads[memo_key] = hit
         return hit
 
     def _share(self, residual: int, tokens: int, flush: int) -> float:
-        """Share of a layer's tokens quantized (not sinks, not in the window) at the reference length (memoised)."""
+        """Share of a layer's tokens quantized (not merged, not sinks, not in the window) at the reference length
+        (memoised)."""
         hit = self._shares.get((residual, tokens, flush))
         if hit is None:
             length = self.space.reference_length
-            policy = self.space.token_policies[tokens].salient()
-            hit = token_counts(LayerPlan(residual=residual, block=flush, salient=policy), length)["quantized"] / length
+            policy = self.space.token_policies[tokens]
+            plan = LayerPlan(residual=residual, block=flush, salient=policy.salient(), merge=policy.merge_policy())
+            hit = token_counts(plan, length)["quantized"] / length
             self._shares[(residual, tokens, flush)] = hit
         return hit
 
@@ -86,6 +98,7 @@ class Evaluator:
             bits[j] = sum(self._head(b, c, r, t, flush) for b, c in zip(k, v))
             err = self.e_key[i, heads, a["key"][i]].sum() + self.e_value[i, heads, a["value"][i]].sum()
             proxy[j] = self._share(r, t, flush) * (1.0 - self.kept[i, t]) * float(err)
+            proxy[j] += self.merged[t] * self.merge_err[i]
         return bits, proxy
 
     def __call__(self, params: Mapping[str, int]) -> Score:
@@ -94,7 +107,16 @@ class Evaluator:
         return Score(proxy=float(proxy.sum()), bits=float(bits.sum()) / self.elements)
 
     def min_params(self) -> dict[str, int]:
-        return self.space.min_params(self.key_cost, self.value_cost)
+        """The cheapest point (:meth:`SearchSpace.min_params`); where the space has merging token policies, each
+        group of layers takes the one with the fewest bits (ties: no policy), since merging stores fewer tokens."""
+        p = self.space.min_params(self.key_cost, self.value_cost)
+        policies = self.space.token_policies
+        if any(pol.merge for pol in policies):
+            none = policies.index(TokenPolicy())
+            for r in range(self.space.n_residual_groups):
+                name = f"tokens.{r}"
+                p[name] = min(range(len(policies)), key=lambda t: (self({**p, name: t}).bits, t != none, t))
+        return p
 
     def plan_proxy(self, layers: Sequence[LayerPlan]) -> float | None:
         """Proxy of any bound plan whose specs and token policies are all in the space (fp16 counts as error 0)."""
@@ -102,11 +124,12 @@ class Evaluator:
         fp16 = LayerPlan().key
         total = 0.0
         for i, layer in enumerate(layers):
-            policy = policy_of(layer.salient)
+            policy = policy_of(layer.salient, layer.merge)
             if policy not in self.space.token_policies:
                 return None
-            share = token_counts(layer, length)["quantized"] / length
-            share *= 1.0 - self.kept[i, self.space.token_policies.index(policy)]
+            counts = token_counts(layer, length)
+            total += counts["merged"] / length * self.merge_err[i]
+            share = counts["quantized"] / length * (1.0 - self.kept[i, self.space.token_policies.index(policy)])
             for h, head in enumerate(layer.head_plans(ident.num_kv_heads)):
                 for spec, cands, err in ((head.key, self.space.key_candidates, self.e_key),
                                          (head.value, self.space.value_candidates, self.e_value)):
@@ -157,7 +180,8 @@ def greedy_path(evaluator: Evaluator, max_bits: float, max_steps: int = 1000,
 
 def _moves(evaluator: Evaluator, cells: Mapping[str, tuple[str, np.ndarray, np.ndarray]], params: Mapping[str, int],
            state: Mapping[str, np.ndarray], bits: np.ndarray, proxy: np.ndarray) -> Iterator[tuple]:
-    """Every single-parameter change: ``(name, choice, moved state, layers, their bits, their proxy, d_proxy, d_bits)``."""
+    """Every single-parameter change: ``(name, choice, moved state, layers, their bits, their proxy, d_proxy,
+    d_bits)``."""
     for name, options in evaluator.space.params().items():
         kind, ls, hs = cells[name]
         layers = np.unique(ls)
@@ -171,7 +195,8 @@ def _moves(evaluator: Evaluator, cells: Mapping[str, tuple[str, np.ndarray, np.n
             else:
                 moved[kind][ls, hs] = c
             b, p = evaluator.layer_terms(moved, layers)
-            yield name, c, moved, layers, b, p, float(p.sum() - proxy[layers].sum()), float(b.sum() - bits[layers].sum())
+            d_proxy, d_bits = float(p.sum() - proxy[layers].sum()), float(b.sum() - bits[layers].sum())
+            yield name, c, moved, layers, b, p, d_proxy, d_bits
 
 
 def _best_move(evaluator: Evaluator, cells: Mapping[str, tuple[str, np.ndarray, np.ndarray]],

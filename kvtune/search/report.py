@@ -148,9 +148,10 @@ def plot_bits(out: Path, plan: Plan) -> Path:
     for (r, c), v in np.ndenumerate(grid):
         ax.text(c, r, text[r][c], ha="center", va="center", fontsize=5.5, color="w" if v < 6 else "k")
     ax.set_yticks(range(2 * n_h), [f"K h{h}" for h in range(n_h)] + [f"V h{h}" for h in range(n_h)], fontsize=7)
-    labels = [f"{i}" + (f"\nr{l.residual}" if l.residual else "") + (f"\ns{l.salient.sink_tokens}" if
-              l.salient.sink_tokens else "") + (f"\n{l.salient.ratio:g}@{l.salient.bits:g}" if l.salient.ratio else "")
-              for i, l in enumerate(plan.layers)]
+    labels = [f"{i}" + (f"\nr{lay.residual}" if lay.residual else "")
+              + (f"\ns{lay.salient.sink_tokens}" if lay.salient.sink_tokens else "")
+              + (f"\n{lay.salient.ratio:g}@{lay.salient.bits:g}" if lay.salient.ratio else "")
+              for i, lay in enumerate(plan.layers)]
     ax.set_xticks(range(len(plan.layers)), labels, fontsize=6)
     ax.set_xlabel("layer (rN: fp16 window of N tokens; sN: N sink tokens in fp16; r@b: salient share at b bits; "
                   "cell: bits, h Hadamard, oN outliers, gN group, cs channel-separable, f FFT)", fontsize=7)

@@ -61,7 +61,8 @@ def candidates(trials: Sequence[Any], budget: float, n: int) -> list[Any]:
     return out
 
 
-def outlier_tensors(layers: Sequence[LayerPlan], outliers: Mapping[str, list], num_kv_heads: int) -> dict[str, torch.Tensor]:
+def outlier_tensors(layers: Sequence[LayerPlan], outliers: Mapping[str, list],
+                    num_kv_heads: int) -> dict[str, torch.Tensor]:
     """``layers.{i}.{key|value}.outlier_idx`` int16 ``[Hkv, o]``: each head's calibrated channels, most outlying
     first (a head whose spec keeps fewer uses the first ones), for layers with outlier specs."""
     tensors = {}
@@ -243,6 +244,7 @@ def _write(result: Any, out: str | Path, trials: list[tuple[float, float]], poin
             "spearman_proxy_vs_kl": result.spearman,
             "chosen_by": "validated KL" if result.kl is not None else "proxy"}
     files = {"plan": out / "plan.yaml", "pareto_json": write_pareto_json(out, data)}
-    files["pareto_png"] = plot_pareto(out, trials, points, result.presets, winner, result.budget, space.reference_length)
+    files["pareto_png"] = plot_pareto(out, trials, points, result.presets, winner, result.budget,
+                                      space.reference_length)
     files["bits_png"] = plot_bits(out, result.plan)
     return files

@@ -3,7 +3,7 @@
 A *unit* is a layer (``granularity="layer"``) or one KV head of a layer (``"head"``). Units with similar
 sensitivity profiles are clustered (:func:`ward_groups`: Ward agglomerative clustering of their
 log-error vectors, deterministic) into *groups* that share one key and one value quantizer; the
-residual window and the token policy (fp16 sinks, salient tokens: :mod:`kvtune.search.tokens`) are per
+residual window and the token policy (fp16 sinks, salient tokens, merging: :mod:`kvtune.search.tokens`) are per
 layer, so they are chosen per group of layers (the same groups in layer mode).
 In each group, a candidate that another beats on both the group's predicted error and its stored bits is
 dropped (:func:`prune_dominated`): with a shared choice every member pays the same bits, so this is exact.
@@ -34,7 +34,7 @@ GRANULARITIES = ("layer", "head")
 RESIDUALS = (0, 32, 64, 128)
 DEFAULT_GROUPS = 8
 DEFAULT_TOKENS = "sinks"
-SPACE_VERSION = 2
+SPACE_VERSION = 3  # 3: token policies gained merge and visual
 
 
 def prune_dominated(err: Sequence[float], bits: Sequence[float]) -> tuple[list[int], list[int]]:
@@ -66,7 +66,8 @@ def ward_groups(features: np.ndarray, k: int) -> list[int]:
         i, j = np.unravel_index(int(np.argmin(dist)), dist.shape)  # first minimum: ties broken by index
         d_ik = np.minimum(dist[i], dist[:, i])  # distances to i / j from every cluster (one side is inf)
         d_jk = np.minimum(dist[j], dist[:, j])
-        new = ((sizes[i] + sizes) * d_ik + (sizes[j] + sizes) * d_jk - sizes * dist[i, j]) / (sizes[i] + sizes[j] + sizes)
+        new = (((sizes[i] + sizes) * d_ik + (sizes[j] + sizes) * d_jk - sizes * dist[i, j])
+               / (sizes[i] + sizes[j] + sizes))
         new[~alive] = np.inf
         new[[i, j]] = np.inf
         dist[i, i + 1:], dist[:i, i] = new[i + 1:], new[:i]  # Lance-Williams update of the merged cluster i
@@ -160,8 +161,9 @@ class SearchSpace:
         pairs = [(self.key_candidates[k], self.value_candidates[v]) for k, v in zip(keys, values)]
         key, value = Counter(pairs).most_common(1)[0][0]
         heads = () if len(set(pairs)) == 1 else tuple(HeadPlan(k, v) for k, v in pairs)
-        return LayerPlan(key=key, value=value, heads=heads, residual=int(residual),
-                         salient=self.token_policies[int(tokens)].salient())
+        policy = self.token_policies[int(tokens)]
+        return LayerPlan(key=key, value=value, heads=heads, residual=int(residual), salient=policy.salient(),
+                         merge=policy.merge_policy())
 
     def layers(self, params: Mapping[str, int]) -> tuple[LayerPlan, ...]:
         a = self.assignment(params)
@@ -181,9 +183,10 @@ class SearchSpace:
     def params_for(self, layer: LayerPlan) -> dict[str, int] | None:
         """Params giving ``layer`` (a uniform template) everywhere, each spec replaced by its group's
         dominator (no more bits, no more error); None if a spec is not a candidate or the window is not a choice."""
-        policy = policy_of(layer.salient)
+        policy = policy_of(layer.salient, layer.merge)
         if layer.heads or layer.residual not in self.residuals or policy not in self.token_policies or layer != \
-                LayerPlan(key=layer.key, value=layer.value, residual=layer.residual, salient=layer.salient):
+                LayerPlan(key=layer.key, value=layer.value, residual=layer.residual, salient=layer.salient,
+                          merge=layer.merge):
             return None
         if layer.key not in self.key_candidates or layer.value not in self.value_candidates:
             return None
@@ -202,7 +205,8 @@ class SearchSpace:
                 "value_candidates": [s.to_dict() for s in self.value_candidates],
                 "units": [list(u) for u in self.units], "spec_group": list(self.spec_group),
                 "residual_group": list(self.residual_group),
-                "key_choices": [list(c) for c in self.key_choices], "value_choices": [list(c) for c in self.value_choices],
+                "key_choices": [list(c) for c in self.key_choices],
+                "value_choices": [list(c) for c in self.value_choices],
                 "key_dominator": [list(c) for c in self.key_dominator],
                 "value_dominator": [list(c) for c in self.value_dominator],
                 "residuals": list(self.residuals), "token_policies": [p.to_list() for p in self.token_policies],
@@ -221,7 +225,7 @@ class SearchSpace:
                    key_choices=tup(d["key_choices"]), value_choices=tup(d["value_choices"]),
                    key_dominator=tup(d["key_dominator"]), value_dominator=tup(d["value_dominator"]),
                    residuals=tuple(d["residuals"]),
-                   token_policies=tuple(TokenPolicy(int(a), float(b), float(c)) for a, b, c in d["token_policies"]),
+                   token_policies=tuple(TokenPolicy.from_list(p) for p in d["token_policies"]),
                    reference_length=int(d["reference_length"]))
 
     def hash(self) -> str:

@@ -137,7 +137,8 @@ def open_storage(url: str) -> Any:
                 return _journal(url)
             return _rdb_retrying(url)
         except ImportError as exc:
-            hint = "pip install 'kvtune[postgres]' (psycopg2-binary)" if url.startswith("postgres") else "install its database driver"
+            hint = ("pip install 'kvtune[postgres]' (psycopg2-binary)" if url.startswith("postgres")
+                    else "install its database driver")
             raise KVTuneError(f"no database driver for storage {mask_url(url)} ({exc})", hint) from None
         except (SQLAlchemyError, RuntimeError, OSError, ValueError) as exc:  # bad URL, refused connection, ...
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

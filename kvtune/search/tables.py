@@ -139,8 +139,8 @@ def tables_from_calibration(calib: Any, calibration_hash: str = "") -> Calibrati
             kl_key_candidates=tuple(calib.kl_candidates.get("key", ())),
             kl_value_candidates=tuple(calib.kl_candidates.get("value", ())),
             key_outlier_rank=t.get("outliers.key_rank"), value_outlier_rank=t.get("outliers.value_rank"),
-            sink_mass=sink, salient_mass=salient, calibration_hash=calibration_hash, data_hash=str(calib.data.get("sha256", "")),
-            data_source=str(calib.data.get("source", "")))
+            sink_mass=sink, salient_mass=salient, calibration_hash=calibration_hash,
+            data_hash=str(calib.data.get("sha256", "")), data_source=str(calib.data.get("source", "")))
     except (KeyError, ValueError, TypeError) as exc:
         raise KVTuneError(f"calibration tables are unusable: {exc}", "re-run kvtune calibrate --force") from None
 

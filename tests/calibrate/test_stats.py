@@ -16,7 +16,8 @@ LEVELS = (0.0, 0.001, 0.01, 0.5, 0.99, 0.999, 1.0)
 def _stream() -> torch.Tensor:
     """[5000, 6]: normal, wide, narrow+offset, constant, range growing late, heavy tail."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(5000, 6, generator=gen) * torch.tensor([1, 10, 0.01, 1, 1, 1.0]) + torch.tensor([0, 0, 5, 0, 0, 0.0])
+    x = (torch.randn(5000, 6, generator=gen) * torch.tensor([1, 10, 0.01, 1, 1, 1.0])
+         + torch.tensor([0, 0, 5, 0, 0, 0.0]))
     x[:, 3] = 2.0
     x[4000:, 4] *= 50
     x[:, 5] = x[:, 5].exp()

@@ -29,7 +29,7 @@ def test_registry_has_presets_and_transformers_caches() -> None:
 
 
 def test_unknown_baseline_lists_valid_names() -> None:
-    with pytest.raises(KVTuneError, match="unknown baseline 'kv5'.*kivi-2bit.*hf-quanto-4bit"):
+    with pytest.raises(KVTuneError, match=r"unknown baseline 'kv5'.*kivi-2bit.*hf-quanto-4bit"):
         resolve_baselines(["kv4", "kv5"])
 
 

@@ -68,8 +68,9 @@ def test_eval_cli_errors(tiny_dir: Path, text_file: Path, tmp_path: Path, capsys
 
 def test_bench_cli(tiny_dir: Path, tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--plan", "kv4", "--baselines", "hf-dynamic,kv4", "--model", str(tiny_dir), "--lengths", "32,64",
-               "--batch", "1,2", "--new-tokens", "3", "--warmup", "1", "--json", str(out), "--no-progress"])
+    rc = main(["bench", "--plan", "kv4", "--baselines", "hf-dynamic,kv4", "--model", str(tiny_dir),
+               "--lengths", "32,64", "--batch", "1,2", "--new-tokens", "3", "--warmup", "1", "--json", str(out),
+               "--no-progress"])
     assert rc == 0 and "ms/token" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 2 * 2 * 2 and data["device"] == "cpu"

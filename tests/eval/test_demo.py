@@ -38,7 +38,7 @@ def test_demo_runs_calibrate_search_eval(tmp_path: Path) -> None:
 
 def test_demo_names_the_missing_step(tmp_path: Path) -> None:
     calls: list[tuple[str, tuple[str, ...]]] = []
-    with pytest.raises(KVTuneError, match="demo step 'search'.*not installed"):
+    with pytest.raises(KVTuneError, match=r"demo step 'search'.*not installed"):
         _group(calls, ("calibrate", "eval")).main(["demo", "--dir", str(tmp_path), "--no-progress"],
                                                   standalone_mode=False)
     assert [name for name, _ in calls] == ["calibrate"]

@@ -113,7 +113,8 @@ def _case(bits_k, bits_v, n_rep, d, *, b=2, hkv=1, t=64, r=5, g=32, gc=32, extra
 
 def _reference(q, kq, vq, ek, ev, ext, start, extra, d):
     kc = ref_unpack(kq.packed.cpu(), kq.bits, d).float()
-    kd = kc * kq.scale.cpu().float().repeat_interleave(kq.group, 2) + kq.zero.cpu().float().repeat_interleave(kq.group, 2)
+    kd = (kc * kq.scale.cpu().float().repeat_interleave(kq.group, 2)
+          + kq.zero.cpu().float().repeat_interleave(kq.group, 2))
     gc = min(vq.group or d, d)
     vc = ref_unpack(vq.packed.cpu(), vq.bits, d).float()
     vd = vc * vq.scale.cpu().float().repeat_interleave(gc, -1)[..., :d] + \

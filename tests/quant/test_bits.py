@@ -30,7 +30,8 @@ def test_kivi2_with_residual_by_hand() -> None:
 
 def test_ternary_symmetric_stores_no_zero() -> None:
     # 13 bytes per 64 channels = 1.625 bits + 16-bit scale per 32-token group per channel = 0.5
-    layer = LayerPlan(key=QuantSpec(bits=1.58, axis="channel", group=32), value=QuantSpec(bits=1.58, axis="channel", group=32))
+    layer = LayerPlan(key=QuantSpec(bits=1.58, axis="channel", group=32),
+                      value=QuantSpec(bits=1.58, axis="channel", group=32))
     b = layer_bits(layer, H, D, L)
     assert b.zeros == 0
     assert b.effective == pytest.approx(13 * 8 / 64 + 0.5)

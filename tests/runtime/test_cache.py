@@ -86,7 +86,8 @@ def test_kv8_greedy_equals_fp16_and_beams_run(tiny_llama: tuple[Any, Any]) -> No
     beam = model.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False,
                           past_key_values=load_plan("fp16").cache(model))
     assert torch.equal(beam, beam_ref)
-    low = model.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False, past_key_values=load_plan("kv2").cache(model))
+    low = model.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False,
+                         past_key_values=load_plan("kv2").cache(model))
     assert low.shape == beam.shape
 
 

@@ -19,8 +19,8 @@ def test_kv8_greedy_64_tokens_equal_fp16(smollm: tuple[Any, Any]) -> None:
     logits by ~0.1; this prompt's smallest top-2 margin is asserted to be larger than that)."""
     model, tok = smollm
     ids = tok(load_text("pydoc:eval")[:20000], return_tensors="pt").input_ids[:, 2000:2400]
-    kw = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, attention_mask=torch.ones_like(ids),
-              output_scores=True, return_dict_in_generate=True)
+    kw = {"max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False, "attention_mask": torch.ones_like(ids),
+          "output_scores": True, "return_dict_in_generate": True}
     ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
     top2 = torch.stack(ref.scores, 1)[0].topk(2).values
     assert float((top2[:, 0] - top2[:, 1]).min()) > 0.15

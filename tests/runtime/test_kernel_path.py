@@ -26,7 +26,8 @@ if DEV == "cpu" and not isinstance(pk._pack_kernel, triton.runtime.interpreter.I
                 allow_module_level=True)
 
 
-def _decode(model: Any, plan_name: str, backend: str, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode(model: Any, plan_name: str, backend: str, ids: torch.Tensor,
+            steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     cache = KVTuneCache(load_plan(plan_name), model, backend=backend)
     logits = model(ids, past_key_values=cache).logits[:, -1:]
     tokens, seen = [], []

@@ -113,10 +113,11 @@ def test_tiny_llava_image_tokens_are_kept(tiny_llava: Any) -> None:
 def test_tiny_qwen2vl_runs_with_its_token_types() -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    cfg = Qwen2VLConfig(text_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=160,
-                                         rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
-                        vision_config=dict(depth=1, embed_dim=32, hidden_size=128, num_heads=2, patch_size=4),
+    cfg = Qwen2VLConfig(text_config={"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                                     "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 160,
+                                     "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}},
+                        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 128, "num_heads": 2,
+                                       "patch_size": 4},
                         image_token_id=151, video_token_id=152, vision_start_token_id=153)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

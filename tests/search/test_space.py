@@ -73,7 +73,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(KVTuneError, match="groups"):
         build_space(tables, "layer", groups=0)
     with pytest.raises(KVTuneError, match="token policies"):
-        build_space(tables, "layer", tokens="all")
+        build_space(tables, "layer", tokens="everything")
 
 
 def test_params_for_maps_presets_to_dominators() -> None:
