@@ -169,7 +169,8 @@ def search(calib_dir: str | Path | CalibrationTables, budget: str | float, out: 
     Optuna storage URL (default ``sqlite:///<out>/study.db``); ``study``: its name (default
     ``kvtune-search``). ``validate``: Pareto points checked end to end (0: choose by proxy). ``groups``:
     clusters sharing choices (default 8). ``tokens``: token policies searched (``"sinks"``: the first token in
-    fp16 or not; ``"salient"``: also salient tokens; ``"all"``: also Elastic merging and visual-token weights, see :mod:`kvtune.search.tokens`). ``model``: the model
+    fp16 or not; ``"salient"``: also salient tokens; ``"all"``: also Elastic merging and visual-token weights;
+    see :mod:`kvtune.search.tokens`). ``model``: the model
     (name or directory) for validation, checked against the calibration; default: the embedded model if it
     is the calibrated one.
     """
