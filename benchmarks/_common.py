@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from kvtune.eval.baselines import tensor_bytes
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,24 +49,6 @@ def model_info(model: Any) -> dict[str, Any]:
             c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
             "vocab_size": c.vocab_size, "rope_theta": ROPE_THETA, "dtype": str(next(model.parameters()).dtype),
             "max_position_embeddings": c.max_position_embeddings}
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor reachable in ``obj`` (tuples, lists, dicts, tensor subclasses such as quanto's
-    packed tensors via ``__tensor_flatten__``, objects' ``__dict__``); shared storage is not de-duplicated."""
-    if isinstance(obj, torch.Tensor):
-        flatten = getattr(obj, "__tensor_flatten__", None)
-        if flatten is not None and type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
-            names, _ = flatten()
-            return sum(tensor_bytes(getattr(obj, n)) for n in names)
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(tensor_bytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(o) for o in obj.values())
-    if hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("hqq", "optimum"):
-        return tensor_bytes(vars(obj))
-    return 0
 
 
 @dataclass(frozen=True)

@@ -10,22 +10,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from kvtune.errors import KVTuneError
+from kvtune.errors import KVTuneError, strict_mapping
 from kvtune.quant.formats import QuantSpec
 
 SCORES = ("normalized_attention", "accumulated_attention", "probe", "key_norm")
 MERGES = ("none", "elastic")
 
 
-def _strict(cls: type, data: Any, where: str) -> dict[str, Any]:
-    """Check ``data`` is a mapping with only ``cls``'s field names; return a plain dict copy."""
-    if not isinstance(data, Mapping):
-        raise KVTuneError(f"{where}: expected a mapping, got {type(data).__name__}", "see configs/ for examples")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise KVTuneError(f"{where}: unknown key(s) {unknown}", f"valid keys are {sorted(known)}")
-    return dict(data)
+_strict = strict_mapping  # kept under its old name for plan.py
 
 
 def _build(cls: type, kwargs: dict[str, Any], where: str) -> Any:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from kvtune.errors import KVTuneError
+from kvtune.errors import build_strict
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,7 @@ class CalibSettings:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "settings") -> CalibSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise KVTuneError(f"{where}: unknown key(s) {unknown}", f"valid keys are {sorted(known)}")
-        try:
-            return cls(**dict(data))
-        except (TypeError, ValueError) as exc:
-            raise KVTuneError(f"{where}: {exc}") from None
+        return build_strict(cls, data, where)
 
 
 @dataclass(frozen=True)

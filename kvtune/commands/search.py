@@ -59,6 +59,9 @@ def trial_bar(enabled: bool = True) -> Iterator[TrialBar]:
         yield TrialBar(bar)
 
 
+POOR_KL = 1.0  # nats/token: above this the plan's next-token distributions differ grossly from fp16's
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -93,6 +96,9 @@ def _notes(result: Any) -> list[str]:
     """Lines printed under the table: proxy quality, reference, timing, files."""
     v = result.validation or {}
     lines = []
+    if result.kl is not None and result.kl > POOR_KL:
+        lines.append(f"[bold yellow]warning:[/] at {result.budget:g} bits the best plan found has validated KL "
+                     f"{result.kl:.2f} nats/token to fp16: expect a large loss of quality (try a larger --budget)")
     if result.spearman is not None:
         lines.append(f"Spearman(proxy, validated KL) over {v.get('spearman_points', 0)} validated plans "
                      f"(candidates and presets within the budget): {result.spearman:.3f}")

@@ -177,7 +177,8 @@ def quantized_cache_bits(nbits: int, group: int, residual: int, length: int, par
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor reachable in ``obj`` (tuples, lists, dicts, tensor subclasses via
-    ``__tensor_flatten__``, e.g. quanto's packed tensors); non-tensors count 0."""
+    ``__tensor_flatten__``, e.g. quanto's packed tensors, and the attributes of hqq/optimum objects); other
+    non-tensors count 0. Shared storage is not de-duplicated."""
     if isinstance(obj, torch.Tensor):
         flatten = getattr(obj, "__tensor_flatten__", None)
         if flatten is not None and type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
@@ -188,6 +189,8 @@ def tensor_bytes(obj: Any) -> int:
         return sum(tensor_bytes(o) for o in obj)
     if isinstance(obj, dict):
         return sum(tensor_bytes(o) for o in obj.values())
+    if hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("hqq", "optimum"):
+        return tensor_bytes(vars(obj))
     return 0
 
 

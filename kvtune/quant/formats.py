@@ -15,10 +15,10 @@ Tensors are laid out ``[..., T, D]`` (tokens, channels). Two grouping axes:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvtune.errors import KVTuneError
+from kvtune.errors import KVTuneError, build_strict
 
 SPEC_VERSION = 1
 AXES = ("channel", "token")
@@ -152,16 +152,7 @@ class QuantSpec:
         """Strict: unknown keys and bad values are :class:`KVTuneError` naming ``where``."""
         if isinstance(data, (int, float)):
             data = {"bits": data}
-        if not isinstance(data, Mapping):
-            raise KVTuneError(f"{where}: expected a mapping, got {type(data).__name__}", "see configs/ for examples")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise KVTuneError(f"{where}: unknown key(s) {unknown}", f"valid keys are {sorted(known)}")
-        try:
-            return cls(**dict(data))
-        except (ValueError, TypeError) as exc:
-            raise KVTuneError(f"{where}: {exc}") from None
+        return build_strict(cls, data, where)
 
 
 FP16 = QuantSpec()
