@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 LOG_WIDTH = 160  # columns when output goes to a file or pipe (rich would assume 80 and truncate the tables)
 
 

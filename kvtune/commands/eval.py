@@ -120,7 +120,9 @@ def _render(report: Any, wall_s: float, json_path: str | None, plot_path: str | 
     for row in report.rows:
         if row.error:
             out.print(f"note: {row.name} not run: {row.error}")
-    out.print(f"eval took {wall_s:.0f} s ({report.settings['threads']} thread(s))")
+    jobs = report.settings.get("jobs", 1)
+    out.print(f"eval took {wall_s:.0f} s ({report.settings['threads']} thread(s)"
+              + (f", {jobs} rows at a time)" if jobs > 1 else ")"))
     for path, write in ((json_path, write_json), (plot_path, plot)):
         if path:
             write(report, path)
@@ -156,9 +158,12 @@ def register(cli: click.Group) -> None:
     @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
                   help="torch intra-op CPU threads (1 is robust: on a busy 2-core machine 2 threads ran 2-10x "
                        "slower).")
+    @click.option("--jobs", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Rows evaluated at a time in forked CPU worker processes, one thread each (0: one per core; "
+                       "1 with CUDA). The numbers do not depend on it.")
     @click.option("--no-progress", is_flag=True, help="No progress bar.")
     def eval_cmd(plan: str, baselines: str, model: str, data: str, json_path: str | None, plot_path: str | None,
-                 threads: int, no_progress: bool, **options: Any) -> None:
+                 threads: int, jobs: int, no_progress: bool, **options: Any) -> None:
         """Compare PLAN with baselines on the same text: effective bits, cache bytes, perplexity, KL and
         top-1 vs fp16, greedy agreement and passkey retrieval, all through each method's own cache.
 
@@ -178,6 +183,9 @@ def register(cli: click.Group) -> None:
         set_threads(threads)
         loaded, tok = load_model(model)
         with progress_bar(not no_progress) as progress:
-            report = evaluate(loaded, tok, rows, text, settings, progress=progress, data_name=data)
-        report.settings.update(reference_length=rows[0].reference_length(), threads=threads)
+            report = evaluate(loaded, tok, rows, text, settings, progress=progress, data_name=data, jobs=jobs)
+        from kvtune.eval.parallel import usable_jobs
+
+        used = usable_jobs(jobs, len(rows), cuda=next(loaded.parameters()).is_cuda)
+        report.settings.update(reference_length=rows[0].reference_length(), threads=threads, jobs=used)
         _render(report, time.perf_counter() - start, json_path, plot_path)

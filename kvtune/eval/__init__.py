@@ -32,6 +32,7 @@ import torch
 
 from kvtune.errors import KVTuneError
 from kvtune.eval.baselines import Method, identity_of
+from kvtune.eval.parallel import run_forked, usable_jobs
 from kvtune.eval.quality import SequenceScorer, greedy_agreement, greedy_generate, reference_logits
 from kvtune.eval.report import EvalReport, EvalRow
 from kvtune.eval.retrieval import default_lengths, passkey_prompts, run_passkey
@@ -207,8 +208,12 @@ def _guarded_row(model: Any, tok: Any, method: Method, seqs: torch.Tensor, ref: 
 
 @torch.no_grad()
 def evaluate(model: Any, tok: Any, methods: list[Method], text: str, settings: EvalSettings = EvalSettings(),
-             progress: ProgressFn | None = None, data_name: str = "") -> EvalReport:
-    """Evaluate every method on the same inputs; a method that cannot run gets a row with ``error`` set."""
+             progress: ProgressFn | None = None, data_name: str = "", jobs: int = 1) -> EvalReport:
+    """Evaluate every method on the same inputs; a method that cannot run gets a row with ``error`` set.
+
+    ``jobs``: rows run at a time in forked CPU worker processes (0 = one per core; see
+    :mod:`kvtune.eval.parallel`); the numbers do not depend on it.
+    """
     _check_limits(model, settings)
     ident = identity_of(model)
     rows = [EvalRow(name=m.name, description=m.description, is_plan=m.is_plan) for m in methods]
@@ -224,10 +229,17 @@ def evaluate(model: Any, tok: Any, methods: list[Method], text: str, settings: E
     t0 = time.perf_counter()
     ref = _reference(model, seqs, settings, tick)
     ref.metrics["seconds"] = time.perf_counter() - t0
-    for method, row in zip(methods, rows):
-        end = tick.done + units
-        _guarded_row(model, tok, method, seqs, ref, prompts, settings, row, tick)
-        tick.finish(method.name, end)
+    jobs = usable_jobs(jobs, len(methods), cuda=any(p.is_cuda for p in model.parameters()))
+    quiet = _Ticker(0, None)
+
+    def one_row(i: int) -> EvalRow:
+        _guarded_row(model, tok, methods[i], seqs, ref, prompts, settings, rows[i], tick if jobs == 1 else quiet)
+        return rows[i]
+
+    base = tick.done
+    for done, (i, row) in enumerate(run_forked(one_row, len(methods), jobs), start=1):
+        rows[i] = row
+        tick.finish(methods[i].name, base + done * units)  # a row that stopped early still fills its share
     return _report(model, text, len(ids), data_name, settings, ref, rows)
 
 

@@ -76,3 +76,22 @@ def test_bench_cli(tiny_dir: Path, tmp_path: Path, capsys: Any) -> None:
     assert len(data["rows"]) == 2 * 2 * 2 and data["device"] == "cpu"
     row = data["rows"][0]
     assert row["name"] == "kv4" and row["ms_per_token"] > 0 and row["peak_memory_bytes"] > 0 and row["cache_bytes"] > 0
+
+
+def test_eval_rows_in_worker_processes_equal_the_serial_rows(tiny_dir: Path, text_file: Path, tmp_path: Path,
+                                                             capsys: Any) -> None:
+    """--jobs 2 (forked workers) gives the same numbers as --jobs 1, rows in the same order."""
+    rows = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"r{jobs}.json"
+        rc = main(["eval", "--plan", "kivi-2bit", "--baselines", "fp16,kv2,k4v2", "--model", str(tiny_dir),
+                   "--data", str(text_file), "--ctx", "96", "--chunk", "16", "--gen-tokens", "4",
+                   "--passkey-lengths", "96", "--passkey-depths", "0.5", "--jobs", jobs, "--json", str(out),
+                   "--no-progress"])
+        assert rc == 0
+        data = json.loads(out.read_text())
+        assert data["settings"]["jobs"] == int(jobs)
+        rows[jobs] = [{k: v for k, v in r.items() if k != "seconds"} for r in data["rows"]]
+    capsys.readouterr()
+    assert [r["name"] for r in rows["2"]] == ["kivi-2bit", "fp16", "kv2", "k4v2"]
+    assert rows["1"] == rows["2"]
