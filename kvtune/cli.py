@@ -31,6 +31,10 @@ def cli(verbose: int) -> None:
     """Make the KV cache of transformer LLMs small and fast: calibrate, search, eval, bench."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # transformers 5.2x renames generate's cache argument; kvtune passes it the documented way
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
 
 
 def _not_built(name: str, issue: str) -> Callable[..., None]:

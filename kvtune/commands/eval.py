@@ -167,8 +167,8 @@ def register(cli: click.Group) -> None:
         """Compare PLAN with baselines on the same text: effective bits, cache bytes, perplexity, KL and
         top-1 vs fp16, greedy agreement and passkey retrieval, all through each method's own cache.
 
-        Defaults take about 1.5 minutes per kvtune row for SmolLM2-135M on one CPU thread (about 8 minutes
-        for a plan and four baselines).
+        Defaults take about 2 minutes per row for SmolLM2-135M on one CPU core, rows running one per core
+        (about 7 minutes for a plan and four baselines on 2 cores).
         """
         import time
 

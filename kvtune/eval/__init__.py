@@ -14,10 +14,11 @@ For every method (see :mod:`kvtune.eval.baselines`) and the same token sequences
   ``ctx - gen_tokens + 1``-token prompt;
 * passkey retrieval at ``passkey_lengths`` x ``passkey_depths`` (see :mod:`kvtune.eval.retrieval`).
 
-CPU cost, measured (SmolLM2-135M float32, ``--threads 1`` on a 2-core machine, defaults: ctx 2048, 2 sequences,
-chunk 64, 1 generation prompt, passkey 512/1024/2048 x depths 0.5/0.9): reference 26 s, then ~90 s per kvtune
-row (teacher-forced pass 31 s, 64 greedy tokens 24 s, 6 passkey cases 35 s) and 48 s for hf-quanto-4bit;
-7 rows took 10 min 20 s. The runtime's CPU path dequantizes the whole history at every decode step.
+CPU cost, measured (SmolLM2-135M float32, one thread per row, defaults: ctx 2048, 2 sequences, chunk 64,
+1 generation prompt, passkey 512/1024/2048 x depths 0.5/0.9) on 2 cores of an AMD EPYC: reference 44 s, then
+~130 s per kvtune row (teacher-forced pass ~57 s, 64 greedy tokens ~30 s, 6 passkey cases ~42 s). Rows run
+``jobs`` at a time in forked worker processes (:mod:`kvtune.eval.parallel`): the demo's five rows took 430 s
+with two workers, 735 s one after another.
 """
 
 from __future__ import annotations
