@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kvtune.models import check_supported
+from kvtune.models import check_supported, text_config
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,9 @@ def capture(model: Any, on_attention: AttentionObserver | None = None,
     previous: dict[int, tuple[int, AttentionObserver] | None] = {}  # nested captures restore the outer routes
     try:
         if on_key_pre_rope is not None:
+            text = text_config(model.config)
             for layer, attn in modules:
-                head_dim = int(getattr(attn, "head_dim", model.config.hidden_size // model.config.num_attention_heads))
+                head_dim = int(getattr(attn, "head_dim", None) or text.hidden_size // text.num_attention_heads)
                 handles.append(attn.k_proj.register_forward_hook(_pre_rope_hook(layer, head_dim, on_key_pre_rope)))
         if on_attention is not None:
             _register()
