@@ -35,3 +35,22 @@ def smollm() -> tuple[Any, Any]:
     from kvtune.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava() -> tuple[Any, int]:
+    """``(model, image tokens)``: a tiny random LLaVA (Llama text model: 2 layers, 2 heads, 1 KV head, d=64;
+    image token id 150), created locally."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=64, vocab_size=160, max_position_embeddings=512)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=150, vision_feature_layer=-1,
+                      vision_feature_select_strategy="default")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(cfg).eval()
+    return model, (32 // 8) ** 2

@@ -24,34 +24,21 @@ from .conftest import CharTokenizer, word_text
 PRESETS = ["akvq-vl-2bit", "vidkv-1.5bit", "vidkv-1.58bit", "zipcache", "elastic-cache", "fp16"]
 
 
-@pytest.fixture(scope="module")
-def tiny_llava() -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=64, vocab_size=160, max_position_embeddings=512)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=32)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=150, vision_feature_layer=-1,
-                      vision_feature_select_strategy="default")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return LlavaForConditionalGeneration(cfg).eval()
-
-
 def test_presets_and_a_searched_plan_through_calibrate_search_eval(tiny_llava: Any, tmp_path: Path) -> None:
     from kvtune.search import search
 
+    model = tiny_llava[0]
+
     chunks = torch.randint(1, 128, (2, 128), generator=torch.Generator().manual_seed(0))
     settings = CalibSettings(tokens=256, seq_len=128, held_seqs=1, held_len=128, attention_seqs=1, kl_len=64)
-    calib = calibrate_model(tiny_llava, chunks, settings)
+    calib = calibrate_model(model, chunks, settings)
     assert calib.model["num_layers"] == 2 and calib.model["head_dim"] == 64
     save_calibration(calib, tmp_path / "calib")
     result = search(tmp_path / "calib", 4.0, out=tmp_path / "plan", trials=12, validate=0)
     assert result.effective_bits <= 4.0
 
     methods = [plan_method(result.plan), *resolve_baselines(PRESETS)]
-    report = evaluate(tiny_llava, CharTokenizer(), methods, word_text(600),
+    report = evaluate(model, CharTokenizer(), methods, word_text(600),
                       EvalSettings(ctx=96, sequences=1, chunk=32, gen_tokens=4, passkey_lengths=(),
                                    passkey_depths=(0.5,)), jobs=1)
     rows = {r.name: r for r in report.rows}

@@ -131,22 +131,6 @@ def test_tiny_qwen2vl_runs_with_its_token_types() -> None:
     assert out.shape[1] == ids.shape[1] + 3 and cache.get_seq_length() == ids.shape[1] + 2
 
 
-@pytest.fixture(scope="module")
-def tiny_llava() -> tuple[Any, int]:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=64, vocab_size=160, max_position_embeddings=512)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=32)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=150, vision_feature_layer=-1,
-                      vision_feature_select_strategy="default")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(cfg).eval()
-    return model, (32 // 8) ** 2
-
-
 @pytest.mark.slow
 def test_presets_on_the_embedded_model(smollm: tuple[Any, Any]) -> None:
     from kvtune.data import load_text
