@@ -9,19 +9,10 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import click
 
 from kvtune.errors import KVTuneError
-
-DEFAULT_MODEL = "smollm2-135m"
-
-
-def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

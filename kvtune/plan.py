@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from kvtune.errors import KVTuneError
+from kvtune.errors import KVTuneError, strict_mapping
 from kvtune.io import atomic_path, read_yaml, sha256_file, write_yaml_atomic
-from kvtune.plan_types import LayerPlan, ModelIdentity, Provenance, _strict
+from kvtune.plan_types import LayerPlan, ModelIdentity, Provenance
 from kvtune.quant.bits import REFERENCE_LENGTH, BitBreakdown, layers_bits
 
 SCHEMA_VERSION = 1
@@ -123,7 +123,7 @@ class Plan:
                               "upgrade kvtune")
         layers = _layers_from(data.get("layers"), where)
         model = ModelIdentity.from_dict(data["model"], f"{where}.model") if "model" in data else None
-        prov_d = dict(_strict(Provenance, data.get("provenance", {}), f"{where}.provenance"))
+        prov_d = dict(strict_mapping(Provenance, data.get("provenance", {}), f"{where}.provenance"))
         prov_d["extra"] = tuple((str(k), str(v)) for k, v in dict(prov_d.get("extra", {})).items())
         try:
             plan = cls(layers=layers, model=model, name=str(data.get("name", "")),

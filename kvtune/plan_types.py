@@ -17,9 +17,6 @@ SCORES = ("normalized_attention", "accumulated_attention", "probe", "key_norm")
 MERGES = ("none", "elastic")
 
 
-_strict = strict_mapping  # kept under its old name for plan.py
-
-
 def _build(cls: type, kwargs: dict[str, Any], where: str) -> Any:
     try:
         return cls(**kwargs)
@@ -123,7 +120,7 @@ class HeadPlan:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> HeadPlan:
-        d = _strict(cls, data, where)
+        d = strict_mapping(cls, data, where)
         return cls(key=QuantSpec.from_dict(d.get("key", {}), f"{where}.key"),
                    value=QuantSpec.from_dict(d.get("value", {}), f"{where}.value"))
 
@@ -192,15 +189,15 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> LayerPlan:
-        d = _strict(cls, data, where)
+        d = strict_mapping(cls, data, where)
         kw: dict[str, Any] = {
             "key": QuantSpec.from_dict(d.get("key", {}), f"{where}.key"),
             "value": QuantSpec.from_dict(d.get("value", {}), f"{where}.value"),
             "heads": tuple(HeadPlan.from_dict(h, f"{where}.heads[{i}]") for i, h in enumerate(d.get("heads", []))),
             "residual": d.get("residual", 0),
-            "salient": _build(SalientPolicy, _strict(SalientPolicy, d.get("salient", {}), f"{where}.salient"),
+            "salient": _build(SalientPolicy, strict_mapping(SalientPolicy, d.get("salient", {}), f"{where}.salient"),
                               f"{where}.salient"),
-            "merge": _build(MergePolicy, _strict(MergePolicy, d.get("merge", {}), f"{where}.merge"),
+            "merge": _build(MergePolicy, strict_mapping(MergePolicy, d.get("merge", {}), f"{where}.merge"),
                             f"{where}.merge"),
             "block": d.get("block", 0),
         }
@@ -223,7 +220,7 @@ class ModelIdentity:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "model") -> ModelIdentity:
-        return _build(cls, _strict(cls, data, where), where)
+        return _build(cls, strict_mapping(cls, data, where), where)
 
     def mismatch(self, other: ModelIdentity) -> str | None:
         """First field where ``other`` differs, as ``"field: mine != theirs"``, or None."""

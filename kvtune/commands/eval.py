@@ -184,8 +184,5 @@ def register(cli: click.Group) -> None:
         loaded, tok = load_model(model)
         with progress_bar(not no_progress) as progress:
             report = evaluate(loaded, tok, rows, text, settings, progress=progress, data_name=data, jobs=jobs)
-        from kvtune.eval.parallel import usable_jobs
-
-        used = usable_jobs(jobs, len(rows), cuda=next(loaded.parameters()).is_cuda)
-        report.settings.update(reference_length=rows[0].reference_length(), threads=threads, jobs=used)
+        report.settings.update(reference_length=rows[0].reference_length(), threads=threads)
         _render(report, time.perf_counter() - start, json_path, plot_path)

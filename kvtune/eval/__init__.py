@@ -241,11 +241,11 @@ def evaluate(model: Any, tok: Any, methods: list[Method], text: str, settings: E
     for done, (i, row) in enumerate(run_forked(one_row, len(methods), jobs), start=1):
         rows[i] = row
         tick.finish(methods[i].name, base + done * units)  # a row that stopped early still fills its share
-    return _report(model, text, len(ids), data_name, settings, ref, rows)
+    return _report(model, text, len(ids), data_name, settings, ref, rows, jobs)
 
 
 def _report(model: Any, text: str, n_tokens: int, data_name: str, settings: EvalSettings, ref: _Reference,
-            rows: list[EvalRow]) -> EvalReport:
+            rows: list[EvalRow], jobs: int) -> EvalReport:
     from kvtune.data import data_hash
     from kvtune.models import model_identity
 
@@ -253,7 +253,7 @@ def _report(model: Any, text: str, n_tokens: int, data_name: str, settings: Eval
     return EvalReport(model=model_identity(model),
                       data={"source": data_name, "sha256": data_hash(text), "tokens": n_tokens},
                       settings={**asdict(settings), "passkey_lengths": list(settings.lengths),
-                                "tail_start": settings.tail_start},
+                                "tail_start": settings.tail_start, "jobs": jobs},
                       reference={"ppl": m["ppl"], "ppl_tail": m["ppl_tail"], "kl": 0.0, "positions": m["positions"],
                                  "seconds": m["seconds"]},
                       rows=rows)
