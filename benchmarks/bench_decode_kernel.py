@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}  # (Hq, Hkv, D)
 RESIDUAL = 128
-KEY_GROUP = 32
+KEY_GROUP = 32  # default; --key-group 128 is the grouping the search picks on the embedded model
 
 
 def _bench(fn, rep_ms: int = 100) -> float:
@@ -70,7 +70,8 @@ def copy_bandwidth_gbs(dev: torch.device) -> float:
     return 2 * n * 2 / ms / 1e6
 
 
-def make_cache(bsz: int, hkv: int, t: int, d: int, bits: int, vgroup: int, dev: torch.device, seed: int = 0):
+def make_cache(bsz: int, hkv: int, t: int, d: int, bits: int, vgroup: int, dev: torch.device, seed: int = 0,
+               key_group: int = KEY_GROUP):
     """Random packed keys/values with plausible scales (codes are uniform bytes: valid at 2/4/8 bits)."""
     from kvtune.kernels.decode_attention import PackedKeys, PackedValues
     from kvtune.kernels.pack import slicing
@@ -85,8 +86,8 @@ def make_cache(bsz: int, hkv: int, t: int, d: int, bits: int, vgroup: int, dev: 
     kp = torch.randint(0, 256, (bsz, hkv, t, row), generator=g, device=dev, dtype=torch.uint8)
     vp = torch.randint(0, 256, (bsz, hkv, t, row), generator=g, device=dev, dtype=torch.uint8)
     levels = 2**bits - 1
-    kq = PackedKeys(kp, rnd(bsz, hkv, t // KEY_GROUP, d, lo=0.5, hi=2.0) / levels,
-                    rnd(bsz, hkv, t // KEY_GROUP, d, lo=-1.5, hi=-0.5), bits, KEY_GROUP)
+    kq = PackedKeys(kp, rnd(bsz, hkv, t // key_group, d, lo=0.5, hi=2.0) / levels,
+                    rnd(bsz, hkv, t // key_group, d, lo=-1.5, hi=-0.5), bits, key_group)
     vq = PackedValues(vp, rnd(bsz, hkv, t, math.ceil(d / gc), lo=0.5, hi=2.0) / levels,
                       rnd(bsz, hkv, t, math.ceil(d / gc), lo=-1.5, hi=-0.5), bits, vgroup)
     return kq, vq
@@ -148,7 +149,7 @@ def check(q, kq, vq, ek, ev) -> float:
 
 
 def run_case(name: str, bsz: int, ctx: int, bits_list: list[int], vgroup: int, dev, copy_gbs: float,
-             rep_ms: int) -> list[dict]:
+             rep_ms: int, key_group: int = KEY_GROUP) -> list[dict]:
     from kvtune.kernels.decode_attention import decode_attention
 
     hq, hkv, d = SHAPES[name]
@@ -178,8 +179,8 @@ def run_case(name: str, bsz: int, ctx: int, bits_list: list[int], vgroup: int, d
     for bits in bits_list:
         if not ok["kvtune"]:
             continue
-        t = ctx - RESIDUAL
-        kq, vq = make_cache(bsz, hkv, t, d, bits, vgroup, dev)
+        t = (ctx - RESIDUAL) // key_group * key_group
+        kq, vq = make_cache(bsz, hkv, t, d, bits, vgroup, dev, key_group=key_group)
         ek = torch.randn(bsz, hkv, RESIDUAL, d, device=dev, dtype=torch.float16)
         ev = torch.randn_like(ek)
         err = check(q, kq, vq, ek, ev)
@@ -187,7 +188,8 @@ def run_case(name: str, bsz: int, ctx: int, bits_list: list[int], vgroup: int, d
         def fused(kq=kq, vq=vq, ek=ek, ev=ev):
             return decode_attention(q, kq, vq, ek, ev)
 
-        rows.append(dict(base, method=f"kvtune-k{bits}v{bits}", bits=bits, vgroup=vgroup or d, ms=_bench(fused, rep_ms),
+        rows.append(dict(base, method=f"kvtune-k{bits}v{bits}", bits=bits, vgroup=vgroup or d, kgroup=key_group,
+                         ms=_bench(fused, rep_ms),
                          ms_graph=_bench_graph(fused, rep_ms), bytes=nbytes, max_abs_err=err))
         if ok["dequant"]:
             def deq(kq=kq, vq=vq, ek=ek, ev=ev):
@@ -220,35 +222,75 @@ def print_table(rows: list[dict]) -> None:
               f"{r['gbs']:>8.0f}{r['pct_copy_bw']:>6.0f}%{sp:>8}{err:>10}")
 
 
-def sweep(dev, copy_gbs: float, vgroup: int, rep_ms: int) -> list[dict]:
-    """Launch-config grid on Llama-3-8B, B=8, 32k, 2-bit (the target case)."""
-    from kvtune.kernels.decode_attention import DecodeConfig, decode_attention, default_config
+SWEEP_GRID = {  # (block_t, warps, stages, splits x default)
+    "llama3-8b": [(128, 4, 3, 1), (128, 4, 2, 1), (128, 4, 3, 2), (128, 4, 2, 2), (128, 4, 3, 0.5), (64, 4, 3, 1),
+                  (64, 2, 3, 1), (128, 8, 3, 1)],
+    "smollm2-135m": [(64, 1, 3, 1), (64, 1, 2, 1), (64, 1, 3, 2), (64, 1, 3, 0.5), (64, 1, 4, 1), (32, 1, 3, 1),
+                     (128, 4, 3, 0.25), (64, 2, 3, 1)],
+}
 
-    hq, hkv, d = SHAPES["llama3-8b"]
-    bsz, ctx, bits = 8, 32768, 2
-    kq, vq = make_cache(bsz, hkv, ctx - RESIDUAL, d, bits, vgroup, dev)
-    ek = torch.randn(bsz, hkv, RESIDUAL, d, device=dev, dtype=torch.float16)
-    ev = torch.randn_like(ek)
-    q = torch.randn(bsz, hq, 1, d, device=dev, dtype=torch.float16)
-    nbytes = quant_bytes(kq, vq, ek, ev)
-    auto = default_config(bsz, hkv, ctx - RESIDUAL, d, dev)
-    print(f"default config: {auto}")
+
+def sweep(dev, copy_gbs: float, vgroup: int, rep_ms: int, shapes: list[str], key_group: int,
+          bits: int = 2, bsz: int = 8, ctx: int = 32768) -> list[dict]:
+    """Launch-config grid at B=8, 32k, 2-bit (the target case) for each shape; the default config first."""
+    from kvtune.kernels.decode_attention import DecodeConfig, decode_attention, default_config
+    from kvtune.kernels.pack import slicing
+
     rows = []
-    grid = [(128, 4, 3, 1), (128, 4, 3, 2), (64, 4, 3, 1), (64, 4, 3, 2), (64, 2, 3, 2), (128, 2, 3, 2),
-            (128, 4, 2, 2), (128, 8, 3, 2)]  # (block_t, warps, stages, splits x default)
-    for bt, warps, stages, mult in grid:
-        cfg = DecodeConfig(bt, auto.num_splits * mult, warps, stages)
-        try:
-            ms = _bench_graph(lambda cfg=cfg: decode_attention(q, kq, vq, ek, ev, config=cfg), rep_ms)
-        except Exception as exc:  # report and go on (e.g. out of resources)
-            print(f"  {cfg}: failed ({type(exc).__name__}: {exc})")
-            continue
-        gbs = nbytes / ms / 1e6
-        rows.append({"block_t": bt, "num_splits": cfg.num_splits, "num_warps": warps, "num_stages": stages,
-                     "ms": ms, "gbs": gbs, "pct_copy_bw": 100 * gbs / copy_gbs})
-        print(f"  {cfg}: {ms:.4f} ms {gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}%)", flush=True)
-    rows.sort(key=lambda r: r["ms"])
-    print("best:", rows[:3])
+    for shape in shapes:
+        hq, hkv, d = SHAPES[shape]
+        t = (ctx - RESIDUAL) // key_group * key_group
+        kq, vq = make_cache(bsz, hkv, t, d, bits, vgroup, dev, key_group=key_group)
+        ek = torch.randn(bsz, hkv, RESIDUAL, d, device=dev, dtype=torch.float16)
+        ev = torch.randn_like(ek)
+        q = torch.randn(bsz, hq, 1, d, device=dev, dtype=torch.float16)
+        nbytes = quant_bytes(kq, vq, ek, ev)
+        auto = default_config(bsz, hkv, t, d, dev, slicing(bits, d).width)
+        print(f"{shape}: default config {auto}")
+        cfgs = [("default", auto)] + [
+            ("grid", DecodeConfig(bt, max(1, round(auto.num_splits * mult)), warps, stages))
+            for bt, warps, stages, mult in SWEEP_GRID[shape]]
+        for kind, cfg in cfgs:
+            try:
+                ms = _bench_graph(lambda cfg=cfg, a=(q, kq, vq, ek, ev): decode_attention(*a, config=cfg), rep_ms)
+            except Exception as exc:  # report and go on (e.g. out of resources)
+                print(f"  {cfg}: failed ({type(exc).__name__}: {exc})")
+                continue
+            gbs = nbytes / ms / 1e6
+            rows.append({"shape": shape, "kind": kind, "key_group": key_group, "bits": bits, "batch": bsz, "ctx": ctx,
+                         "block_t": cfg.block_t, "num_splits": cfg.num_splits, "num_warps": cfg.num_warps,
+                         "num_stages": cfg.num_stages, "ms": ms, "gbs": gbs, "pct_copy_bw": 100 * gbs / copy_gbs})
+            print(f"  {kind:<8}{cfg}: {ms:.4f} ms {gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}%)", flush=True)
+        del kq, vq, ek, ev
+        torch.cuda.empty_cache()
+    return rows
+
+
+def host_time(dev, shapes: list[str], calls: int = 400) -> list[dict]:
+    """Wall microseconds per call of back-to-back launches on a short context (GPU time << host time), so the
+    figure is the host's cost of one call: kvtune's wrapper + 2 launches vs one SDPA call."""
+    from kvtune.kernels.decode_attention import decode_attention
+
+    rows = []
+    for shape in shapes:
+        hq, hkv, d = SHAPES[shape]
+        kq, vq = make_cache(1, hkv, 1024, d, 2, 0, dev)
+        ek = torch.randn(1, hkv, RESIDUAL, d, device=dev, dtype=torch.float16)
+        q = torch.randn(1, hq, 1, d, device=dev, dtype=torch.float16)
+        k = torch.randn(1, hkv, 1024 + RESIDUAL, d, device=dev, dtype=torch.float16)
+        fns = {"kvtune decode_attention": lambda a=(q, kq, vq, ek, ek): decode_attention(*a),
+               "sdpa-fp16 (enable_gqa)": lambda a=(q, k, k): F.scaled_dot_product_attention(*a, enable_gqa=True)}
+        for name, fn in fns.items():
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            us = (time.perf_counter() - t0) / calls * 1e6
+            rows.append({"shape": shape, "method": name, "us_per_call": us})
+            print(f"  host {shape} {name}: {us:.1f} us/call", flush=True)
     return rows
 
 
@@ -268,9 +310,11 @@ def profile(dev, vgroup: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (one small case per shape)")
-    ap.add_argument("--sweep", action="store_true", help="launch-config sweep on Llama-3-8B B=8 32k 2-bit")
+    ap.add_argument("--sweep", action="store_true", help="launch-config sweep at B=8 32k 2-bit, per shape")
     ap.add_argument("--profile", action="store_true", help="run Llama-3-8B B=8 32k 2-bit 5 times (for ncu/nsys)")
     ap.add_argument("--value-group", type=int, default=0, help="value channel group (0 = head dim)")
+    ap.add_argument("--key-group", type=int, default=KEY_GROUP, help="key token group (32: KIVI; 128: searched plans)")
+    ap.add_argument("--host", action="store_true", help="also measure host microseconds per call")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 32768, 131072])
@@ -288,7 +332,7 @@ def main() -> None:
           f"copy bandwidth {copy_gbs:.0f} GB/s (read+write)")
     rep = 30 if args.quick else 100
     result = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "copy_gbs": copy_gbs,
-              "key_group": KEY_GROUP, "value_group": args.value_group or "D", "residual": RESIDUAL,
+              "key_group": args.key_group, "value_group": args.value_group or "D", "residual": RESIDUAL,
               "shapes": {k: {"hq": v[0], "hkv": v[1], "d": v[2]} for k, v in SHAPES.items()},
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     t_start = time.time()
@@ -296,18 +340,21 @@ def main() -> None:
         profile(dev, args.value_group)
         return
     if args.sweep:
-        result["sweep"] = sweep(dev, copy_gbs, args.value_group, rep)
+        result["sweep"] = sweep(dev, copy_gbs, args.value_group, rep, args.shapes, args.key_group)
     else:
         batches, ctxs = ([1], [4096]) if args.quick else (args.batch, args.ctx)
         rows: list[dict] = []
         for shape in args.shapes:
             for bsz in batches:
                 for ctx in ctxs:
-                    rows += run_case(shape, bsz, ctx, args.bits, args.value_group, dev, copy_gbs, rep)
+                    rows += run_case(shape, bsz, ctx, args.bits, args.value_group, dev, copy_gbs, rep,
+                                     args.key_group)
                     print(f"  done {shape} B={bsz} ctx={ctx} ({time.time() - t_start:.0f}s)", flush=True)
         result["rows"] = rows
         print()
         print_table(rows)
+    if args.host:
+        result["host"] = host_time(dev, args.shapes)
     slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
     out = Path(args.out or Path(__file__).parent / "results" / f"decode_kernel_{slug}{'_sweep' if args.sweep else ''}"
                f"{'_quick' if args.quick else ''}.json")

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtune.kernels.pack import slicing, unpack_codes_reference
+from kvtune.kernels.pack import _p2, slicing, unpack_codes_reference
 
 LOG2E = 1.4426950408889634
 
@@ -348,7 +348,9 @@ def _softmax_step(scores, valid, m_i, l_i):
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
-@triton.jit
+# ints that change from step to step are not specialized (divisibility / == 1 would recompile mid-decode);
+# strides keep their divisibility specialization, which the vectorized loads need
+@triton.jit(do_not_specialize=["T", "R", "n_qsplits", "NS"])
 def _decode_split_kernel(
     q_ptr, stride_qb, stride_qh,
     kp_ptr, stride_kpb, stride_kph, stride_kpt,
@@ -488,7 +490,7 @@ def _decode_split_kernel(
         tl.store(o_row + oe, accs[s], mask=rmask[:, None] & (jv < WV) & (oe < D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NS"])
 def _merge_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ob, stride_oh, Hq, NS,
                   D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr):
     """out[b, hq, 0, :] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the NS partials."""
@@ -523,10 +525,6 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _p2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch choices: tokens a tile, splits of the quantized sequence, warps, pipeline stages."""
@@ -537,13 +535,24 @@ class DecodeConfig:
     num_stages: int
 
 
-def default_config(batch: int, hkv: int, t: int, d: int, device: torch.device) -> DecodeConfig:
-    """Enough (batch, head, split) programs to fill the GPU ~4 times, each with >= 4 tiles when possible."""
-    block_t = 128 if d <= 128 else 64
+@lru_cache(maxsize=256)
+def default_config(batch: int, hkv: int, t: int, d: int, device: torch.device,
+                   value_width: int | None = None) -> DecodeConfig:
+    """Launch choice for ``batch * hkv`` sequences of ``t`` quantized tokens.
+
+    Warps: 4, unless a value slice is narrower than 32 channels (2-bit codes of a 64-channel head: 16),
+    where the ``[QH, BT] @ [BT, W]`` products cannot spread 4 warps over W (Triton would replicate the
+    whole tile on every warp): then one warp on 64-token tiles. Splits: enough programs for ~32 warps a
+    multiprocessor, each with >= 2 tiles when possible.
+    """
+    narrow = value_width is not None and value_width < 32
+    block_t = 64 if narrow or d > 128 else 128
+    warps = 1 if narrow else 4
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
     tiles = max(1, math.ceil(t / block_t))
-    splits = max(1, min(math.ceil(4 * sms / max(batch * hkv, 1)), math.ceil(tiles / 4)))
-    return DecodeConfig(block_t, splits, 4, 3 if device.type == "cuda" else 1)
+    programs = 32 * sms // warps
+    splits = max(1, min(math.ceil(programs / max(batch * hkv, 1)), math.ceil(tiles / 2)))
+    return DecodeConfig(block_t, splits, warps, 3 if device.type == "cuda" else 1)
 
 
 def _extra_args(extra_k, extra_v, extra_len, q):
@@ -588,7 +597,7 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     scaling = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
     if kq.group < 16 or kq.group & (kq.group - 1):
         raise ValueError(f"key group must be a power of two >= 16, got {kq.group}")
-    cfg = config or default_config(bsz, hkv, t, d, q.device)
+    cfg = config or default_config(bsz, hkv, t, d, q.device, lv.width)
     fast = _fast_path(lk, d) and _fast_path(lv, d)
     block_t = cfg.block_t if fast else min(cfg.block_t, kq.group)
     chunk = math.ceil(math.ceil(max(t, 1) / cfg.num_splits) / block_t) * block_t

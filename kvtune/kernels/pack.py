@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
@@ -44,6 +45,7 @@ class Slicing:
     row_bytes: int
 
 
+@lru_cache(maxsize=64)
 def slicing(bits: float, d: int) -> Slicing:
     """The :class:`Slicing` of ``d`` channels at ``bits`` (1, 1.58, 2, 3, 4 or 8)."""
     key = round(float(bits), 2)
@@ -63,7 +65,9 @@ def slicing(bits: float, d: int) -> Slicing:
 
 
 def _p2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """Smallest power of two >= max(n, 1), in plain Python (``triton.next_power_of_2`` costs ~10 us a call
+    on the decode launch path)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 @triton.jit

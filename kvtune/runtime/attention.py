@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 NAME = "kvtune"
 KERNEL_BITS = (1, 2, 3, 4, 8)
 _REGISTERED = False
+_NO_PADDING: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def kvtune_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -86,7 +87,10 @@ def _left_padding(mask: torch.Tensor | None, query: torch.Tensor) -> tuple[torch
     mask tensor, so both are computed once per forward (memoized on the mask): one device sync per step,
     not one per layer."""
     if mask is None or mask.dtype != torch.bool:
-        return reference.left_padding(mask, query.shape[0], query.device), False
+        key = (query.shape[0], query.device)
+        if key not in _NO_PADDING:  # read-only zeros, one tensor per (batch, device): no launch per layer
+            _NO_PADDING[key] = reference.left_padding(None, query.shape[0], query.device)
+        return _NO_PADDING[key], False
     memo = getattr(mask, "_kvtune_pad", None)
     if memo is None:
         pad = reference.left_padding(mask, query.shape[0], query.device)
@@ -167,7 +171,7 @@ def _extra(g: HeadGroup, sink: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
 
 def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, scaling: float,
                   padded: bool) -> torch.Tensor:
-    from kvtune.kernels.decode_attention import PackedKeys, PackedValues, decode_attention
+    from kvtune.kernels.decode_attention import decode_attention
 
     layer = step.layer
     ek = _extra(g, step.sink_k, layer.win_k)  # [B, h, R, D] fp16
@@ -178,9 +182,7 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
         qk, ek = hadamard(qk), hadamard(ek)
     if vspec.hadamard:
         ev = hadamard(ev)
-    kf, vf = _fields(g.keys, layer, g, "key"), _fields(g.values, layer, g, "value")
-    kq = PackedKeys(kf["codes"], kf["scale"], kf["zero"], kspec.bits, kspec.group)
-    vq = PackedValues(vf["codes"], vf["scale"], vf["zero"], vspec.bits, vspec.group)
+    kq, vq = _packed(g, layer)
     start = extra = None
     if padded:
         s, nq = step.sink_k.shape[2], layer.n_quant
@@ -190,6 +192,23 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
         extra = idx[None, :] >= pad[:, None]  # [B, R] bool
     out = decode_attention(qk, kq, vq, ek, ev, extra, start, scaling)
     return hadamard(out) if vspec.hadamard else out
+
+
+def _packed(g: HeadGroup, layer: Any) -> tuple[Any, Any]:
+    """The group's quantized part as the kernel's ``(PackedKeys, PackedValues)``, built (and validated) once
+    per change of the stores: a flush, a regrowth or a batch reorder changes a buffer or its length."""
+    from kvtune.kernels.decode_attention import PackedKeys, PackedValues
+
+    key = tuple((id(b.data), b.n) for st in (g.keys, g.values) for b in st.buffers.values())
+    memo = getattr(g, "_kernel_packed", None)
+    if memo is not None and memo[0] == key and key:
+        return memo[1]
+    kspec, vspec = g.plan.key, g.plan.value
+    kf, vf = _fields(g.keys, layer, g, "key"), _fields(g.values, layer, g, "value")
+    packed = (PackedKeys(kf["codes"], kf["scale"], kf["zero"], kspec.bits, kspec.group),
+              PackedValues(vf["codes"], vf["scale"], vf["zero"], vspec.bits, vspec.group))
+    g._kernel_packed = (key, packed)
+    return packed
 
 
 def _fields(store: Any, layer: Any, g: HeadGroup, which: str) -> dict[str, torch.Tensor]:

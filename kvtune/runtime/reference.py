@@ -18,6 +18,7 @@ import torch
 from kvtune.runtime.layer import Step
 
 QUERY_SLICE = 256
+SDPA_SLICE = 2048  # queries per SDPA call of a chunked prefill (bounds the [B, 1, l, N] mask)
 
 
 def left_padding(mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
@@ -28,10 +29,14 @@ def left_padding(mask: torch.Tensor | None, batch: int, device: torch.device) ->
     return torch.where(last.any(-1), last.float().argmax(-1), torch.zeros_like(last[:, 0], dtype=torch.float)).long()
 
 
-def attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention of ``q [B, Hq, L, D]`` over the layer's stored tokens; returns ``[B, Hq, L, D]`` in q's dtype."""
+def attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float, sdpa: bool | None = None) -> torch.Tensor:
+    """Attention of ``q [B, Hq, L, D]`` over the layer's stored tokens; returns ``[B, Hq, L, D]`` in q's dtype.
+
+    sdpa: use :func:`_attend_sdpa` (default: for several queries outside stepwise mode)."""
     layer = step.layer
     b, hq, lq, d = q.shape
+    if sdpa if sdpa is not None else (lq > 1 and step.bounds is None):
+        return _attend_sdpa(step, q, pad, scaling)
     n_rep = hq // layer.num_kv_heads
     q5 = q.float().reshape(b, layer.num_kv_heads, n_rep, lq, d)
     out = torch.empty(b, layer.num_kv_heads, n_rep, lq, d, dtype=torch.float32, device=q.device)
@@ -46,6 +51,32 @@ def attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float) -> to
             bounds = step.bounds[s:e] if step.bounds is not None else None
             out[:, heads, :, s:e] = _attend_slice(qs, keys, vals, valid, alt, bounds, step, scaling)
     return out.reshape(b, hq, lq, d).to(q.dtype)
+
+
+def _attend_sdpa(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Several queries, no stepwise transition (a later chunk of a long prompt): the same attention through
+    ``scaled_dot_product_attention`` (fp16 on GPU, float32 elsewhere) over each group's dequantized tokens,
+    in slices of :data:`SDPA_SLICE` queries. ``q [B, Hq, L, D]`` -> ``[B, Hq, L, D]`` in q's dtype."""
+    import torch.nn.functional as F
+
+    layer = step.layer
+    b, hq, lq, d = q.shape
+    n_rep = hq // layer.num_kv_heads
+    dt = q.dtype if q.is_cuda else torch.float32
+    out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)
+    for g in layer.groups:
+        keys, vals, _ = _segments(step, g)
+        keys, vals = keys.to(dt), vals.to(dt)
+        newidx = _new_index(step, keys.shape[2])
+        qh = [h * n_rep + r for h in g.heads for r in range(n_rep)]
+        qg = q[:, qh].to(dt)
+        for s in range(0, lq, SDPA_SLICE):
+            e = min(lq, s + SDPA_SLICE)
+            valid = _valid(pad, newidx, torch.arange(s, e, device=q.device))[:, :, 0]  # [B, 1, l, N]
+            o = F.scaled_dot_product_attention(qg[:, :, s:e], keys, vals, attn_mask=valid, scale=scaling,
+                                               enable_gqa=n_rep > 1)
+            out[:, qh, s:e] = o.nan_to_num(0.0).to(q.dtype)  # a fully masked row (left padding) gives NaN
+    return out
 
 
 def _segments(step: Step, g) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:

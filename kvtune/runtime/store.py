@@ -44,7 +44,9 @@ class TokenBuffer:
         self.n = need
 
     def _alloc(self, like: torch.Tensor, need: int) -> torch.Tensor:
-        cap = max(need, math.ceil(need * (1 + self.headroom)))
+        # capacity in whole multiples of 64 rows: the head/batch strides then keep their divisibility by 16
+        # as the buffer grows, so the kernels' specializations (vectorized loads) never change mid-decode
+        cap = -(-max(need, math.ceil(need * (1 + self.headroom))) // 64) * 64
         return torch.empty(*like.shape[:2], cap, *like.shape[3:], dtype=like.dtype, device=like.device)
 
     def view(self) -> torch.Tensor:

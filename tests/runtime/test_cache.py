@@ -125,3 +125,31 @@ def test_plan_for_another_model_is_refused(tiny_llama: tuple[Any, Any]) -> None:
         KVTuneCache(plan, model)
     with pytest.raises(KVTuneError, match="backend"):
         KVTuneCache(load_plan("kv4"), model, backend="cuda-magic")
+
+
+@pytest.mark.parametrize("name", ["kv2", "kivi-sinks", "hadamard-outliers-3bit", "zipcache-like"])
+def test_chunked_prefill_sdpa_equals_blockwise(tiny_llama: tuple[Any, Any], name: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later prompt chunk (quantized tokens already stored, left-padded row) attends through SDPA; the
+    result equals the blockwise float32 specification."""
+    from kvtune.runtime import reference
+
+    model, _ = tiny_llama
+    ids = _ids(2, 120, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    seen: list[float] = []
+    real = reference.attend
+
+    def both(step: Any, q: torch.Tensor, pad: torch.Tensor, scaling: float, sdpa: bool | None = None) -> torch.Tensor:
+        out = real(step, q, pad, scaling)
+        if q.shape[2] > 1 and step.nq_before > 0:
+            slow = real(step, q, pad, scaling, sdpa=False)
+            seen.append((out.float() - slow.float()).abs().max().item())
+        return out
+
+    monkeypatch.setattr(reference, "attend", both)
+    cache = PLANS[name]().cache(model)
+    for s in range(0, 120, 40):
+        model(ids[:, s:s + 40], attention_mask=mask[:, : s + 40], past_key_values=cache)
+    assert seen and max(seen) < 1e-5
