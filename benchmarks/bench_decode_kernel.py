@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kvtune.io import write_text_atomic
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}  # (Hq, Hkv, D)
@@ -291,7 +293,48 @@ def host_time(dev, shapes: list[str], calls: int = 400) -> list[dict]:
             us = (time.perf_counter() - t0) / calls * 1e6
             rows.append({"shape": shape, "method": name, "us_per_call": us})
             print(f"  host {shape} {name}: {us:.1f} us/call", flush=True)
+        rows.append(_host_breakdown(shape, fns["kvtune decode_attention"], calls))
     return rows
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](*args)`` does nothing (times the Python wrapper alone)."""
+
+    def __getitem__(self, grid: object) -> object:
+        return lambda *a, **k: None
+
+
+def _host_breakdown(shape: str, fn, calls: int) -> dict:
+    """Where one kvtune call's host time goes: the wrapper alone (launches stubbed) and cProfile's top entries."""
+    import cProfile
+    import pstats
+
+    from kvtune.kernels import decode_attention as mod
+
+    saved = mod._decode_split_kernel, mod._merge_kernel
+    mod._decode_split_kernel = mod._merge_kernel = _NoLaunch()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        wrapper_us = (time.perf_counter() - t0) / calls * 1e6
+    finally:
+        mod._decode_split_kernel, mod._merge_kernel = saved
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).sort_stats("tottime")
+    top = [{"function": f"{Path(f).name}:{line}({name})", "calls_per_call": round(st[1] / calls, 2),
+            "tottime_us_per_call": round(st[2] / calls * 1e6, 2)}
+           for (f, line, name), st in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]]
+    print(f"  host {shape} kvtune wrapper without launches: {wrapper_us:.1f} us/call; top (cProfile):")
+    for t in top:
+        print(f"    {t['tottime_us_per_call']:8.2f} us  x{t['calls_per_call']:<5} {t['function']}")
+    return {"shape": shape, "method": "kvtune wrapper only (launches stubbed)", "us_per_call": wrapper_us,
+            "cprofile_top_tottime": top}
 
 
 def profile(dev, vgroup: int) -> None:
@@ -336,6 +379,15 @@ def main() -> None:
               "shapes": {k: {"hq": v[0], "hkv": v[1], "d": v[2]} for k, v in SHAPES.items()},
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     t_start = time.time()
+    slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+    out = Path(args.out or Path(__file__).parent / "results" / f"decode_kernel_{slug}{'_sweep' if args.sweep else ''}"
+               f"{'_quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every case, so that a run cut short keeps what it measured
+        result["wall_s"] = round(time.time() - t_start, 1)
+        write_text_atomic(out, json.dumps(result, indent=1))
+
     if args.profile:
         profile(dev, args.value_group)
         return
@@ -349,17 +401,15 @@ def main() -> None:
                 for ctx in ctxs:
                     rows += run_case(shape, bsz, ctx, args.bits, args.value_group, dev, copy_gbs, rep,
                                      args.key_group)
+                    result["rows"] = rows
+                    save()
                     print(f"  done {shape} B={bsz} ctx={ctx} ({time.time() - t_start:.0f}s)", flush=True)
         result["rows"] = rows
         print()
         print_table(rows)
     if args.host:
         result["host"] = host_time(dev, args.shapes)
-    slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
-    out = Path(args.out or Path(__file__).parent / "results" / f"decode_kernel_{slug}{'_sweep' if args.sweep else ''}"
-               f"{'_quick' if args.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    save()
     print(f"wrote {out}")
 
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from kvtune.io import write_text_atomic
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, build_model, device_name, method, model_info, probe_hf_backend, versions
 
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()
                                   if not isinstance(v, (list, dict))}), flush=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(result, indent=1) + "\n")
+                write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from kvtune.io import write_text_atomic
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, build_model, device_name, model_info, versions
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print({k: v for k, v in case.items() if not isinstance(v, list)}, flush=True)
         for r in case.get("rows", []):
             print("   row", {k: v for k, v in r.items() if not isinstance(v, list)}, flush=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -34,6 +34,7 @@ def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow  # reads the embedded model's identity
 @pytest.mark.parametrize("name", sorted(PRESET_BITS))
 def test_preset_loads_and_reports_its_bits(name: str) -> None:
     plan = load_plan(name)
@@ -41,6 +42,7 @@ def test_preset_loads_and_reports_its_bits(name: str) -> None:
     assert plan.effective_bits(4096, load_identity("smollm2-135m")) == pytest.approx(PRESET_BITS[name], abs=1e-4)
 
 
+@pytest.mark.slow  # inspect reports bits for the embedded model
 def test_inspect_prints_bits_at_4096(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from kvtune.cli import main
 
