@@ -7,9 +7,11 @@ and the public names below resolve lazily on first attribute access::
     if kernels.available():
         out = kernels.decode_attention(q, kq, vq, extra_k, extra_v, extra_len, start, scaling)
 
-Modules: :mod:`kvtune.kernels.pack` (quantize + bit-pack new tokens) and
+Modules: :mod:`kvtune.kernels.pack` (quantize + bit-pack new tokens), :mod:`kvtune.kernels.packed`
+(the packed K/V containers and the PyTorch reference of decode attention, no triton),
 :mod:`kvtune.kernels.decode_attention` (fused split-K decode attention over packed K/V plus a
-full-precision extra segment).
+full-precision extra segment) with its device functions in :mod:`kvtune.kernels.unpack_tl` and
+:mod:`kvtune.kernels.decode_tiles` and its launch choice in :mod:`kvtune.kernels.decode_config`.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ _EXPORTS = {
     "pack_values": "kvtune.kernels.pack",
     "pack_keys_reference": "kvtune.kernels.pack",
     "pack_values_reference": "kvtune.kernels.pack",
-    "PackedKeys": "kvtune.kernels.decode_attention",
-    "PackedValues": "kvtune.kernels.decode_attention",
+    "PackedKeys": "kvtune.kernels.packed",
+    "PackedValues": "kvtune.kernels.packed",
     "decode_attention": "kvtune.kernels.decode_attention",
-    "decode_attention_reference": "kvtune.kernels.decode_attention",
+    "decode_attention_reference": "kvtune.kernels.packed",
 }
 
 __all__ = [

@@ -197,7 +197,7 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
 def _packed(g: HeadGroup, layer: Any) -> tuple[Any, Any]:
     """The group's quantized part as the kernel's ``(PackedKeys, PackedValues)``, built (and validated) once
     per change of the stores: a flush, a regrowth or a batch reorder changes a buffer or its length."""
-    from kvtune.kernels.decode_attention import PackedKeys, PackedValues
+    from kvtune.kernels.packed import PackedKeys, PackedValues
 
     key = tuple((id(b.data), b.n) for st in (g.keys, g.values) for b in st.buffers.values())
     memo = getattr(g, "_kernel_packed", None)

@@ -1,0 +1,161 @@
+"""Triton device functions of one decode tile: key scores, online softmax, value accumulation.
+
+Called by :func:`kvtune.kernels.decode_attention._decode_split_kernel`; each works on ``QH`` query rows
+(the query heads of one KV head, padded to 16) against ``BT`` packed tokens, one channel slice at a time.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kvtune.kernels.unpack_tl import _load_packed, _slice_f16
+
+
+@triton.jit
+def _key_scores(qs, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg,
+                D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
+                WKP: tl.constexpr, G: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
+                USE_ASM: tl.constexpr):
+    """Scores ``[QH, KG]`` of the KG tokens from ``tg`` (one key group: one scale row per slice).
+
+    MASKED: tokens outside ``[st, hi)`` get -inf (head/tail tiles); unmasked tiles load without predicates.
+    """
+    offs = tg + tl.arange(0, KG)
+    j = tl.arange(0, WKP)[None, :]
+    cmask = j < WK
+    if MASKED:
+        tm = (offs < hi) & (offs >= st)
+        x0, x1, x2 = _load_packed(kp_row + offs[:, None] * stride_kpt + j, tm[:, None] & cmask, FMT_K, WK)
+        grow = (tl.minimum(tg, hi - 1) // G) * stride_ksg
+    elif WKP == WK:
+        x0, x1, x2 = _load_packed(kp_row + offs[:, None] * stride_kpt + j, None, FMT_K, WK, False)
+        grow = (tg // G) * stride_ksg
+    else:
+        x0, x1, x2 = _load_packed(kp_row + offs[:, None] * stride_kpt + j, cmask, FMT_K, WK)
+        grow = (tg // G) * stride_ksg
+    scores = tl.zeros([QH, KG], tl.float32)
+    for s in tl.static_range(SK):
+        e = s * WK + j
+        if WKP == WK and SK * WK == D:
+            sc = tl.load(ks_row + grow + e)                                  # [1, WKP] fp16
+            zr = tl.load(kz_row + grow + e)
+        else:
+            sc = tl.load(ks_row + grow + e, mask=cmask & (e < D), other=0.0)
+            zr = tl.load(kz_row + grow + e, mask=cmask & (e < D), other=0.0)
+        kd = _slice_f16(x0, x1, x2, s, FMT_K, False, USE_ASM) * sc + zr   # [KG, WKP] fp16
+        scores = tl.dot(qs[s], tl.trans(kd), scores)
+    if MASKED:
+        scores = tl.where(tm[None, :], scores, float("-inf"))
+    return scores
+
+
+@triton.jit
+def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, stride_vpt, stride_vst,
+                  D: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
+                  WVP: tl.constexpr, GC: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
+                  USE_ASM: tl.constexpr):
+    """acc_s += P @ V_s over the KG tokens from ``tg``, for every value slice.
+
+    One channel group (GC >= D): the per-token scale is folded into P and the zero-point term
+    ``P * zero`` goes to ``z_acc`` ``[QH, KG]`` (reduced once at the end), so the codes go to the
+    tensor cores as they come out of the unpack (``1024 + c``, the offset also leaves through ``z_acc``).
+    Otherwise V is dequantized in registers (per-token column of scales when a slice lies in one channel
+    group, else a gathered tile).
+    """
+    offs_t = tg + tl.arange(0, KG)
+    jv = tl.arange(0, WVP)[None, :]
+    cmask = jv < WV
+    ptrs = vp_row + offs_t[:, None] * stride_vpt + jv
+    if MASKED:
+        tmask = (offs_t < hi) & (offs_t >= st)
+        x0, x1, x2 = _load_packed(ptrs, tmask[:, None] & cmask, FMT_V, WV)
+    elif WVP == WV:
+        tmask = None
+        x0, x1, x2 = _load_packed(ptrs, None, FMT_V, WV, False)
+    else:
+        tmask = None
+        x0, x1, x2 = _load_packed(ptrs, cmask, FMT_V, WV)
+    if GC >= D:
+        if MASKED:
+            vs = tl.load(vs_row + offs_t * stride_vst, mask=tmask, other=0.0).to(tl.float32)
+            vz = tl.load(vz_row + offs_t * stride_vst, mask=tmask, other=0.0).to(tl.float32)
+        else:
+            vs = tl.load(vs_row + offs_t * stride_vst).to(tl.float32)
+            vz = tl.load(vz_row + offs_t * stride_vst).to(tl.float32)
+        pv = (p * vs[None, :]).to(tl.float16)
+        z_acc += p * vz[None, :]
+        o_acc += pv.to(tl.float32)  # codes enter the MMA as 1024 + c * 2^shift: 1024 * sum(pv) leaves later
+    else:
+        p16 = p.to(tl.float16)
+    new = ()
+    for s in tl.static_range(SV):
+        c = _slice_f16(x0, x1, x2, s, FMT_V, GC >= D, USE_ASM)              # [KG, WVP] fp16
+        if GC >= D:
+            acc = tl.dot(pv, c, accs[s])
+        else:
+            if GC % WV == 0:  # the slice lies in one channel group: a per-token column
+                col = offs_t[:, None] * stride_vst + (s * WV) // GC
+                if MASKED:
+                    sc = tl.load(vs_row + col, mask=tmask[:, None], other=0.0)
+                    zr = tl.load(vz_row + col, mask=tmask[:, None], other=0.0)
+                else:
+                    sc = tl.load(vs_row + col)
+                    zr = tl.load(vz_row + col)
+            else:
+                col = offs_t[:, None] * stride_vst + (s * WV + jv) // GC
+                cm = cmask & (s * WV + jv < D)
+                if MASKED:
+                    cm = cm & tmask[:, None]
+                sc = tl.load(vs_row + col, mask=cm, other=0.0)
+                zr = tl.load(vz_row + col, mask=cm, other=0.0)
+            acc = tl.dot(p16, c * sc + zr, accs[s])
+        new = new + (acc,)
+    return new, z_acc, o_acc
+
+
+@triton.jit
+def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row, vp_row, vs_row, vz_row,
+          stride_kpt, stride_ksg, stride_vpt, stride_vst,
+          D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
+          WKP: tl.constexpr, G: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
+          WVP: tl.constexpr, GC: tl.constexpr, KG: tl.constexpr, NG: tl.constexpr, MASKED: tl.constexpr,
+          USE_ASM: tl.constexpr):
+    """One tile of NG * KG tokens: NG key-group sub-tiles, a single online-softmax rescale.
+
+    Row sums (``l_acc``) and zero-point terms (``z_acc``) stay elementwise ``[QH, KG]`` tiles, so the
+    only cross-thread reduction per tile is the row max.
+    """
+    scores = ()
+    for g in tl.static_range(NG):
+        scores = scores + (_key_scores(qs, kp_row, ks_row, kz_row, t0 + g * KG, hi, st, stride_kpt, stride_ksg,
+                                       D, QH, FMT_K, SK, WK, WKP, G, KG, MASKED, USE_ASM),)
+    smax = scores[0]
+    for g in tl.static_range(1, NG):
+        smax = tl.maximum(smax, scores[g])
+    m_new = tl.maximum(m_i, tl.max(smax, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    l_acc = l_acc * alpha[:, None]
+    z_acc = z_acc * alpha[:, None]
+    o_acc = o_acc * alpha[:, None]
+    scaled = ()
+    for s in tl.static_range(SV):
+        scaled = scaled + (accs[s] * alpha[:, None],)
+    accs = scaled
+    for g in tl.static_range(NG):
+        p = tl.math.exp2(scores[g] - m_new[:, None])
+        l_acc += p
+        accs, z_acc, o_acc = _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, t0 + g * KG, hi, st,
+                                           stride_vpt, stride_vst, D, FMT_V, SV, WV, WVP, GC, KG, MASKED, USE_ASM)
+    return m_new, l_acc, z_acc, o_acc, accs
+
+
+@triton.jit
+def _softmax_step(scores, valid, m_i, l_i):
+    """Online softmax (base 2) over one tile: returns (p, alpha, m_new, l_new)."""
+    scores = tl.where(valid[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(scores - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+

@@ -1,0 +1,109 @@
+"""Packed K/V of one layer as the decode kernels read them, and their PyTorch reference (the specification).
+
+:class:`PackedKeys` / :class:`PackedValues` bundle codes (layout of :mod:`kvtune.kernels.pack`), scales and
+zero-points; :func:`decode_attention_reference` dequantizes everything and runs an fp32 softmax: the
+kernel in :mod:`kvtune.kernels.decode_attention` is tested against it. Torch only (no triton import).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvtune.kernels.pack import slicing, unpack_codes_reference
+
+
+@dataclass(frozen=True)
+class PackedKeys:
+    """Packed keys of one layer (per-channel groups of ``group`` tokens).
+
+    packed: uint8 ``[B, Hkv, T, row_bytes]`` (last dim contiguous); scale, zero: fp16
+    ``[B, Hkv, T/group, D]`` (same strides); bits: 1, 1.58, 2, 3, 4 or 8; group: tokens per group.
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: float
+    group: int
+
+    def __post_init__(self) -> None:
+        b, h, t, _ = self.packed.shape
+        if self.group <= 0 or t % self.group:
+            raise ValueError(f"T={t} must be a multiple of the key group {self.group}")
+        if self.scale.shape != self.zero.shape or tuple(self.scale.shape[:3]) != (b, h, t // self.group):
+            raise ValueError(f"key scale/zero must be [B, Hkv, T/G, D], got {tuple(self.scale.shape)}")
+        if self.packed.shape[-1] != slicing(self.bits, self.scale.shape[-1]).row_bytes:
+            raise ValueError(f"packed keys have {self.packed.shape[-1]} bytes a row, expected "
+                             f"{slicing(self.bits, self.scale.shape[-1]).row_bytes}")
+
+
+@dataclass(frozen=True)
+class PackedValues:
+    """Packed values of one layer (per-token groups of ``group`` channels; 0 = all D).
+
+    packed: uint8 ``[B, Hkv, T, row_bytes]``; scale, zero: fp16 ``[B, Hkv, T, ceil(D/group)]``.
+    The head dim ``D`` is taken from the keys.
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: float
+    group: int
+
+    def __post_init__(self) -> None:
+        if self.group < 0:
+            raise ValueError(f"value group must be >= 0, got {self.group}")
+        if self.scale.shape != self.zero.shape or tuple(self.scale.shape[:3]) != tuple(self.packed.shape[:3]):
+            raise ValueError(f"value scale/zero must be [B, Hkv, T, D/Gc], got {tuple(self.scale.shape)}")
+
+
+
+def dequantize_keys_reference(kq: PackedKeys, d: int) -> torch.Tensor:
+    """fp32 keys ``[B, Hkv, T, D]``: ``code * scale[t // G] + zero[t // G]``."""
+    codes = unpack_codes_reference(kq.packed, kq.bits, d).float()
+    scale, zero = (x.float().repeat_interleave(kq.group, dim=2) for x in (kq.scale, kq.zero))
+    return codes * scale + zero
+
+
+def dequantize_values_reference(vq: PackedValues, d: int) -> torch.Tensor:
+    """fp32 values ``[B, Hkv, T, D]``: ``code * scale[t, e // Gc] + zero[t, e // Gc]``."""
+    gc = min(vq.group or d, d)
+    codes = unpack_codes_reference(vq.packed, vq.bits, d).float()
+    scale, zero = (x.float().repeat_interleave(gc, dim=-1)[..., :d] for x in (vq.scale, vq.zero))
+    return codes * scale + zero
+
+
+def decode_attention_reference(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
+                               extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None,
+                               extra_len: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                               scaling: float | None = None) -> torch.Tensor:
+    """PyTorch twin of :func:`decode_attention` (dequantize everything, fp32 softmax); same arguments."""
+    # q: [B, Hq, 1, D]
+    bsz, hq, _, d = q.shape
+    k = dequantize_keys_reference(kq, d)  # [B, Hkv, T, D]
+    v = dequantize_values_reference(vq, d)
+    t = k.shape[2]
+    valid = torch.ones(bsz, t, dtype=torch.bool, device=q.device)
+    if start is not None:
+        valid &= torch.arange(t, device=q.device)[None, :] >= start.to(q.device)[:, None]
+    if extra_k is not None and extra_k.shape[2]:
+        r = extra_k.shape[2]
+        if extra_len is None:
+            ev = torch.ones(bsz, r, dtype=torch.bool, device=q.device)
+        elif extra_len.dtype == torch.bool:
+            ev = extra_len.to(q.device)
+        else:
+            ev = torch.arange(r, device=q.device)[None, :] < extra_len.to(q.device)[:, None]
+        k, v = torch.cat([k, extra_k.float()], 2), torch.cat([v, extra_v.float()], 2)
+        valid = torch.cat([valid, ev], 1)
+    n_rep = hq // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    scaling = 1.0 / math.sqrt(d) if scaling is None else scaling
+    s = (q.float() @ k.transpose(-1, -2)) * scaling  # [B, Hq, 1, T+R]
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ v).to(q.dtype)
