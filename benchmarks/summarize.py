@@ -1,0 +1,78 @@
+"""Markdown tables from the JSON files in benchmarks/results/ (what README.md and closing notes quote).
+
+    python benchmarks/summarize.py                 # the h200 files
+    python benchmarks/summarize.py --device h100   # the earlier H100 files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def kernel_table(doc: dict, cases: list[tuple[str, int, int]]) -> list[str]:
+    """Decode-attention rows (CUDA-graph ms, % of copy bandwidth, speed-up vs fp16 SDPA with enable_gqa)."""
+    out = [f"Decode attention, {doc['device']}, torch {doc['torch']}, triton {doc['triton']}, copy bandwidth "
+           f"{doc['copy_gbs']:.0f} GB/s, key group {doc['key_group']}, value group {doc['value_group']}, "
+           f"{doc['residual']} fp16 window tokens:", "",
+           "| shape | B | context | method | ms | GB/s | % copy bw | vs fp16 |",
+           "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for shape, bsz, ctx in cases:
+        rows = [r for r in doc["rows"] if (r["shape"], r["batch"], r["ctx"]) == (shape, bsz, ctx)]
+        base = next((r for r in rows if r["method"] == "sdpa-fp16-enable_gqa"), None)
+        for r in rows:
+            ms = r.get("ms_graph") or r["ms"]
+            ref = (base.get("ms_graph") or base["ms"]) if base else None
+            sp = f"{ref / ms:.2f}x" if ref else "-"
+            out.append(f"| {shape} | {bsz} | {ctx // 1024}k | {r['method']} | {ms:.4f} | {r['gbs']:.0f} | "
+                       f"{r['pct_copy_bw']:.0f}% | {sp} |")
+    return out
+
+
+def e2e_table(doc: dict) -> list[str]:
+    """End-to-end rows: decode ms/step, tokens/s, prefill s, peak decode memory, cache compression."""
+    out = [f"End to end, {doc['device']}, {doc['model']['architecture']}, {doc['settings']['new_tokens']} new "
+           "tokens:", "",
+           "| prompt | B | method | ms/step | tok/s | prefill s | peak decode GB | cache x smaller | bits held |",
+           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(doc["rows"], key=lambda r: (r["prompt_tokens"], r["batch"])):
+        if "ms_per_step" not in r:
+            out.append(f"| {r['prompt_tokens']} | {r['batch']} | {r['method']} | {r.get('error', 'not run')} |")
+            continue
+        peak = r.get("peak_decode_bytes")
+        out.append(f"| {r['prompt_tokens']} | {r['batch']} | {r['method']} | {r['ms_per_step']:.1f} | "
+                   f"{r['tokens_per_s']:.0f} | {r['prefill_s']:.2f} | {peak / 1e9 if peak else 0:.2f} | "
+                   f"{r['compression_vs_fp16']:.2f} | {r['bits_per_element_held']:.2f} |")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="h200")
+    a = ap.parse_args()
+    lines: list[str] = []
+    if doc := _load(f"decode_kernel_{a.device}.json"):
+        cases = [(s, b, c) for s in ("llama3-8b", "smollm2-135m") for b, c in ((8, 32768), (32, 131072))]
+        lines += kernel_table(doc, cases) + [""]
+        for h in doc.get("host", []):
+            lines.append(f"- host {h['shape']} {h['method']}: {h['us_per_call']:.1f} us/call")
+        lines.append("")
+    if doc := _load(f"e2e_{a.device}.json"):
+        lines += e2e_table(doc) + [""]
+    if doc := _load(f"kernel_vs_reference_{a.device}.json"):
+        for r in doc.get("rows", []):
+            lines.append(f"- {r['plan']} {r['mode']} B={r['batch']}: tokens equal {r['tokens_equal']}, "
+                         f"max |logit diff| {r.get('max_logit_diff', '-')}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
