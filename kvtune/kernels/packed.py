@@ -16,18 +16,23 @@ from kvtune.kernels.pack import slicing, unpack_codes_reference
 
 
 @dataclass(frozen=True)
-class PackedKeys:
-    """Packed keys of one layer (per-channel groups of ``group`` tokens).
-
-    packed: uint8 ``[B, Hkv, T, row_bytes]`` (last dim contiguous); scale, zero: fp16
-    ``[B, Hkv, T/group, D]`` (same strides); bits: 1, 1.58, 2, 3, 4 or 8; group: tokens per group.
-    """
+class _PackedCodes:
+    """Codes plus their scale and zero-point tensors; bits: 1, 1.58, 2, 3, 4 or 8; group: see subclasses."""
 
     packed: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     bits: float
     group: int
+
+
+@dataclass(frozen=True)
+class PackedKeys(_PackedCodes):
+    """Packed keys of one layer (per-channel groups of ``group`` tokens).
+
+    packed: uint8 ``[B, Hkv, T, row_bytes]`` (last dim contiguous); scale, zero: fp16
+    ``[B, Hkv, T/group, D]`` (same strides); group: tokens per group.
+    """
 
     def __post_init__(self) -> None:
         b, h, t, _ = self.packed.shape
@@ -41,25 +46,18 @@ class PackedKeys:
 
 
 @dataclass(frozen=True)
-class PackedValues:
+class PackedValues(_PackedCodes):
     """Packed values of one layer (per-token groups of ``group`` channels; 0 = all D).
 
     packed: uint8 ``[B, Hkv, T, row_bytes]``; scale, zero: fp16 ``[B, Hkv, T, ceil(D/group)]``.
     The head dim ``D`` is taken from the keys.
     """
 
-    packed: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    bits: float
-    group: int
-
     def __post_init__(self) -> None:
         if self.group < 0:
             raise ValueError(f"value group must be >= 0, got {self.group}")
         if self.scale.shape != self.zero.shape or tuple(self.scale.shape[:3]) != tuple(self.packed.shape[:3]):
             raise ValueError(f"value scale/zero must be [B, Hkv, T, D/Gc], got {tuple(self.scale.shape)}")
-
 
 
 def dequantize_keys_reference(kq: PackedKeys, d: int) -> torch.Tensor:
