@@ -377,7 +377,8 @@ def main() -> None:
     result = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "copy_gbs": copy_gbs,
               "key_group": args.key_group, "value_group": args.value_group or "D", "residual": RESIDUAL,
               "shapes": {k: {"hq": v[0], "hkv": v[1], "d": v[2]} for k, v in SHAPES.items()},
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "l2_bytes": int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0))}
     t_start = time.time()
     slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
     out = Path(args.out or Path(__file__).parent / "results" / f"decode_kernel_{slug}{'_sweep' if args.sweep else ''}"

@@ -116,8 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=1000)
     p.add_argument("--gen-steps", type=int, default=32, help="new tokens of the padded generate() case")
     p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--embedded", action="store_true",
+                   help="the real embedded SmolLM2-135M on CPU under TRITON_INTERPRET=1, a pydoc:eval prompt, "
+                        "lockstep only (slow: ~30 s a step)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    if a.embedded:
+        return _embedded(a)
     if torch.cuda.is_available():
         dev, dtype = "cuda", torch.float16
     elif os.environ.get("TRITON_INTERPRET") == "1":  # CPU smoke run of this script (interpreted kernels)
@@ -143,6 +148,30 @@ def main(argv: list[str] | None = None) -> int:
         print({k: v for k, v in case.items() if not isinstance(v, list)}, flush=True)
         for r in case.get("rows", []):
             print("   row", {k: v for k, v in r.items() if not isinstance(v, list)}, flush=True)
+        write_text_atomic(out, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _embedded(a: argparse.Namespace) -> int:
+    """Lockstep kernel-vs-reference on the real weights (CPU, interpreted kernels): the quality-bearing check."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("kernel_vs_reference --embedded: set TRITON_INTERPRET=1 (CPU run of the kernels)")
+    import kvtune
+    from kvtune.data import load_text, token_chunks
+
+    model, tokenizer = kvtune.load_model("smollm2-135m")
+    prompt = token_chunks(tokenizer, load_text("pydoc:eval"), a.prompt)[:1]
+    out = a.out or RESULTS / "kernel_vs_reference_cpu_embedded.json"
+    result = {"device": "cpu (TRITON_INTERPRET=1)", "versions": versions(),
+              "model": "SmolLM2-135M-Instruct (embedded GGUF, real weights), fp32", "prompt": "pydoc:eval",
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cases": []}
+    for plan in a.plans.split(","):
+        t = time.perf_counter()
+        case = lockstep(model, plan, prompt, a.steps) | {"wall_s": time.perf_counter() - t}
+        case["reference_text"] = tokenizer.decode(case["reference_tokens"])
+        result["cases"].append(case)
+        print({k: v for k, v in case.items() if not isinstance(v, list)}, flush=True)
         write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

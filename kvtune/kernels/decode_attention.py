@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import os
+from functools import lru_cache
+from typing import Any
 
 import torch
 import triton
@@ -223,6 +225,22 @@ def _extra_args(extra_k, extra_v, extra_len, q):
     return extra_k, extra_v, extra_len.to(torch.int32), 0, r, 1
 
 
+@lru_cache(maxsize=256)
+def _static_args(kbits: float, kgroup: int, vbits: float, vgroup: int, d: int, n_rep: int,
+                 use_asm: bool) -> tuple[Any, int, bool, dict[str, Any]]:
+    """What a launch derives from the specs alone, once per spec: the value slicing, the value channel group,
+    the fast-path flag and the spec's constexpr arguments. Raises ValueError for specs the kernel lacks."""
+    if kgroup < 16 or kgroup & (kgroup - 1):
+        raise ValueError(f"key group must be a power of two >= 16, got {kgroup}")
+    lk, lv = slicing(kbits, d), slicing(vbits, d)
+    gc = min(vgroup or d, d)
+    fast = _fast_path(lk, d) and _fast_path(lv, d)
+    consts = {"D": d, "NREP": n_rep, "QH": max(16, _p2(n_rep)), "G": kgroup, "GC": gc, "USE_ASM": use_asm,
+              "FMT_K": lk.fmt, "SK": lk.slices, "WK": lk.width, "WKP": max(16, _p2(lk.width)),
+              "FMT_V": lv.fmt, "SV": lv.slices, "WV": lv.width, "WVP": max(16, _p2(lv.width)), "FAST": fast}
+    return lv, gc, fast, consts
+
+
 def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
                      extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None,
                      extra_len: torch.Tensor | None = None, start: torch.Tensor | None = None,
@@ -242,18 +260,13 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     if one != 1 or hq % hkv or kq.scale.shape[-1] != d:
         raise ValueError(f"q must be [B, Hkv*n_rep, 1, D] matching keys; got q {tuple(q.shape)}, "
                          f"keys {tuple(kq.scale.shape)}")
-    n_rep = hq // hkv
-    lk, lv = slicing(kq.bits, d), slicing(vq.bits, d)
+    lv, gc, fast, consts = _static_args(kq.bits, kq.group, vq.bits, vq.group, d, hq // hkv, _use_asm(q))
     if vq.packed.shape[-1] != lv.row_bytes:
         raise ValueError(f"packed values have {vq.packed.shape[-1]} bytes a row, expected {lv.row_bytes}")
-    gc = min(vq.group or d, d)
     if vq.scale.shape[-1] != math.ceil(d / gc):
         raise ValueError(f"value scale has {vq.scale.shape[-1]} groups, expected {math.ceil(d / gc)}")
     scaling = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
-    if kq.group < 16 or kq.group & (kq.group - 1):
-        raise ValueError(f"key group must be a power of two >= 16, got {kq.group}")
     cfg = config or default_config(bsz, hkv, t, d, q.device, lv.width)
-    fast = _fast_path(lk, d) and _fast_path(lv, d)
     block_t = cfg.block_t if fast else min(cfg.block_t, kq.group)
     chunk = math.ceil(math.ceil(max(t, 1) / cfg.num_splits) / block_t) * block_t
     n_q = math.ceil(t / chunk) if t else 0
@@ -268,35 +281,31 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
         ks, kz = ks.contiguous(), kz.contiguous()
     if vs.stride() != vz.stride():
         vs, vz = vs.contiguous(), vz.contiguous()
-    ek, ev = _arg(ek), _arg(ev)
-    qc = _arg(q)
+    ek, ev, qc = _arg(ek), _arg(ev), _arg(q)
     m = torch.empty(bsz * hq, ns, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
     o = torch.empty(bsz * hq, ns, d, dtype=torch.float32, device=q.device)
     st = start.to(device=q.device, dtype=torch.int32) if start is not None else m
     _decode_split_kernel[(ns, bsz * hkv)](
-        qc, qc.stride(0), qc.stride(1),
-        kp, kp.stride(0), kp.stride(1), kp.stride(2),
-        ks, kz, ks.stride(0), ks.stride(1), ks.stride(2),
-        vp, vp.stride(0), vp.stride(1), vp.stride(2),
-        vs, vz, vs.stride(0), vs.stride(1), vs.stride(2),
-        ek, ek.stride(0), ek.stride(1), ek.stride(2) if ek.dim() > 2 else 0,
-        ev, ev.stride(0), ev.stride(1), ev.stride(2) if ev.dim() > 2 else 0,
-        emask, stride_emb, st,
-        m, lse, o,
+        qc, *qc.stride()[:2], kp, *kp.stride()[:3], ks, kz, *ks.stride()[:3],
+        vp, *vp.stride()[:3], vs, vz, *vs.stride()[:3], ek, *_strides3(ek), ev, *_strides3(ev),
+        emask, stride_emb, st, m, lse, o,
         t, r, chunk, n_q, ns, hkv, scaling * LOG2E,
-        D=d, NREP=n_rep, QH=max(16, _p2(n_rep)),
-        FMT_K=lk.fmt, SK=lk.slices, WK=lk.width, WKP=max(16, _p2(lk.width)), G=kq.group,
-        FMT_V=lv.fmt, SV=lv.slices, WV=lv.width, WVP=max(16, _p2(lv.width)), GC=gc,
-        BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode,
-        HAS_START=start is not None, USE_ASM=_use_asm(q), FAST=fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
     )
     _merge_kernel[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
                                D=d, DP=_p2(d), BS=min(16, _p2(ns)), num_warps=4)
     return out
 
 
-def _fast_path(lay, d: int) -> bool:
+def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, head and token strides of an extra-segment tensor (a 1-element stand-in has fewer dims)."""
+    s = x.stride()
+    return (s[0], s[1], s[2]) if len(s) > 2 else (s[0], s[1] if len(s) > 1 else 0, 0)
+
+
+def _fast_path(lay: Any, d: int) -> bool:
     """2/4/8-bit codes whose slices are full power-of-two widths >= 16 (e.g. D = 64, 128 at 2/4 bits)."""
     return lay.fmt in (2, 4, 8) and lay.width >= 16 and lay.width == _p2(lay.width) and lay.slices * lay.width == d
 
