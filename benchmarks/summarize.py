@@ -73,12 +73,18 @@ def main() -> None:
         for h in doc.get("host", []):
             lines.append(f"- host {h['shape']} {h['method']}: {h['us_per_call']:.1f} us/call")
         lines.append("")
-    if doc := _load(f"e2e_{a.device}.json"):
-        lines += e2e_table(doc) + [""]
-    if doc := _load(f"kernel_vs_reference_{a.device}.json"):
-        for r in doc.get("rows", []):
-            lines.append(f"- {r['plan']} {r['mode']} B={r['batch']}: tokens equal {r['tokens_equal']}, "
-                         f"max |logit diff| {r.get('max_logit_diff', '-')}")
+    for name in (f"e2e_{a.device}.json", f"e2e_{a.device}_repeat.json"):
+        if doc := _load(name):
+            lines += [f"{name}:"] + e2e_table(doc) + [""]
+    if doc := _load(f"host_{a.device}.json"):
+        lines += [f"- host (host_{a.device}.json) {h['shape']} {h['method']}: {h['us_per_call']:.1f} us/call"
+                  for h in doc.get("host", [])] + [""]
+    for name in (f"kernel_vs_reference_{a.device}.json", "kernel_vs_reference_cpu_embedded.json"):
+        doc = _load(name) or {}
+        for r in doc.get("cases", []):
+            diff = r.get("max_logit_diff", max((x["max_logit_diff"] for x in r.get("rows", [])), default=None))
+            lines.append(f"- {name}: {r['plan']} {r['mode']} B={r['batch']} {r['steps']} steps: tokens equal "
+                         f"{r['tokens_equal']}, max |logit diff| {diff}")
     print("\n".join(lines))
 
 
