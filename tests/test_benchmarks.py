@@ -1,0 +1,45 @@
+"""The benchmark scripts run on CPU (tiny smoke case) and the committed GPU results render as tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture()
+def bench_path(monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.syspath_prepend(str(BENCH))
+    return BENCH
+
+
+def test_e2e_quick_on_cpu(bench_path: Path, tmp_path: Path) -> None:
+    import bench_e2e
+
+    out = tmp_path / "e2e.json"
+    assert bench_e2e.main(["--quick", "--methods", "hf-dynamic,kivi-2bit", "--batches", "1", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"hf-dynamic", "kivi-2bit"}
+    fp16, kivi = rows["hf-dynamic"], rows["kivi-2bit"]
+    assert fp16["tokens_per_s"] > 0 and kivi["tokens_per_s"] > 0
+    # the kvtune cache holds exactly the bytes the bit accountant counts, far fewer than fp16's
+    assert kivi["cache_bytes_used"] < fp16["fp16_cache_bytes"]
+    assert kivi["bits_per_element_held"] == pytest.approx(kivi["effective_bits_accountant"], rel=0.01)
+
+
+def test_summarize_renders_the_committed_results(bench_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import summarize
+
+    monkey_argv = ["summarize.py", "--device", "h200"]
+    old, sys.argv = sys.argv, monkey_argv
+    try:
+        summarize.main()
+    finally:
+        sys.argv = old
+    out = capsys.readouterr().out
+    assert "| llama3-8b | 8 | 32k | kvtune-k2v2 |" in out
+    assert "kernel_vs_reference_h200.json: kv2 lockstep B=1 64 steps: tokens equal True" in out
