@@ -62,10 +62,10 @@ def e2e_table(doc: dict) -> list[str]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="h200")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     lines: list[str] = []
     if doc := _load(f"decode_kernel_{a.device}.json"):
         cases = [(s, b, c) for s in ("llama3-8b", "smollm2-135m") for b, c in ((8, 32768), (32, 131072))]

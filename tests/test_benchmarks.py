@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,7 @@ def test_e2e_quick_on_cpu(bench_path: Path, tmp_path: Path) -> None:
 def test_summarize_renders_the_committed_results(bench_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import summarize
 
-    monkey_argv = ["summarize.py", "--device", "h200"]
-    old, sys.argv = sys.argv, monkey_argv
-    try:
-        summarize.main()
-    finally:
-        sys.argv = old
+    summarize.main(["--device", "h200"])
     out = capsys.readouterr().out
     assert "| llama3-8b | 8 | 32k | kvtune-k2v2 |" in out
     assert "kernel_vs_reference_h200.json: kv2 lockstep B=1 64 steps: tokens equal True" in out
