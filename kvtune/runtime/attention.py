@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from kvtune.errors import KVTuneError
 from kvtune.quant.formats import QuantSpec
 from kvtune.quant.transforms import hadamard
 from kvtune.runtime import policies, reference
@@ -48,6 +49,9 @@ def kvtune_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
+    if step.layer.owner is not None and id(module) != step.layer.owner:
+        raise KVTuneError("this KVTuneCache was created for another model instance",
+                          "create one cache per model: plan.cache(model)")
     scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
     pad, padded = _left_padding(attention_mask, query)
     if _fresh_prefill(step):  # nothing stored before this call: plain SDPA over its own (fp16-stored) tokens

@@ -49,7 +49,7 @@ class KVTuneCache(Cache):
     """
 
     def __init__(self, plan: Plan, model: Any, headroom: float | None = None, backend: str = "auto") -> None:
-        from kvtune.models import check_supported
+        from kvtune.models import check_supported, decoder_layers
         from kvtune.runtime.attention import install
 
         check_supported(model)
@@ -74,7 +74,10 @@ class KVTuneCache(Cache):
             layer.backend = backend
             layer.type_feed = self.token_types
         install(model)
-        self._model_ref = id(model)
+        attn = [getattr(d, "self_attn", None) for d in (decoder_layers(model) or ())]
+        if len(attn) == len(layers) and all(a is not None for a in attn):
+            for layer, module in zip(layers, attn):
+                layer.owner = id(module)
 
     @property
     def stepwise(self) -> bool:
@@ -93,12 +96,6 @@ class KVTuneCache(Cache):
         from kvtune.tokens import as_mask
 
         self.token_types.set(None if mask is None else as_mask(mask, input_ids), self.get_seq_length())
-
-    def check_model(self, model: Any) -> None:
-        """A cache belongs to the model it was made for."""
-        if id(model) != self._model_ref:
-            raise KVTuneError("this KVTuneCache was created for another model instance",
-                              "create a new cache with plan.cache(model)")
 
     def nbytes(self, used: bool = False) -> int:
         """Bytes held by the cache's tensors (codes, scales, zeros, outliers, salient copies, fp16 tokens)."""

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from kvtune.errors import KVTuneError
 from kvtune.plan_types import HeadPlan, LayerPlan
 from kvtune.runtime.heads import HeadGroup
 from kvtune.runtime.store import TokenBuffer
@@ -77,6 +78,7 @@ class KVTuneLayer(CacheLayerMixin):
         self.backend = "auto"
         self.flush = plan.flush
         self.type_feed: Any = None  # kvtune.tokens.TokenTypeFeed, set by the cache
+        self.owner: int | None = None  # id() of the attention module this layer serves, set by the cache
         self.track_types = plan.salient.ratio > 0 and bool(plan.salient.token_types)
         self._clear()
 
@@ -90,6 +92,7 @@ class KVTuneLayer(CacheLayerMixin):
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first index, k, v) just quantized
         self.win_types: torch.Tensor | None = None  # int8 [B, Hkv, w] token types of the window (track_types)
         self.q_types = TokenBuffer()  # int8 [B, Hkv, Nq] token types of the quantized tokens (track_types)
+        self.awaiting_attention = False  # update() ran and kvtune's attention has not finished it yet
         self.is_initialized = False
 
     # -- transformers CacheLayerMixin ------------------------------------------------------------------
@@ -115,6 +118,11 @@ class KVTuneLayer(CacheLayerMixin):
         Nothing is quantized here: the attention function attends first (this call's tokens in fp16), then
         calls :meth:`finish`, which flushes whole blocks once the padding of each row is known.
         """
+        if self.awaiting_attention:
+            raise KVTuneError("a KVTuneCache layer was updated twice without kvtune's attention in between (the "
+                              "model's attn_implementation was changed, the cache belongs to another model, or "
+                              "an earlier forward failed)", "make a new cache with plan.cache(model) (or call "
+                              "cache.reset()) and keep attn_implementation='kvtune'")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         m, nq0 = key_states.shape[2], self.n_quant
@@ -134,10 +142,12 @@ class KVTuneLayer(CacheLayerMixin):
         step = Step(self, m, nq0, self._sinks(self.sink_k), self._sinks(self.sink_v), take,
                     self._bounds(m, take, rest0))
         key_states._kvtune_step = step  # read by kvtune.runtime.attention
+        self.awaiting_attention = True
         return key_states, value_states
 
     def finish(self, pad: torch.Tensor) -> None:
         """After attention: remember the rows' left padding, merge (Elastic), flush whole blocks."""
+        self.awaiting_attention = False
         self.pad = pad
         if self.plan.merge.method != "none":
             from kvtune.runtime.policies import merge_window

@@ -127,6 +127,34 @@ def test_plan_for_another_model_is_refused(tiny_llama: tuple[Any, Any]) -> None:
         KVTuneCache(load_plan("kv4"), model, backend="cuda-magic")
 
 
+def test_cache_reused_by_another_model_is_refused(tiny_llama: tuple[Any, Any]) -> None:
+    from kvtune.models import tiny_model
+
+    model, _ = tiny_llama
+    twin = tiny_model("llama")  # same architecture and weights, another instance
+    cache = load_plan("kv2").cache(model)
+    load_plan("kv2").cache(twin)  # the twin attends with kvtune too
+    with pytest.raises(KVTuneError, match="another model instance"):
+        twin(_ids(1, 20), past_key_values=cache)
+    other = load_plan("kv2").cache(model)
+    twin.set_attn_implementation("sdpa")  # a model that does not attend through kvtune at all
+    twin(_ids(1, 20), past_key_values=other)  # its prompt pass sees only its own tokens: still right
+    with pytest.raises(KVTuneError, match="without kvtune's attention"):
+        twin(_ids(1, 1), past_key_values=other)
+    other.reset()  # a reset cache works again with the model it was made for
+    torch.testing.assert_close(model(_ids(1, 20), past_key_values=other).logits,
+                               model(_ids(1, 20), past_key_values=load_plan("kv2").cache(model)).logits)
+
+
+def test_triton_backend_without_kernels_is_refused(tiny_llama: tuple[Any, Any],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtune import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    with pytest.raises(KVTuneError, match="needs a CUDA GPU"):
+        KVTuneCache(load_plan("kv2"), tiny_llama[0], backend="triton")
+
+
 @pytest.mark.parametrize("name", ["kv2", "kivi-sinks", "hadamard-outliers-3bit", "zipcache-like"])
 def test_chunked_prefill_sdpa_equals_blockwise(tiny_llama: tuple[Any, Any], name: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
