@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import logging
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -278,6 +280,18 @@ def load_identity(name_or_path: str) -> ModelIdentity:
     ident = config_identity(config, fallback_arch=config.__class__.__name__)
     return ModelIdentity(**{k: ident[k] for k in ("architecture", "num_layers", "num_heads", "num_kv_heads",
                                                   "head_dim", "fingerprint")})
+
+
+@lru_cache(maxsize=64)
+def _cache_keyword(model_cls: type) -> str:
+    params = inspect.signature(model_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """Forward keyword arguments that hand ``cache`` to ``model``: ``cache=`` where the model's forward takes it
+    (transformers >= 5.2x, which deprecates ``past_key_values=``), else ``past_key_values=``."""
+    return {_cache_keyword(type(model)): cache, "use_cache": True}
 
 
 def decoder_layers(model: Any) -> Any:

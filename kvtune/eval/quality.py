@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from kvtune.models import cache_kwargs
+
 SLICE = 256  # positions per log-softmax slice (bounds the temporary memory to SLICE x vocab floats)
 
 
@@ -119,7 +121,7 @@ def cached_logits(model: Any, cache: Any, input_ids: torch.Tensor, chunk: int = 
     bounds = sorted(set(bounds))
     pieces = []
     for s, e in itertools.pairwise(bounds):
-        out = model(input_ids[:, s:e], past_key_values=cache, use_cache=True)
+        out = model(input_ids[:, s:e], **cache_kwargs(model, cache))
         pieces.append(out.logits.float())
     return torch.cat(pieces, dim=1)
 

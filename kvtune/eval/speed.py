@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from kvtune.eval.baselines import Method
+from kvtune.models import cache_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def decode_speed(model: Any, method: Method, length: int, batch: int, new_tokens
     with _peak(device) as prefill_peak:
         t0 = time.perf_counter()
         for s in range(0, length, step):
-            logits = model(prompt[:, s:s + step], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(prompt[:, s:s + step], logits_to_keep=1, **cache_kwargs(model, cache)).logits
         _sync(device)
         prefill = time.perf_counter() - t0
     nxt = logits[:, -1:].argmax(-1)  # [B, 1]
@@ -138,7 +139,7 @@ def decode_speed(model: Any, method: Method, length: int, batch: int, new_tokens
             if i == warmup:
                 _sync(device)
                 t1 = time.perf_counter()
-            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            nxt = model(nxt, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
         _sync(device)
         decode = time.perf_counter() - t1
     result = SpeedResult(name=method.name, length=length, batch=batch, new_tokens=new_tokens, prefill_s=prefill,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kvtune.models import cache_kwargs
 from kvtune.plan import Plan
 
 
@@ -31,6 +32,6 @@ def teacher_forced_logits(model: Any, plan: Plan, input_ids: torch.Tensor, chunk
     pieces = []
     for s, e in itertools.pairwise(bounds):
         cache.stepwise = s >= prefill
-        out = model(input_ids[:, s:e], past_key_values=cache, use_cache=True)
+        out = model(input_ids[:, s:e], **cache_kwargs(model, cache))
         pieces.append(out.logits.float())
     return torch.cat(pieces, dim=1)
