@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embedded", action="store_true",
                    help="the real embedded SmolLM2-135M on CPU under TRITON_INTERPRET=1, a pydoc:eval prompt, "
                         "lockstep only (slow: ~30 s a step)")
+    p.add_argument("--control-only", action="store_true",
+                   help="with --embedded: add the fp16-rounding controls to an existing result file")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if a.embedded:
@@ -153,9 +155,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@torch.no_grad()
+def rounding_control(model: Any, plan_name: str, prompt: torch.Tensor, tokens: list[int]) -> dict:
+    """The control for a lockstep case: the reference path against itself with every attention output rounded
+    to fp16 (the kernel's output precision), fed the same tokens. Low-bit codes are discontinuous in their
+    input, so an fp16-sized difference can flip codes of the next block flushed and grow; if this control
+    shows the kernel's pattern, the kernel adds nothing beyond fp16 rounding."""
+    from kvtune.plan import load_plan
+    from kvtune.runtime import KVTuneCache, reference
+
+    exact = reference.attend
+
+    def run(rounded: bool) -> torch.Tensor:
+        reference.attend = (lambda step, q, *r, **k: exact(step, q, *r, **k).half().to(q.dtype)) if rounded \
+            else exact
+        try:
+            cache = KVTuneCache(load_plan(plan_name), model, backend="reference")
+            logits = [model(prompt, past_key_values=cache).logits[:, -1:]]
+            for t in tokens:
+                logits.append(model(torch.tensor([[t]], device=prompt.device), past_key_values=cache).logits)
+        finally:
+            reference.attend = exact
+        return torch.cat(logits, 1)[0].float()  # [steps + 1, V]
+
+    a, b = run(False), run(True)
+    diffs = (a - b).abs().amax(-1)[1:].tolist()
+    same = (a.argmax(-1) == b.argmax(-1))[:-1].tolist()  # the choice after the last token is not compared
+    return {"mode": "control: reference vs reference with fp16-rounded attention output", "steps": len(tokens),
+            "steps_equal": sum(same), "max_logit_diff": max(diffs), "max_logit_diff_per_step": diffs}
+
+
 def _embedded(a: argparse.Namespace) -> int:
-    """Lockstep kernel-vs-reference on the real weights (CPU, interpreted kernels): the quality-bearing check."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    """Lockstep kernel-vs-reference on the real weights (CPU, interpreted kernels), each case with its
+    :func:`rounding_control`; ``--control-only`` adds the controls to an existing result file."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not a.control_only:
         sys.exit("kernel_vs_reference --embedded: set TRITON_INTERPRET=1 (CPU run of the kernels)")
     import kvtune
     from kvtune.data import load_text, token_chunks
@@ -163,15 +196,28 @@ def _embedded(a: argparse.Namespace) -> int:
     model, tokenizer = kvtune.load_model("smollm2-135m")
     prompt = token_chunks(tokenizer, load_text("pydoc:eval"), a.prompt)[:1]
     out = a.out or RESULTS / "kernel_vs_reference_cpu_embedded.json"
-    result = {"device": "cpu (TRITON_INTERPRET=1)", "versions": versions(),
-              "model": "SmolLM2-135M-Instruct (embedded GGUF, real weights), fp32", "prompt": "pydoc:eval",
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cases": []}
-    for plan in a.plans.split(","):
-        t = time.perf_counter()
-        case = lockstep(model, plan, prompt, a.steps) | {"wall_s": time.perf_counter() - t}
-        case["reference_text"] = tokenizer.decode(case["reference_tokens"])
+    if a.control_only:
+        result = json.loads(out.read_text())
+        cases = result["cases"]
+    else:
+        result = {"device": "cpu (TRITON_INTERPRET=1)", "versions": versions(),
+                  "model": "SmolLM2-135M-Instruct (embedded GGUF, real weights), fp32", "prompt": "pydoc:eval",
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cases": []}
+        cases = []
+        for plan in a.plans.split(","):
+            t = time.perf_counter()
+            case = lockstep(model, plan, prompt, a.steps) | {"wall_s": time.perf_counter() - t}
+            case["reference_text"] = tokenizer.decode(case["reference_tokens"])
+            cases.append(case)
+    result["cases"] = []
+    for case in cases:
+        if case.get("prompt_tokens") != prompt.shape[1]:
+            sys.exit(f"kernel_vs_reference: {out} was made with a {case.get('prompt_tokens')}-token prompt; "
+                     f"pass --prompt {case.get('prompt_tokens')}")
+        case["control"] = rounding_control(model, case["plan"], prompt, case["reference_tokens"])
         result["cases"].append(case)
-        print({k: v for k, v in case.items() if not isinstance(v, list)}, flush=True)
+        print({k: v for k, v in case.items() if not isinstance(v, (list, dict))}, flush=True)
+        print("   control", {k: v for k, v in case["control"].items() if not isinstance(v, list)}, flush=True)
         write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

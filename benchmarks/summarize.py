@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         for r in doc.get("cases", []):
             diff = r.get("max_logit_diff", max((x["max_logit_diff"] for x in r.get("rows", [])), default=None))
             lines.append(f"- {name}: {r['plan']} {r['mode']} B={r['batch']} {r['steps']} steps: tokens equal "
-                         f"{r['tokens_equal']}, max |logit diff| {diff}")
+                         f"{r['tokens_equal']} ({r.get('steps_equal', '-')} of {r['steps']}), max |logit diff| {diff}")
+            if ctl := r.get("control"):
+                lines.append(f"  - control, reference vs fp16-rounded reference: {ctl['steps_equal']} of "
+                             f"{ctl['steps']} steps equal, max |logit diff| {ctl['max_logit_diff']:.3f}")
     print("\n".join(lines))
 
 
