@@ -182,7 +182,8 @@ def rounding_control(model: Any, plan_name: str, prompt: torch.Tensor, tokens: l
     diffs = (a - b).abs().amax(-1)[1:].tolist()
     same = (a.argmax(-1) == b.argmax(-1))[:-1].tolist()  # the choice after the last token is not compared
     return {"mode": "control: reference vs reference with fp16-rounded attention output", "steps": len(tokens),
-            "steps_equal": sum(same), "max_logit_diff": max(diffs), "max_logit_diff_per_step": diffs}
+            "steps_equal": sum(same), "first_divergence": next((i for i, e in enumerate(same) if not e), None),
+            "max_logit_diff": max(diffs), "max_logit_diff_per_step": diffs}
 
 
 def _embedded(a: argparse.Namespace) -> int:
