@@ -283,18 +283,23 @@ def host_time(dev, shapes: list[str], calls: int = 400) -> list[dict]:
         fns = {"kvtune decode_attention": lambda a=(q, kq, vq, ek, ek): decode_attention(*a),
                "sdpa-fp16 (enable_gqa)": lambda a=(q, k, k): F.scaled_dot_product_attention(*a, enable_gqa=True)}
         for name, fn in fns.items():
-            for _ in range(20):
-                fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-            us = (time.perf_counter() - t0) / calls * 1e6
+            us = _us_per_call(fn, calls)
             rows.append({"shape": shape, "method": name, "us_per_call": us})
             print(f"  host {shape} {name}: {us:.1f} us/call", flush=True)
         rows.append(_host_breakdown(shape, fns["kvtune decode_attention"], calls))
     return rows
+
+
+def _us_per_call(fn, calls: int, warmup: int = 20) -> float:
+    """Wall microseconds per call of ``calls`` back-to-back calls (after ``warmup`` untimed ones)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
 
 
 class _NoLaunch:
@@ -314,10 +319,7 @@ def _host_breakdown(shape: str, fn, calls: int) -> dict:
     saved = mod._decode_split_kernel, mod._merge_kernel
     mod._decode_split_kernel = mod._merge_kernel = _NoLaunch()
     try:
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        wrapper_us = (time.perf_counter() - t0) / calls * 1e6
+        wrapper_us = _us_per_call(fn, calls)
     finally:
         mod._decode_split_kernel, mod._merge_kernel = saved
     prof = cProfile.Profile()
@@ -326,7 +328,7 @@ def _host_breakdown(shape: str, fn, calls: int) -> dict:
         fn()
     prof.disable()
     torch.cuda.synchronize()
-    stats = pstats.Stats(prof).sort_stats("tottime")
+    stats = pstats.Stats(prof)
     top = [{"function": f"{Path(f).name}:{line}({name})", "calls_per_call": round(st[1] / calls, 2),
             "tottime_us_per_call": round(st[2] / calls * 1e6, 2)}
            for (f, line, name), st in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]]

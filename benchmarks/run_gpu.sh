@@ -11,7 +11,6 @@
 #   bash benchmarks/run_gpu.sh profile LENGTH BATCH METHODS
 set -uo pipefail
 OUTDIR=${OUT:-benchmarks/results}
-RES=benchmarks/results
 DEV=${DEV:-h200}
 export PYTHONUNBUFFERED=1
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then

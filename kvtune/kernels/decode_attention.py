@@ -210,8 +210,6 @@ def _merge_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ob, stride_oh, Hq, NS,
              mask=d < D)
 
 
-
-
 def _extra_args(extra_k, extra_v, extra_len, q):
     """(ek, ev, emask, stride_emb, R, mode): mode 0 none, 1 lengths [B], 2 mask [B, R], 3 all valid."""
     if extra_k is None or extra_k.shape[2] == 0:
@@ -288,7 +286,7 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     st = start.to(device=q.device, dtype=torch.int32) if start is not None else m
     _decode_split_kernel[(ns, bsz * hkv)](
         qc, *qc.stride()[:2], kp, *kp.stride()[:3], ks, kz, *ks.stride()[:3],
-        vp, *vp.stride()[:3], vs, vz, *vs.stride()[:3], ek, *_strides3(ek), ev, *_strides3(ev),
+        vp, *vp.stride()[:3], vs, vz, *vs.stride()[:3], ek, *ek.stride()[:3], ev, *ev.stride()[:3],
         emask, stride_emb, st, m, lse, o,
         t, r, chunk, n_q, ns, hkv, scaling * LOG2E,
         BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None,
@@ -297,12 +295,6 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     _merge_kernel[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
                                D=d, DP=_p2(d), BS=min(16, _p2(ns)), num_warps=4)
     return out
-
-
-def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
-    """Batch, head and token strides of an extra-segment tensor (a 1-element stand-in has fewer dims)."""
-    s = x.stride()
-    return (s[0], s[1], s[2]) if len(s) > 2 else (s[0], s[1] if len(s) > 1 else 0, 0)
 
 
 def _fast_path(lay: Any, d: int) -> bool:
