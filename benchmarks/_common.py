@@ -76,9 +76,9 @@ def kv3_plan() -> Any:
     """A 3-bit uniform plan built in code (KIVI layout at 3 bits): K per-channel g32, V per-token g32, R=128."""
     from kvtune.plan import Plan
     from kvtune.plan_types import LayerPlan
-    from kvtune.quant.formats import QuantSpec
+    from kvtune.quant.formats import affine
 
-    layer = LayerPlan(key=QuantSpec(bits=3, axis="channel", group=32), value=QuantSpec(bits=3, axis="token", group=32),
+    layer = LayerPlan(key=affine(bits=3, axis="channel", group=32), value=affine(bits=3, axis="token", group=32),
                       residual=128)
     return Plan(layers=(layer,), name="kivi-3bit",
                 description="3-bit uniform: K per-channel g32, V per-token g32, R=128")

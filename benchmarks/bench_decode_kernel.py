@@ -76,7 +76,7 @@ def make_cache(bsz: int, hkv: int, t: int, d: int, bits: int, vgroup: int, dev: 
                key_group: int = KEY_GROUP):
     """Random packed keys/values with plausible scales (codes are uniform bytes: valid at 2/4/8 bits)."""
     from kvtune.kernels.decode_attention import PackedKeys, PackedValues
-    from kvtune.kernels.pack import slicing
+    from kvtune.quant.codes import slicing
 
     g = torch.Generator(device=dev).manual_seed(seed)
     row = slicing(bits, d).row_bytes
@@ -103,7 +103,7 @@ def quant_bytes(kq, vq, ek, ev) -> int:
 
 def dequantize_fp16(kq, vq, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-cache dequantization in PyTorch ops (the QuantizedCache way): fp16 ``[B, Hkv, T, D]`` each."""
-    from kvtune.kernels.pack import slicing
+    from kvtune.quant.codes import slicing
 
     def codes(packed, bits):
         lay = slicing(bits, d)
@@ -236,7 +236,7 @@ def sweep(dev, copy_gbs: float, vgroup: int, rep_ms: int, shapes: list[str], key
           bits: int = 2, bsz: int = 8, ctx: int = 32768) -> list[dict]:
     """Launch-config grid at B=8, 32k, 2-bit (the target case) for each shape; the default config first."""
     from kvtune.kernels.decode_attention import DecodeConfig, decode_attention, default_config
-    from kvtune.kernels.pack import slicing
+    from kvtune.quant.codes import slicing
 
     rows = []
     for shape in shapes:

@@ -47,9 +47,9 @@ DEFAULT_METHODS = ("hf-dynamic", "hf-dynamic-flash", "hf-quanto-4bit", "hf-hqq-4
 def kv2_g128_plan() -> Any:
     from kvtune.plan import Plan
     from kvtune.plan_types import LayerPlan
-    from kvtune.quant.formats import QuantSpec
+    from kvtune.quant.formats import affine
 
-    layer = LayerPlan(key=QuantSpec(bits=2, axis="channel", group=128), value=QuantSpec(bits=2, axis="token", group=64))
+    layer = LayerPlan(key=affine(bits=2, axis="channel", group=128), value=affine(bits=2, axis="token", group=64))
     return Plan(layers=(layer,), name="kv2-g128", description="2-bit: K per-channel g128, V per-token g64 (= D), "
                 "asymmetric, fp16 scale+zero, no residual window")
 
@@ -133,9 +133,10 @@ def run_one(model: Any, meth: Any, length: int, batch: int, new_tokens: int, war
 def _kernel_path(cache: Any) -> bool:
     """Whether single-token decode of every layer of this cache goes through the fused Triton kernel."""
     from kvtune import kernels
-    from kvtune.runtime.attention import _key_ok, _value_ok
+    from kvtune.quant import codec
 
-    ok = all(_key_ok(g.plan.key) and _value_ok(g.plan.value) for layer in cache.layers for g in layer.groups)
+    ok = all(codec.kernel_ok(g.plan.key, "key") and codec.kernel_ok(g.plan.value, "value")
+             for layer in cache.layers for g in layer.groups)
     sal = any(layer.plan.salient.ratio > 0 for layer in cache.layers)
     return bool(ok and not sal and torch.cuda.is_available() and kernels.available())
 

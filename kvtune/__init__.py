@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "KVTuneError": "kvtune.errors",
     "QuantSpec": "kvtune.quant.formats",
+    "affine": "kvtune.quant.formats",
     "Plan": "kvtune.plan",
     "load_plan": "kvtune.plan",
     "save_plan": "kvtune.plan",
@@ -39,6 +40,7 @@ __all__ = [
     "Plan",
     "QuantSpec",
     "__version__",
+    "affine",
     "calibrate",
     "load_model",
     "load_plan",

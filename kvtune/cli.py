@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 
 import click
 
@@ -26,15 +25,6 @@ def cli(verbose: int) -> None:
         import warnings
 
         warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
-
-
-def _not_built(name: str, issue: str) -> Callable[..., None]:
-    @cli.command(name=name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                 help=f"(not built yet: {issue})")
-    def _cmd() -> None:
-        raise KVTuneError(f"'kvtune {name}' is not built yet", f"it lands with the {issue} issue")
-
-    return _cmd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,23 +49,19 @@ def main(argv: list[str] | None = None) -> int:
 _REGISTERED = False
 
 
+COMMANDS = ("inspect", "calibrate", "search", "eval", "bench", "demo")
+
+
 def _register_commands() -> None:
-    """Attach the stage commands that exist in this installation (each module adds its own)."""
+    """Attach the stage commands (each module of :mod:`kvtune.commands` adds its own)."""
     global _REGISTERED
     if _REGISTERED:
         return
     _REGISTERED = True
     import importlib
 
-    for name, issue in (("inspect", "foundation"), ("calibrate", "calibration"), ("search", "search"),
-                        ("eval", "evaluation"), ("bench", "evaluation"), ("demo", "evaluation")):
-        module = f"kvtune.commands.{name}"
-        try:
-            importlib.import_module(module).register(cli)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            _not_built(name, issue)
+    for name in COMMANDS:
+        importlib.import_module(f"kvtune.commands.{name}").register(cli)
 
 
 if __name__ == "__main__":

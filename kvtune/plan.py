@@ -1,9 +1,10 @@
 """Plan: the deployable artifact (``plan.yaml`` + ``plan.safetensors``), and presets by name.
 
 A plan holds one :class:`~kvtune.plan_types.LayerPlan` per model layer, or exactly one *template*
-layer (presets) that :meth:`Plan.bind` expands for a given model. Tensors (calibrated outlier channel
-indices, ``layers.{i}.{key|value}.outlier_idx`` int16 ``[Hkv, o]``) live in the safetensors file
-whose sha256 is recorded in the YAML. Loading validates strictly and fails with one clear line.
+layer (presets) that :meth:`Plan.bind` expands for a given model. Tensors -- the quantizers' calibrated
+``layer``-scope state, named ``layers.{i}.{key|value}.{field}`` ``[Hkv, width]`` (e.g. outlier channel indices
+``outlier_idx`` int16 ``[Hkv, o]``), checked against what the layer's specs declare -- live in the safetensors
+file whose sha256 is recorded in the YAML. Loading validates strictly and fails with one clear line.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import torch
 from kvtune.errors import KVTuneError, strict_mapping
 from kvtune.io import atomic_path, read_yaml, sha256_file, write_yaml_atomic
 from kvtune.plan_types import LayerPlan, ModelIdentity, Provenance
+from kvtune.quant import codec
 from kvtune.quant.bits import REFERENCE_LENGTH, BitBreakdown, layers_bits
+from kvtune.quant.outliers import INDEX_FIELD
+from kvtune.quant.rotation import rotation
 
 SCHEMA_VERSION = 1
 PLAN_YAML, PLAN_TENSORS = "plan.yaml", "plan.safetensors"
@@ -63,11 +67,20 @@ class Plan:
                 return self
         layers = self.layers * identity.num_layers if len(self.layers) == 1 else self.layers
         for i, layer in enumerate(layers):
-            layer.head_plans(identity.num_kv_heads)
             for spec in (s for h in layer.head_plans(identity.num_kv_heads) for s in (h.key, h.value)):
                 if spec.outliers >= identity.head_dim:
                     raise KVTuneError(f"layer {i}: {spec.outliers} outlier channels >= head_dim {identity.head_dim}")
+                rotation(spec.rotation).check(identity.head_dim)
         return replace(self, layers=tuple(layers), model=identity)
+
+    def layer_state(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Layer ``i``'s calibrated quantizer state from the plan's tensors: ``{role: {field: [Hkv, width]}}``."""
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for name, t in self.tensors.items():
+            _, layer, role, field_name = name.split(".", 3)
+            if int(layer) == i:
+                state.setdefault(role, {})[field_name] = t
+        return state
 
     def bits(self, length: int | None = None, identity: ModelIdentity | None = None) -> BitBreakdown:
         """Exact stored bits at ``length`` (default: the reference length)."""
@@ -152,22 +165,28 @@ def _layers_from(raw: Any, where: str) -> tuple[LayerPlan, ...]:
 
 
 def _check_tensors(plan: Plan, where: str) -> None:
-    """Outlier index tensors must match the specs' outlier counts and the model's shape."""
+    """Every tensor is ``layers.{i}.{key|value}.{field}`` of a ``layer``-scope field some head's spec declares,
+    ``[kv_heads, widest declared width]``; outlier channel indices lie inside the head."""
     for name, t in plan.tensors.items():
         parts = name.split(".")
-        if len(parts) != 4 or parts[0] != "layers" or parts[2] not in ("key", "value") or parts[3] != "outlier_idx":
-            raise KVTuneError(f"{where}: unexpected tensor {name!r}", "only layers.N.key|value.outlier_idx")
+        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in ("key", "value"):
+            raise KVTuneError(f"{where}: unexpected tensor {name!r}", "tensors are layers.N.key|value.FIELD")
         i = int(parts[1])
         if i >= len(plan.layers):
             raise KVTuneError(f"{where}: tensor {name} names layer {i} beyond the plan's {len(plan.layers)}")
         layer = plan.layers[i]
-        specs = [getattr(layer.head(h) if layer.heads else layer, parts[2]) for h in range(max(len(layer.heads), 1))]
-        want = max(s.outliers for s in specs)
+        heads = [layer.head(h) if layer.heads else layer for h in range(max(len(layer.heads), 1))]
+        d = plan.model.head_dim if plan.model is not None else 1 << 16
+        widths = [codec.layer_fields(getattr(hp, parts[2]), d).get(parts[3]) for hp in heads]
+        if not any(widths):
+            raise KVTuneError(f"{where}: tensor {name}: the layer's {parts[2]} quantizers store no {parts[3]!r}",
+                              "re-run the search")
+        want = max(f.width for f in widths if f is not None)
         if t.dim() != 2 or t.shape[1] != want:
             raise KVTuneError(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected [kv_heads, {want}]",
                               "re-run the search")
-        if plan.model is not None and (t.shape[0] != plan.model.num_kv_heads or
-                                       (t.numel() and int(t.max()) >= plan.model.head_dim)):
+        if plan.model is not None and (t.shape[0] != plan.model.num_kv_heads or (
+                parts[3] == INDEX_FIELD and t.numel() and int(t.max()) >= plan.model.head_dim)):
             raise KVTuneError(f"{where}: tensor {name} does not fit the model's heads/head_dim", "re-run the search")
 
 

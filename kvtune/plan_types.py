@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from kvtune.errors import KVTuneError, strict_mapping
+from kvtune.quant.codes import code_format
 from kvtune.quant.formats import QuantSpec
 
-SCORES = ("normalized_attention", "accumulated_attention", "probe", "key_norm")
+SCORES = ("normalized_attention",)  # what the runtime scores salient tokens by (kvtune.runtime.policies)
 MERGES = ("none", "elastic")
 
 
@@ -34,7 +35,7 @@ class SalientPolicy:
     at ``bits`` (per-token, whole head_dim group); their low-bit copies are masked out at attention.
     ``sink_tokens`` first tokens are kept in fp16 and never quantized. ``probe_recent``/``probe_random``
     are the shares of queries used as probes for the score (ZipCache: 5% + 5%). ``token_types`` weights
-    the score of each token type (:data:`kvtune.tokens.TOKEN_TYPES`, unlisted types 1.0): e.g.
+    the score of each token type (:data:`kvtune.token_types.TOKEN_TYPES`, unlisted types 1.0): e.g.
     ``{image: 4, video: 4}`` makes visual tokens the first candidates (VidKV, AKVQ-VL). The number of
     salient tokens (and so the stored bits) does not depend on the types. YAML: a mapping; in memory a
     sorted tuple of ``(type, weight)`` pairs (hashable).
@@ -52,7 +53,7 @@ class SalientPolicy:
         object.__setattr__(self, "token_types", _type_weights(self.token_types))
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"salient ratio must be in [0, 1), got {self.ratio}")
-        QuantSpec(bits=self.bits)
+        code_format(self.bits)
         if self.score not in SCORES:
             raise ValueError(f"salient score must be one of {SCORES}, got {self.score!r}")
         if self.sink_tokens < 0:
@@ -75,7 +76,7 @@ class SalientPolicy:
 
 def _type_weights(raw: Any) -> tuple[tuple[str, float], ...]:
     """``{type: weight}`` (or pairs) -> sorted ``((type, weight), ...)``, validated."""
-    from kvtune.tokens import TOKEN_TYPES
+    from kvtune.token_types import TOKEN_TYPES
 
     items = raw.items() if isinstance(raw, Mapping) else raw
     try:

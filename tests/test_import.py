@@ -7,7 +7,7 @@ import sys
 
 
 def test_import_is_lean() -> None:
-    code = ("import sys, kvtune, kvtune.plan, kvtune.quant.ops, kvtune.cli\n"
+    code = ("import sys, kvtune, kvtune.plan, kvtune.quant.codec, kvtune.cli\n"
             "bad = [m for m in ('triton', 'optuna', 'transformers', 'matplotlib') if m in sys.modules]\n"
             "import torch\n"
             "assert not torch.cuda.is_initialized()\n"
@@ -20,4 +20,5 @@ def test_public_api_resolves() -> None:
     import kvtune
 
     assert callable(kvtune.load_plan)
-    assert kvtune.QuantSpec(bits=2).bits == 2
+    assert kvtune.affine(2, "channel", 32).bits == 2
+    assert kvtune.QuantSpec.from_dict({"bits": 2}) == kvtune.affine(2)

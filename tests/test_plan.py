@@ -11,15 +11,15 @@ import yaml
 from kvtune.errors import KVTuneError
 from kvtune.plan import Plan, load_plan, preset_names, save_plan
 from kvtune.plan_types import HeadPlan, LayerPlan, ModelIdentity, Provenance, SalientPolicy
-from kvtune.quant.formats import QuantSpec, kivi_key, kivi_value
+from kvtune.quant.formats import affine, kivi_key, kivi_value
 
 IDENT = ModelIdentity("LlamaForCausalLM", 4, 8, 2, 64, "abc123")
 PRESETS = ["fp16", "kivi-2bit", "kivi-4bit", "kv8", "k8v4", "kv4", "k4v2", "kv2"]
 
 
 def _plan() -> Plan:
-    heads = (HeadPlan(kivi_key(4), kivi_value(2)), HeadPlan(QuantSpec(bits=1.58, axis="channel", group=32, outliers=2),
-                                                          QuantSpec(bits=3, axis="token", group=32, hadamard=True)))
+    heads = (HeadPlan(kivi_key(4), kivi_value(2)), HeadPlan(affine(bits=1.58, axis="channel", group=32, outliers=2),
+                                                          affine(bits=3, axis="token", group=32, hadamard=True)))
     layers = (LayerPlan(key=kivi_key(2), value=kivi_value(2), residual=128),
               LayerPlan(heads=heads, salient=SalientPolicy(ratio=0.1, bits=4, sink_tokens=1)),
               LayerPlan(key=kivi_key(8), value=kivi_value(4)), LayerPlan())

@@ -160,7 +160,7 @@ def calibrate_model(model: Any, chunks: torch.Tensor, settings: CalibSettings | 
     settings = settings or CalibSettings(tokens=int(chunks.numel()), seq_len=int(chunks.shape[1]))
     if chunks.dim() != 2 or chunks.shape[1] != settings.seq_len or chunks.shape[0] < 1:
         raise ValueError(f"chunks must be [n >= 1, {settings.seq_len}], got {list(chunks.shape)}")
-    keys, values = default_candidates()
+    keys, values = default_candidates(int(model_identity(model)["head_dim"]))
     kl_k, kl_v = default_kl_candidates(keys, values)
     timing: dict[str, float] = {}
     start = time.perf_counter()

@@ -113,7 +113,7 @@ def _load(model_name_or_path: str, device: str) -> tuple[Any, Any]:
 
 
 def _same_inputs(old: Calibration, fingerprint: str, digest: str, settings: CalibSettings) -> bool:
-    keys, values = default_candidates()
+    keys, values = default_candidates(int(old.model.get("head_dim", 0)) or None)
     kl_k, kl_v = default_kl_candidates(keys, values)
     return (old.fingerprint == fingerprint and old.data.get("sha256") == digest and old.settings == settings
             and old.key_candidates == keys and old.value_candidates == values

@@ -9,7 +9,7 @@ pre-RoPE keys are a possible extension (the pre-RoPE statistics are already coll
 
 Token grouping: a channel-axis spec with group G quantizes the first ``floor(T/G)*G`` tokens and keeps the
 rest in fp16 (:func:`quantize_tokens`), as the runtime's residual window does. Outlier channels come from
-calibration (``rank``, per head, for specs without Hadamard) or, with Hadamard, from the rotated data.
+calibration (``rank``, per head, for specs without rotation) or, when rotated, from the rotated data.
 
 **End-to-end KL** (:func:`layer_kl`): for a few candidates, per layer, the mean over positions of
 ``KL(p_fp || p_q)`` of next-token distributions when only that layer's K (or V) is quantized.
@@ -24,49 +24,41 @@ import torch
 
 from kvtune.calibrate.attention import probe_attention
 from kvtune.calibrate.hooks import AttentionCall, capture
-from kvtune.quant.formats import QuantSpec
-from kvtune.quant.ops import fake_quantize
+from kvtune.errors import KVTuneError
+from kvtune.quant import family as families
+from kvtune.quant.codec import fake_quantize
+from kvtune.quant.formats import QuantSpec, kivi_key, kivi_value
+from kvtune.quant.rotation import rotation
 
 
-def default_candidates() -> tuple[tuple[QuantSpec, ...], tuple[QuantSpec, ...]]:
-    """``(key_candidates, value_candidates)``: 30 key and 33 value quantizers (order is part of the artifact).
+def default_candidates(head_dim: int | None = None) -> tuple[tuple[QuantSpec, ...], tuple[QuantSpec, ...]]:
+    """``(key_candidates, value_candidates)``: every registered family's candidates, in registry order (the order
+    is part of the artifact), without those a head of ``head_dim`` channels cannot hold (a rotation the head
+    dim does not allow, as many outlier channels as the head has).
 
-    Keys: per-channel g32 (KIVI) at 1/1.58/2/3/4/8 bits; + Hadamard at 1..4 bits; + 1/2/4 fp16 outlier channels
-    at 2 and 3 bits, 4 at 1 and 1.58 bits; VidKV-style (FFT, 1 bit + 4 channels at 2 bits; FFT 1.58 bits);
-    groups 64/128 at 2 bits and 128 at 4 bits; the sub-2.5-bit end: g128 at 1/1.58/3 bits, 2-bit g128 with
-    Hadamard or 2 outlier channels, 2-bit g256.
-    Values: per-token g32 (KIVI) at 1/1.58/2/3/4/8 bits; + Hadamard at 1..4; channel-separable (ZipCache) at
-    1.58..4; + 1/2/4 fp16 outlier channels at 2 and 3 bits; groups 64/128 at 2 bits, 64 at 4 bits; per-channel
-    g32 (VidKV values) at 1.58 and 2 bits; the sub-2.5-bit end: whole-head groups (g64) at 1/1.58 bits, 2 bits
-    symmetric, with Hadamard, channel-separable, and 3 bits.
-
-    Without the g128/g64 ends the cheapest plan stores 2.0 bits (1-bit g32 everywhere): a 2-bit budget
-    could then only be met by 1-bit everything (validated KL 6.5 on SmolLM2-135M).
+    The ``affine`` family's ends reach below 2 bits (g128 keys, whole-head value groups): without them the
+    cheapest plan stores 2.0 bits (1-bit g32 everywhere) and a 2-bit budget could only be met by 1-bit
+    everything (validated KL 6.5 on SmolLM2-135M).
     """
-    ch, tok = "channel", "token"
-    keys = [QuantSpec(b, ch, 32) for b in (1, 1.58, 2, 3, 4, 8)]
-    keys += [QuantSpec(b, ch, 32, hadamard=True) for b in (1, 1.58, 2, 3, 4)]
-    keys += [QuantSpec(b, ch, 32, outliers=o) for b in (2, 3) for o in (1, 2, 4)]
-    keys += [QuantSpec(b, ch, 32, outliers=4) for b in (1, 1.58)]
-    keys += [QuantSpec(1, ch, 32, fft=True, outliers=4, outlier_bits=2), QuantSpec(1.58, ch, 32, fft=True)]
-    keys += [QuantSpec(2, ch, 64), QuantSpec(2, ch, 128), QuantSpec(4, ch, 128)]
-    keys += [QuantSpec(b, ch, 128) for b in (1, 1.58, 3)]
-    keys += [QuantSpec(2, ch, 128, hadamard=True), QuantSpec(2, ch, 128, outliers=2), QuantSpec(2, ch, 256)]
-    values = [QuantSpec(b, tok, 32) for b in (1, 1.58, 2, 3, 4, 8)]
-    values += [QuantSpec(b, tok, 32, hadamard=True) for b in (1, 1.58, 2, 3, 4)]
-    values += [QuantSpec(b, tok, 32, channel_separable=True) for b in (1.58, 2, 3, 4)]
-    values += [QuantSpec(b, tok, 32, outliers=o) for b in (2, 3) for o in (1, 2, 4)]
-    values += [QuantSpec(2, tok, 64), QuantSpec(2, tok, 128), QuantSpec(4, tok, 64)]
-    values += [QuantSpec(b, ch, 32) for b in (1.58, 2)]
-    values += [QuantSpec(b, tok, 64) for b in (1, 1.58, 3)]
-    values += [QuantSpec(2, tok, 64, symmetric=True), QuantSpec(2, tok, 64, hadamard=True),
-               QuantSpec(2, tok, 64, channel_separable=True)]
-    return tuple(keys), tuple(values)
+    fams = families.all_families()
+    keys = tuple(s for f in fams for s in f.candidates("key") if _fits(s, head_dim))
+    values = tuple(s for f in fams for s in f.candidates("value") if _fits(s, head_dim))
+    return keys, values
+
+
+def _fits(spec: QuantSpec, head_dim: int | None) -> bool:
+    if head_dim is None:
+        return True
+    try:
+        rotation(spec.rotation).check(head_dim)
+    except KVTuneError:
+        return False
+    return spec.outliers < head_dim
 
 
 def default_kl_candidates(keys: tuple[QuantSpec, ...], values: tuple[QuantSpec, ...]) -> tuple[list[int], list[int]]:
     """Indices of the candidates that get an end-to-end KL: plain 2-bit keys (KIVI) and plain 2-bit values."""
-    return [keys.index(QuantSpec(2, "channel", 32))], [values.index(QuantSpec(2, "token", 32))]
+    return [keys.index(kivi_key(2))], [values.index(kivi_value(2))]
 
 
 def quantize_tokens(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,7 +73,7 @@ def quantize_tokens(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor 
 
 def _outlier_idx(spec: QuantSpec, rank: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     """Calibrated outlier channels ``[B, Hkv, o]`` from ``rank`` ``[Hkv, D]``, or None (take them from the data)."""
-    if not spec.outliers or spec.hadamard or rank is None:
+    if not spec.outliers or spec.rotated or rank is None:
         return None
     return rank[:, : spec.outliers].sort(dim=-1).values.unsqueeze(0).expand(batch, -1, -1)
 

@@ -135,9 +135,10 @@ class HFQuantizedMethod(Method):
         """Token-by-token semantics, whatever ``chunk``: the first update (``prefill`` tokens, or one) is
         quantized; each later forward of ``residual`` tokens ends exactly where decoding one token at a time
         flushes the fp residual, and inside it every query sees the same tensors as in decoding."""
-        from kvtune.eval.quality import cached_logits
+        from kvtune.runtime import teacher_forced_logits
 
-        return cached_logits(model, self.new_cache(model), input_ids, chunk=self.residual, prefill=max(prefill, 1))
+        return teacher_forced_logits(model, self.new_cache(model), input_ids, chunk=self.residual,
+                                     prefill=max(prefill, 1))
 
 
 @dataclass
@@ -156,9 +157,9 @@ class DynamicMethod(Method):
         return sum(tensor_bytes((layer.keys, layer.values)) for layer in cache.layers)
 
     def teacher_forced(self, model: Any, input_ids: torch.Tensor, chunk: int, prefill: int) -> torch.Tensor:
-        from kvtune.eval.quality import cached_logits
+        from kvtune.runtime import teacher_forced_logits
 
-        return cached_logits(model, self.new_cache(model), input_ids, chunk=chunk, prefill=prefill)
+        return teacher_forced_logits(model, self.new_cache(model), input_ids, chunk=chunk, prefill=prefill)
 
 
 def quantized_cache_bits(nbits: int, group: int, residual: int, length: int, param_bits: int = FP_BITS) -> float:

@@ -12,14 +12,11 @@ residual window, no) quantized tokens, which dilutes the all-position numbers.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from kvtune.models import cache_kwargs
 
 SLICE = 256  # positions per log-softmax slice (bounds the temporary memory to SLICE x vocab floats)
 
@@ -105,25 +102,6 @@ def perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
 def reference_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     """fp16 reference: one dense forward without a cache. ``input_ids [B, T]`` -> logits ``[B, T, V]`` float32."""
     return model(input_ids, use_cache=False).logits.float()
-
-
-@torch.no_grad()
-def cached_logits(model: Any, cache: Any, input_ids: torch.Tensor, chunk: int = 64, prefill: int = 0) -> torch.Tensor:
-    """Teacher-forced logits through any transformers ``Cache``: the first ``prefill`` tokens in one forward,
-    then ``chunk`` tokens per forward, so earlier tokens are read back from the cache.
-
-    ``input_ids [B, T]`` int64 -> logits ``[B, T, V]`` float32.
-    """
-    if chunk < 1:
-        raise ValueError("chunk must be >= 1")
-    T = input_ids.shape[1]
-    bounds = [0, *([min(prefill, T)] if prefill > 0 else []), *range(max(prefill, 0) + chunk, T, chunk), T]
-    bounds = sorted(set(bounds))
-    pieces = []
-    for s, e in itertools.pairwise(bounds):
-        out = model(input_ids[:, s:e], **cache_kwargs(model, cache))
-        pieces.append(out.logits.float())
-    return torch.cat(pieces, dim=1)
 
 
 def greedy_agreement(reference: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:

@@ -7,8 +7,9 @@ and the public names below resolve lazily on first attribute access::
     if kernels.available():
         out = kernels.decode_attention(q, kq, vq, extra_k, extra_v, extra_len, start, scaling)
 
-Modules: :mod:`kvtune.kernels.pack` (quantize + bit-pack new tokens), :mod:`kvtune.kernels.packed`
-(the packed K/V containers and the PyTorch reference of decode attention, no triton),
+Codes are packed by :mod:`kvtune.quant.codes` (PyTorch, on any device: the one packing implementation).
+Modules: :mod:`kvtune.kernels.packed` (the packed K/V containers and the PyTorch reference of decode
+attention, no triton),
 :mod:`kvtune.kernels.decode_attention` (fused split-K decode attention over packed K/V plus a
 full-precision extra segment) with its device functions in :mod:`kvtune.kernels.unpack_tl` and
 :mod:`kvtune.kernels.decode_tiles` and its launch choice in :mod:`kvtune.kernels.decode_config`.
@@ -22,10 +23,6 @@ import os
 from typing import Any
 
 _EXPORTS = {
-    "pack_keys": "kvtune.kernels.pack",
-    "pack_values": "kvtune.kernels.pack",
-    "pack_keys_reference": "kvtune.kernels.pack",
-    "pack_values_reference": "kvtune.kernels.pack",
     "PackedKeys": "kvtune.kernels.packed",
     "PackedValues": "kvtune.kernels.packed",
     "decode_attention": "kvtune.kernels.decode_attention",
@@ -34,7 +31,6 @@ _EXPORTS = {
 
 __all__ = [
     "PackedKeys", "PackedValues", "available", "decode_attention", "decode_attention_reference",
-    "pack_keys", "pack_keys_reference", "pack_values", "pack_values_reference",
 ]
 
 

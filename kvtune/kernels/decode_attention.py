@@ -1,7 +1,7 @@
 """Fused decode attention over bit-packed K/V plus a full-precision extra segment (Triton).
 
 One query token per sequence attends over, per KV head, ``T`` quantized tokens (layout of
-:mod:`kvtune.kernels.pack`) and ``R`` full-precision "extra" tokens (residual window, sinks, salient
+:mod:`kvtune.quant.codes`) and ``R`` full-precision "extra" tokens (residual window, sinks, salient
 tokens; unordered). Flash-decoding: the grid is ``(n_splits + 1, B * Hkv)``; program ``(s, b*Hkv+h)``
 walks its chunk of the quantized sequence in tiles of ``BLOCK_T`` tokens, the last split program
 walks the extra segment instead. Each program serves *all* ``n_rep`` query heads of its KV head
@@ -27,11 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtune.kernels.decode_config import DecodeConfig, default_config
+from kvtune.kernels.decode_config import DecodeConfig, _p2, default_config
 from kvtune.kernels.decode_tiles import _softmax_step, _tile
-from kvtune.kernels.pack import _p2, slicing
 from kvtune.kernels.packed import PackedKeys, PackedValues, decode_attention_reference
 from kvtune.kernels.unpack_tl import _raw_shift
+from kvtune.quant.codes import slicing
 
 __all__ = ["DecodeConfig", "PackedKeys", "PackedValues", "decode_attention", "decode_attention_reference",
            "default_config"]

@@ -9,6 +9,12 @@ from functools import lru_cache
 import torch
 
 
+def _p2(n: int) -> int:
+    """Smallest power of two >= max(n, 1), in plain Python (``triton.next_power_of_2`` costs ~10 us a call
+    on the decode launch path)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
 @lru_cache(maxsize=8)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -1,6 +1,6 @@
 """Packed K/V of one layer as the decode kernels read them, and their PyTorch reference (the specification).
 
-:class:`PackedKeys` / :class:`PackedValues` bundle codes (layout of :mod:`kvtune.kernels.pack`), scales and
+:class:`PackedKeys` / :class:`PackedValues` bundle codes (layout of :mod:`kvtune.quant.codes`), scales and
 zero-points; :func:`decode_attention_reference` dequantizes everything and runs an fp32 softmax: the
 kernel in :mod:`kvtune.kernels.decode_attention` is tested against it. Torch only (no triton import).
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtune.kernels.pack import slicing, unpack_codes_reference
+from kvtune.quant.codes import slicing, unpack
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class PackedValues(_PackedCodes):
 
 def dequantize_keys_reference(kq: PackedKeys, d: int) -> torch.Tensor:
     """fp32 keys ``[B, Hkv, T, D]``: ``code * scale[t // G] + zero[t // G]``."""
-    codes = unpack_codes_reference(kq.packed, kq.bits, d).float()
+    codes = unpack(kq.packed, kq.bits, d).float()
     scale, zero = (x.float().repeat_interleave(kq.group, dim=2) for x in (kq.scale, kq.zero))
     return codes * scale + zero
 
@@ -70,7 +70,7 @@ def dequantize_keys_reference(kq: PackedKeys, d: int) -> torch.Tensor:
 def dequantize_values_reference(vq: PackedValues, d: int) -> torch.Tensor:
     """fp32 values ``[B, Hkv, T, D]``: ``code * scale[t, e // Gc] + zero[t, e // Gc]``."""
     gc = min(vq.group or d, d)
-    codes = unpack_codes_reference(vq.packed, vq.bits, d).float()
+    codes = unpack(vq.packed, vq.bits, d).float()
     scale, zero = (x.float().repeat_interleave(gc, dim=-1)[..., :d] for x in (vq.scale, vq.zero))
     return codes * scale + zero
 

@@ -1,4 +1,4 @@
-"""Triton helpers that unpack bit-packed codes in registers (layout of :mod:`kvtune.kernels.pack`).
+"""Triton helpers that unpack bit-packed codes in registers (layout of :mod:`kvtune.quant.codes`).
 
 A byte row holds ``slices`` channel slices of width ``W``: slot ``s`` of every byte is the contiguous
 channel slice ``[s*W, (s+1)*W)``, so one shift + mask yields a slice as fp16 codes. 3-bit codes are a

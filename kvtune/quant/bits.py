@@ -6,17 +6,20 @@ At a logical sequence length ``L`` a layer stores, per KV head, for K and for V:
 * ``sink = min(sink_tokens, N)`` fp16 tokens, then of the ``rest = N - sink`` tokens the fp16 window
   holds ``rest`` if ``rest <= residual`` else ``residual + (rest - residual) % flush``; the other
   ``n_q`` tokens are quantized;
-* for ``n_q`` quantized tokens of a spec with ``o`` outlier channels and ``D' = D - o`` main channels:
-  codes ``n_q * packed_width(D', bits) * 8``; scales (and zero-points unless symmetric/ternary) at the
-  scale dtype, ``ceil(n_q / G) * D'`` of them on the channel axis (``G = 0``: one group per flushed block)
-  or ``n_q * ceil(D' / G)`` on the token axis; channel-separable norms ``ceil(n_q / flush) * D'`` fp16;
-  outliers ``o`` fp16 values a token (or their own per-channel quantizer) plus ``o`` int16 indices;
+* for ``n_q`` quantized tokens of a spec: the sum of the fields its family and wrappers declare
+  (:func:`kvtune.quant.codec.fields`), each ``rows(n_q) * width * dtype bits`` -- e.g. for the ``affine``
+  family with ``o`` outlier channels and ``D' = D - o`` main channels: codes ``n_q * packed_width(D', bits)
+  * 8``; scales (and zero-points unless symmetric/ternary) at the scale dtype, ``ceil(n_q / G) * D'`` of them
+  on the channel axis (``G = 0``: one group per flushed block) or ``n_q * ceil(D' / G)`` on the token axis;
+  channel-separable norms ``ceil(n_q / flush) * D'`` fp16; outliers ``o`` fp16 values a token (or their own
+  per-channel quantizer) plus ``o`` int16 indices per head (a ``layer``-scope field). The runtime's stores
+  hold exactly these fields, so bytes held and bits counted cannot disagree;
 * salient tokens ``floor(ratio * n_q)``: an extra per-token copy at the salient bits (with an fp16
   scale and zero) plus an int32 index each (shared by K and V, counted half each);
 * fp16 tokens (sinks + window): ``16 * D`` each.
 
 Effective bits = total stored bits / (2 * L * D * heads): the logical K and V element count.
-Hadamard rotation and FFT store nothing extra.
+Rotations and the FFT store nothing.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import math
 from dataclasses import dataclass, fields
 
 from kvtune.plan_types import LayerPlan
-from kvtune.quant.formats import SCALE_DTYPES, QuantSpec
+from kvtune.quant import codec
+from kvtune.quant.family import KINDS
+from kvtune.quant.formats import QuantSpec, per_token
 
 REFERENCE_LENGTH = 4096
 FP_BITS = 16
-INDEX_BITS = 16
 SALIENT_INDEX_BITS = 32
 
 
@@ -64,15 +68,6 @@ class BitBreakdown:
         return d
 
 
-def packed_bytes(d: int, bits: float) -> int:
-    """Bytes per token row of ``d`` codes (fp16 passthrough: ``2 * d``); matches :func:`ops.pack`."""
-    fmt = QuantSpec(bits=bits).format
-    if fmt.passthrough:
-        return 2 * d
-    per = (lambda plane: 5) if fmt.base == 3 else (lambda plane: 8 // plane)
-    return sum(math.ceil(d / per(p)) for p in fmt.planes)
-
-
 def token_counts(layer: LayerPlan, length: int) -> dict[str, int]:
     """How the ``length`` logical tokens of one head are stored: merged / fp16 / quantized / salient."""
     merge = layer.merge
@@ -89,32 +84,19 @@ def token_counts(layer: LayerPlan, length: int) -> dict[str, int]:
 
 
 def spec_bits(spec: QuantSpec, n_q: int, d: int, flush: int) -> BitBreakdown:
-    """Bits of ``n_q`` quantized tokens of one head under ``spec`` (fp16 specs: all codes)."""
-    if spec.passthrough:
-        return BitBreakdown(codes=n_q * d * FP_BITS)
-    o, dm = spec.outliers, d - spec.outliers
-    sbits = SCALE_DTYPES[spec.scale_dtype]
-    if spec.axis == "channel":
-        n_params = math.ceil(n_q / (spec.group or flush)) * dm if n_q else 0  # group 0: one per flushed block
-    else:
-        n_params = n_q * math.ceil(dm / min(spec.group or dm, dm))
-    has_zero = not (spec.symmetric or spec.format.base == 3)
-    scales = n_params * sbits + (math.ceil(n_q / flush) * dm * FP_BITS if spec.channel_separable else 0)
-    outliers = 0.0
-    if o:
-        out_spec = QuantSpec(bits=spec.outlier_bits, axis="channel",
-                             group=spec.group if spec.axis == "channel" else 0)
-        outliers = spec_bits(out_spec, n_q, o, flush).total
-    return BitBreakdown(codes=n_q * packed_bytes(dm, spec.bits) * 8, scales=scales,
-                        zeros=n_params * sbits if has_zero else 0, outliers=outliers,
-                        indices=o * INDEX_BITS if n_q else 0)
+    """Bits of ``n_q`` quantized tokens of one head under ``spec``: the sum of its declared fields
+    (:func:`kvtune.quant.codec.fields`), each in its kind."""
+    acc = dict.fromkeys(KINDS, 0)
+    for f in codec.fields(spec, d, flush):
+        acc[f.kind] += f.bits(n_q, flush)
+    return BitBreakdown(**acc)
 
 
 def layer_bits(layer: LayerPlan, num_kv_heads: int, head_dim: int, length: int = REFERENCE_LENGTH) -> BitBreakdown:
     """Stored bits of one layer's K and V, all KV heads, at ``length`` tokens."""
     counts = token_counts(layer, length)
     n_q, n_sal, d = counts["quantized"], counts["salient"], head_dim
-    salient_row = QuantSpec(bits=layer.salient.bits, axis="token", group=0)
+    salient_row = per_token(layer.salient.bits)
     total = BitBreakdown(elements=2 * length * d * num_kv_heads)
     for head in layer.head_plans(num_kv_heads):
         for spec in (head.key, head.value):

@@ -1,168 +1,170 @@
 """Quantizer specs: what one K or V tensor of one head becomes.
 
-A :class:`QuantSpec` is a frozen, validated description; the maths lives in :mod:`kvtune.quant.ops`.
-Tensors are laid out ``[..., T, D]`` (tokens, channels). Two grouping axes:
+A :class:`QuantSpec` names a family (:mod:`kvtune.quant.family`: how codes are made and what is stored),
+holds that family's parameters, and the two wrappers any family can use: a channel ``rotation`` applied
+first (:mod:`kvtune.quant.rotation`) and ``outliers`` channels split off and kept at ``outlier_bits``
+(:mod:`kvtune.quant.outliers`). The maths lives in :mod:`kvtune.quant.codec`.
 
-* ``axis="channel"`` (KIVI keys): statistics per channel, a group runs along ``group`` consecutive
-  tokens -> scales ``[..., T/group, D]``.
-* ``axis="token"`` (KIVI values): statistics per token, a group runs along ``group`` consecutive
-  channels -> scales ``[..., T, D/group]``.
-
-``group=0`` means the whole axis. Code formats are looked up by ``bits`` in :data:`CODE_FORMATS`
-(1, 1.58 = ternary, 2, 3, 4, 8, and 16 = fp16 passthrough).
+YAML form: one flat mapping, ``{family: NAME, <the family's parameters>, rotation: hadamard, outliers: 2,
+outlier_bits: 16}``. Without ``family`` it is ``affine`` (``fp16`` when ``bits: 16``), so the plans of the
+first schema (``{bits: 2, axis: channel, group: 32, hadamard: true}``) read unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from kvtune.errors import KVTuneError, build_strict
+from kvtune.quant import family as families
+from kvtune.quant.rotation import ROTATIONS
 
-SPEC_VERSION = 1
-AXES = ("channel", "token")
-
-
-@dataclass(frozen=True)
-class CodeFormat:
-    """How codes of one bit width are stored.
-
-    ``levels``: number of distinct codes. ``per_byte``: codes in one packed byte (0 = not packed,
-    stored as fp16). ``planes``: bit widths of the planes a code is split into when a width does not
-    divide 8 (3-bit = a 2-bit plane + a 1-bit plane). ``base``: radix of the packing (3 for ternary).
-    """
-
-    name: str
-    bits: float
-    levels: int
-    planes: tuple[int, ...]
-    base: int = 2
-
-    @property
-    def passthrough(self) -> bool:
-        return self.levels == 0
-
-
-CODE_FORMATS: dict[float, CodeFormat] = {
-    1: CodeFormat("int1", 1, 2, (1,)),
-    1.58: CodeFormat("ternary", 1.58, 3, (0,), base=3),  # 5 trits per byte
-    2: CodeFormat("int2", 2, 4, (2,)),
-    3: CodeFormat("int3", 3, 8, (2, 1)),
-    4: CodeFormat("int4", 4, 16, (4,)),
-    8: CodeFormat("int8", 8, 256, (8,)),
-    16: CodeFormat("fp16", 16, 0, ()),
-}
-
-SCALE_DTYPES: dict[str, int] = {"float16": 16, "bfloat16": 16, "float32": 32}
 OUTLIER_BITS = (4, 8, 16, 2)
-
-
-def code_format(bits: float) -> CodeFormat:
-    """Look up the code format of a bit width; unknown widths are a clear error."""
-    try:
-        return CODE_FORMATS[float(bits) if bits != int(bits) else int(bits)]
-    except (KeyError, ValueError, TypeError):
-        valid = ", ".join(str(b) for b in CODE_FORMATS)
-        raise KVTuneError(f"unsupported bit width {bits!r}", f"use one of {valid}") from None
+WRAPPER_KEYS = ("rotation", "hadamard", "outliers", "outlier_bits")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """One quantizer.
+    """One quantizer: a family with its parameters, plus rotation and outlier channels.
 
     Attributes:
-        bits: code width (see :data:`CODE_FORMATS`); 16 stores fp16 as is.
-        axis: ``"channel"`` (group along tokens) or ``"token"`` (group along channels).
-        group: group size along the grouping axis; 0 = the whole axis.
-        symmetric: zero-point-free grid (not allowed at 1 bit: use asymmetric).
-        scale_dtype: stored dtype of scales and zero-points.
-        hadamard: Walsh-Hadamard rotate channels first (head_dim must be a power of two).
-        channel_separable: ZipCache: divide each channel by sqrt(absmax) before a token-axis quantizer.
-        fft: VidKV: orthonormal real Fourier transform along tokens within each token group.
-        outliers: number of channels kept out of the main quantizer (dense-and-sparse / anomalous).
+        family: registered family name (``fp16``, ``affine``, ...).
+        params: the family's ``Params`` (None = its defaults).
+        rotation: registered rotation applied to channels first (``none``, ``hadamard``).
+        outliers: number of channels kept out of the family's quantizer (dense-and-sparse / anomalous).
         outlier_bits: precision of those channels (16 = fp16; 2/4/8 = their own per-channel quantizer).
     """
 
-    bits: float = 16
-    axis: str = "token"
-    group: int = 0
-    symmetric: bool = False
-    scale_dtype: str = "float16"
-    hadamard: bool = False
-    channel_separable: bool = False
-    fft: bool = False
+    family: str = "fp16"
+    params: Any = None
+    rotation: str = "none"
     outliers: int = 0
     outlier_bits: float = 16
 
     def __post_init__(self) -> None:
-        fmt = code_format(self.bits)
-        object.__setattr__(self, "bits", fmt.bits)
-        if self.axis not in AXES:
-            raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}")
-        if not isinstance(self.group, int) or self.group < 0:
-            raise ValueError(f"group must be an int >= 0 (0 = whole axis), got {self.group!r}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
-        if self.symmetric and fmt.bits == 1:
-            raise ValueError("symmetric 1-bit has no zero level: use symmetric=False at 1 bit")
-        if self.outliers < 0:
-            raise ValueError(f"outliers must be >= 0, got {self.outliers}")
+        fam = families.get(self.family)
+        if self.params is None:
+            object.__setattr__(self, "params", fam.Params())
+        if not isinstance(self.params, fam.Params):
+            raise ValueError(f"family {self.family!r} takes {fam.Params.__name__}, got {type(self.params).__name__}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {tuple(ROTATIONS)}, got {self.rotation!r}")
+        if not isinstance(self.outliers, int) or self.outliers < 0:
+            raise ValueError(f"outliers must be an int >= 0, got {self.outliers!r}")
         if self.outliers and float(self.outlier_bits) not in OUTLIER_BITS:
             raise ValueError(f"outlier_bits must be one of {OUTLIER_BITS}, got {self.outlier_bits}")
-        if self.channel_separable and self.axis != "token":
-            raise ValueError("channel_separable needs axis='token' (ZipCache: per-channel norm, then per-token)")
-        if self.fft and (self.axis != "channel" or self.group < 2):
-            raise ValueError("fft needs axis='channel' with a token group >= 2 (the FFT runs inside a group)")
+        if fam.passthrough and (self.outliers or self.rotation != "none"):
+            raise ValueError(f"{self.family} stores tensors as they are: no rotation or outlier channels")
+
+    # -- what it is ------------------------------------------------------------------------------------
+    @property
+    def fam(self) -> families.QuantFamily:
+        return families.get(self.family)
 
     @property
-    def format(self) -> CodeFormat:
-        return code_format(self.bits)
+    def bits(self) -> float:
+        """Nominal code width of the main channels (16 for fp16)."""
+        return self.fam.bits(self.params)
 
     @property
     def passthrough(self) -> bool:
         """True when nothing is quantized (fp16)."""
-        return self.format.passthrough
+        return self.fam.passthrough
+
+    @property
+    def rotated(self) -> bool:
+        return self.rotation != "none"
 
     @property
     def token_group(self) -> int:
-        """Tokens that must be present before a block can be quantized (1 for token-axis specs)."""
-        if self.passthrough or self.axis == "token":
-            return 1
-        return self.group
+        """Tokens a flushed block must be a multiple of (1 = any; 0 = one group per block)."""
+        return 1 if self.passthrough else self.fam.token_group(self.params)
 
-    def label(self) -> str:
-        """Short human-readable name, e.g. ``2b/ch/g32+h+o2``."""
-        if self.passthrough:
-            return "fp16"
-        text = f"{self.bits:g}b/{'ch' if self.axis == 'channel' else 'tok'}/g{self.group or 'all'}"
-        text += "".join(f"+{flag}" for flag, on in (("sym", self.symmetric), ("h", self.hadamard),
-                         ("cs", self.channel_separable), ("fft", self.fft)) if on)
-        if self.outliers:
-            text += f"+o{self.outliers}@{self.outlier_bits:g}"
-        return text
+    def label(self, short: bool = False) -> str:
+        """Human-readable name, e.g. ``2b/ch/g32+h+o2@16`` (``short``: ``2hg32``-style, for plots)."""
+        text = self.fam.label(self.params, short)
+        if short:
+            return text + ("h" if self.rotated else "") + (f"o{self.outliers}" if self.outliers else "")
+        text += f"+{self.rotation[0]}" if self.rotated else ""
+        return text + (f"+o{self.outliers}@{self.outlier_bits:g}" if self.outliers else "")
 
+    def with_params(self, **changes: Any) -> QuantSpec:
+        """This spec with some family parameters changed."""
+        return replace(self, params=replace(self.params, **changes))
+
+    # -- YAML ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Only the fields that differ from the defaults (keeps YAML short)."""
-        default = QuantSpec()
-        return {k: v for k, v in asdict(self).items() if k == "bits" or v != getattr(default, k)}
+        """The flat YAML form, only what differs from the defaults (``bits`` always)."""
+        p = asdict(self.params)
+        default = asdict(type(self.params)(**({"bits": p["bits"]} if "bits" in p else {})))
+        d: dict[str, Any] = {} if self.family == _implied_family(p) else {"family": self.family}
+        d.update({k: v for k, v in p.items() if k == "bits" or v != default.get(k)})
+        if self.rotated:
+            d["rotation"] = self.rotation
+        if self.outliers:
+            d["outliers"] = self.outliers
+            d["outlier_bits"] = self.outlier_bits
+        return d
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "quantizer") -> QuantSpec:
+    def from_dict(cls, data: Mapping[str, Any] | float, where: str = "quantizer") -> QuantSpec:
         """Strict: unknown keys and bad values are :class:`KVTuneError` naming ``where``."""
-        if isinstance(data, (int, float)):
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
             data = {"bits": data}
-        return build_strict(cls, data, where)
+        if not isinstance(data, Mapping):
+            raise KVTuneError(f"{where}: expected a mapping, got {type(data).__name__}", "see configs/ for examples")
+        rest = dict(data)
+        name = str(rest.pop("family", None) or _implied_family(rest))
+        wrap: dict[str, Any] = {k: rest.pop(k) for k in WRAPPER_KEYS if k in rest}
+        if "hadamard" in wrap:  # schema 1 spelling
+            on = wrap.pop("hadamard")
+            if not isinstance(on, bool):
+                raise KVTuneError(f"{where}: hadamard must be true or false, got {on!r}")
+            wrap.setdefault("rotation", "hadamard" if on else "none")
+        try:
+            fam = families.get(name)
+        except KVTuneError as exc:
+            raise KVTuneError(f"{where}: {exc}") from None
+        params = build_strict(fam.Params, rest, where)
+        try:
+            return cls(family=name, params=params, **wrap)
+        except (TypeError, ValueError) as exc:
+            raise KVTuneError(f"{where}: {exc}") from None
+
+
+def _implied_family(flat: Mapping[str, Any]) -> str:
+    """The family a flat mapping without ``family`` means: ``fp16`` at 16 bits, else ``affine``."""
+    return "fp16" if flat.get("bits", 16) == 16 else "affine"
+
+
+def param_names(name: str) -> tuple[str, ...]:
+    """The YAML keys of family ``name``'s parameters."""
+    return tuple(f.name for f in fields(families.get(name).Params))
 
 
 FP16 = QuantSpec()
 
 
+def affine(bits: float, axis: str = "token", group: int = 0, *, rotation: str = "none", hadamard: bool = False,
+           outliers: int = 0, outlier_bits: float = 16, **params: Any) -> QuantSpec:
+    """An integer-grid spec (``affine`` family; ``fp16`` at 16 bits): ``affine(2, "channel", 32, hadamard=True)``."""
+    if bits == 16:
+        return QuantSpec()
+    p = families.get("affine").Params(bits=bits, axis=axis, group=group, **params)
+    return QuantSpec("affine", p, "hadamard" if hadamard else rotation, outliers, outlier_bits)
+
+
 def kivi_key(bits: float, group: int = 32) -> QuantSpec:
     """KIVI keys: per-channel, groups of ``group`` tokens, asymmetric."""
-    return QuantSpec(bits=bits, axis="channel", group=group)
+    return affine(bits, "channel", group)
 
 
 def kivi_value(bits: float, group: int = 32) -> QuantSpec:
     """KIVI values: per-token, groups of ``group`` channels, asymmetric."""
-    return QuantSpec(bits=bits, axis="token", group=group)
+    return affine(bits, "token", group)
+
+
+def per_token(bits: float) -> QuantSpec:
+    """One group per token over all channels (salient copies): fp16 at 16 bits."""
+    return affine(bits, "token", 0)

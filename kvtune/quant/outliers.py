@@ -1,13 +1,31 @@
 """Outlier channels: kept out of the main quantizer (KVQuant dense-and-sparse, VidKV anomalous keys).
 
-Channels are chosen per head, either from calibration (stored in the plan) or from the data at hand
-by :func:`rank_channels`. The main quantizer sees the remaining ``D - o`` channels; the outlier
-channels are stored at their own precision with their ``o`` indices (int16 each).
+A wrapper any family can use (:mod:`kvtune.quant.codec` applies it). Channels are chosen per head, either
+from calibration (stored in the plan as ``outlier_idx``) or from the data at hand by :func:`rank_channels`.
+The family sees the remaining ``D - o`` channels; the outlier channels are stored by their own quantizer
+(:func:`outlier_spec`) with their ``o`` indices (int16 each, per head: a ``layer``-scope field).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from kvtune.quant.formats import QuantSpec
+
+INDEX_FIELD = "outlier_idx"
+PREFIX = "out."
+
+
+def outlier_spec(spec: QuantSpec) -> QuantSpec:
+    """The quantizer of ``spec``'s outlier channels: fp16, or per channel at ``outlier_bits`` over the main
+    spec's token group (one group per flushed block when the main spec groups single tokens)."""
+    from kvtune.quant.formats import affine
+
+    group = spec.token_group if spec.token_group != 1 else 0
+    return affine(spec.outlier_bits, "channel", group)
 
 
 def outlier_scores(x: torch.Tensor) -> torch.Tensor:

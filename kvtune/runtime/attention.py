@@ -1,13 +1,14 @@
 """The ``"kvtune"`` attention function (registered with transformers' AttentionInterface) and its dispatch.
 
 The model calls ``cache.update(k, v)`` and then this function with whatever ``update`` returned; a
-:class:`~kvtune.runtime.layer.KVTuneLayer` attaches a :class:`~kvtune.runtime.layer.Step` to the key
-tensor, and this function attends over the layer's *stored* tokens directly:
+:class:`~kvtune.runtime.layer.KVTuneLayer` registers a :class:`~kvtune.runtime.layer.Step` for the key
+tensor it returns (:func:`~kvtune.runtime.layer.take_step`), and this function attends over the layer's
+*stored* tokens directly:
 
 * one query token on CUDA (or anywhere with ``backend="triton"``, e.g. under ``TRITON_INTERPRET=1``),
   with kernel-supported specs: the fused Triton decode kernel reads the packed
   codes (:func:`kvtune.kernels.decode_attention`), the fp16 sinks + window ride along as its extra
-  segment, Hadamard-rotated specs rotate q (and the output) instead of the cache;
+  segment, rotated specs rotate q (and the output) instead of the cache;
 * a prompt's first forward (nothing stored yet, not stepwise): transformers' SDPA over the prompt as stored
   (fp16), the fastest exact path on CPU and GPU; the tokens are quantized after it, as for any call;
 * everything else: :func:`kvtune.runtime.reference.attend` (PyTorch, blockwise; the CPU path).
@@ -26,24 +27,24 @@ from typing import Any
 import torch
 
 from kvtune.errors import KVTuneError
-from kvtune.quant.formats import QuantSpec
-from kvtune.quant.transforms import hadamard
+from kvtune.quant import codec
+from kvtune.quant.rotation import rotation
 from kvtune.runtime import policies, reference
-from kvtune.runtime.heads import HeadGroup
-from kvtune.runtime.layer import Step
+from kvtune.runtime.heads import ROLES, HeadGroup
+from kvtune.runtime.layer import Step, take_step
 
 log = logging.getLogger(__name__)
 NAME = "kvtune"
-KERNEL_BITS = (1, 2, 3, 4, 8)
 _REGISTERED = False
 _NO_PADDING: dict[tuple[int, torch.device], torch.Tensor] = {}
+_PAD_MEMO: tuple[torch.Tensor, torch.Tensor, bool] | None = None  # (mask, its left padding [B], any row padded)
 
 
 def kvtune_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None,
                      dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """``query [B, Hq, L, D]`` -> ``(out [B, L, Hq, D], None)`` over the cache's stored tokens."""
-    step: Step | None = getattr(key, "_kvtune_step", None)
+    step = take_step(key)
     if step is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -95,12 +96,11 @@ def _left_padding(mask: torch.Tensor | None, query: torch.Tensor) -> tuple[torch
         if key not in _NO_PADDING:  # read-only zeros, one tensor per (batch, device): no launch per layer
             _NO_PADDING[key] = reference.left_padding(None, query.shape[0], query.device)
         return _NO_PADDING[key], False
-    memo = getattr(mask, "_kvtune_pad", None)
-    if memo is None:
+    global _PAD_MEMO
+    if _PAD_MEMO is None or _PAD_MEMO[0] is not mask:
         pad = reference.left_padding(mask, query.shape[0], query.device)
-        memo = (pad, bool((pad > 0).any()))
-        mask._kvtune_pad = memo
-    return memo
+        _PAD_MEMO = (mask, pad, bool((pad > 0).any()))
+    return _PAD_MEMO[1], _PAD_MEMO[2]
 
 
 def install(model: Any) -> None:
@@ -119,21 +119,6 @@ def install(model: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------- kernels
-def _key_ok(spec: QuantSpec) -> bool:
-    g = spec.group
-    return (not spec.passthrough and spec.axis == "channel" and g >= 16 and g & (g - 1) == 0
-            and spec.bits in KERNEL_BITS and _plain(spec))
-
-
-def _value_ok(spec: QuantSpec) -> bool:
-    return not spec.passthrough and spec.axis == "token" and spec.bits in KERNEL_BITS and _plain(spec)
-
-
-def _plain(spec: QuantSpec) -> bool:
-    return (not (spec.outliers or spec.fft or spec.channel_separable or spec.symmetric)
-            and spec.scale_dtype == "float16")
-
-
 def kernel_eligible(step: Step, query: torch.Tensor) -> bool:
     """True when this call can run on the fused Triton decode kernel."""
     layer = step.layer
@@ -141,14 +126,12 @@ def kernel_eligible(step: Step, query: torch.Tensor) -> bool:
         return False
     if not query.is_cuda and layer.backend != "triton":
         return False
-    ok = getattr(layer, "_kernel_specs_ok", None)  # the layer's specs never change: check them once
-    if ok is None:
+    if layer.kernel_specs is None:  # the layer's specs never change: check them once
         from kvtune import kernels
 
-        specs = all(_key_ok(g.plan.key) and _value_ok(g.plan.value) for g in layer.groups)
-        ok = specs and kernels.available()
-        layer._kernel_specs_ok = ok
-    return ok
+        specs = all(codec.kernel_ok(g.spec(r), r) for g in layer.groups for r in ROLES)
+        layer.kernel_specs = specs and kernels.available()
+    return layer.kernel_specs
 
 
 def _kernel_attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float,
@@ -180,12 +163,8 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
     layer = step.layer
     ek = _extra(g, step.sink_k, layer.win_k)  # [B, h, R, D] fp16
     ev = _extra(g, step.sink_v, layer.win_v)
-    kspec, vspec = g.plan.key, g.plan.value
-    qk = q.to(torch.float16)
-    if kspec.hadamard:
-        qk, ek = hadamard(qk), hadamard(ek)
-    if vspec.hadamard:
-        ev = hadamard(ev)
+    krot, vrot = rotation(g.plan.key.rotation), rotation(g.plan.value.rotation)
+    qk, ek, ev = krot.forward(q.to(torch.float16)), krot.forward(ek), vrot.forward(ev)
     kq, vq = _packed(g, layer)
     start = extra = None
     if padded:
@@ -195,35 +174,17 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
                          nq + s + torch.arange(layer.win_k.shape[2], device=q.device)])
         extra = idx[None, :] >= pad[:, None]  # [B, R] bool
     out = decode_attention(qk, kq, vq, ek, ev, extra, start, scaling)
-    return hadamard(out) if vspec.hadamard else out
+    return vrot.inverse(out)
 
 
 def _packed(g: HeadGroup, layer: Any) -> tuple[Any, Any]:
     """The group's quantized part as the kernel's ``(PackedKeys, PackedValues)``, built (and validated) once
     per change of the stores: a flush, a regrowth or a batch reorder changes a buffer or its length."""
-    from kvtune.kernels.packed import PackedKeys, PackedValues
-
     key = tuple((id(b.data), b.n) for st in (g.keys, g.values) for b in st.buffers.values())
-    memo = getattr(g, "_kernel_packed", None)
-    if memo is not None and memo[0] == key and key:
-        return memo[1]
-    kspec, vspec = g.plan.key, g.plan.value
-    kf, vf = _fields(g.keys, layer, g, "key"), _fields(g.values, layer, g, "value")
-    packed = (PackedKeys(kf["codes"], kf["scale"], kf["zero"], kspec.bits, kspec.group),
-              PackedValues(vf["codes"], vf["scale"], vf["zero"], vspec.bits, vspec.group))
-    g._kernel_packed = (key, packed)
+    if g.kernel_memo is not None and g.kernel_memo[0] == key and key:
+        return g.kernel_memo[1]
+    b, dev = layer.win_k.shape[0], layer.win_k.device
+    packed = tuple(codec.kernel_operands(g.spec(r), r, g.stores[r].fields() if g.stores[r] else
+                                         g.stores[r].empty(b, len(g.heads), dev)) for r in ROLES)
+    g.kernel_memo = (key, packed)
     return packed
-
-
-def _fields(store: Any, layer: Any, g: HeadGroup, which: str) -> dict[str, torch.Tensor]:
-    """The store's packed fields, or empty stand-ins with the right trailing shapes before any flush."""
-    if store:
-        return store.fields()
-    from kvtune.quant.ops import packed_width
-
-    spec, b, h, d = getattr(g.plan, which), layer.win_k.shape[0], len(g.heads), layer.head_dim
-    dev = layer.win_k.device
-    ng = d if which == "key" else math.ceil(d / min(spec.group or d, d))
-    scale = torch.zeros(b, h, 0, ng, dtype=torch.float16, device=dev)
-    return {"codes": torch.zeros(b, h, 0, packed_width(d, spec.bits), dtype=torch.uint8, device=dev),
-            "scale": scale, "zero": scale.clone()}

@@ -13,15 +13,17 @@ call that does not carry a kvtune cache. One :class:`~kvtune.runtime.layer.KVTun
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache
 
 from kvtune.errors import KVTuneError
-from kvtune.plan import Plan
 from kvtune.plan_types import ModelIdentity
 from kvtune.runtime.layer import KVTuneLayer
+
+if TYPE_CHECKING:
+    from kvtune.plan import Plan
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "reference", "triton")
@@ -56,7 +58,7 @@ class KVTuneCache(Cache):
         ident = identity_of(model)
         self.plan = plan.bind(ident)
         self.identity = ident
-        layers = [KVTuneLayer(lp, ident.num_kv_heads, ident.head_dim, _outlier_tensors(self.plan, i), headroom)
+        layers = [KVTuneLayer(lp, ident.num_kv_heads, ident.head_dim, self.plan.layer_state(i), headroom)
                   for i, lp in enumerate(self.plan.layers)]
         super().__init__(layers=layers)
         if backend not in BACKENDS:
@@ -67,7 +69,7 @@ class KVTuneCache(Cache):
             if not kernels.available():
                 raise KVTuneError("backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1) and triton",
                                   "use backend='auto' or 'reference'")
-        from kvtune.tokens import TokenTypeFeed
+        from kvtune.token_types import TokenTypeFeed
 
         self.token_types = TokenTypeFeed()
         for layer in layers:
@@ -90,10 +92,10 @@ class KVTuneCache(Cache):
             layer.stepwise = on
 
     def set_token_types(self, mask: Any, input_ids: torch.Tensor | None = None) -> None:
-        """Token types (:mod:`kvtune.tokens`) of the tokens this cache receives next, from its current length on:
+        """Token types (:mod:`kvtune.token_types`) of the tokens this cache receives next, from its current length on:
         ``mask`` int8 ``[B, T]`` (or names/codes, ``[T]`` or ``[B, T]``), checked against ``input_ids [B, T]``
         when given; later tokens are ``text``. ``None`` clears it. Only plans with ``salient.token_types`` use it."""
-        from kvtune.tokens import as_mask
+        from kvtune.token_types import as_mask
 
         self.token_types.set(None if mask is None else as_mask(mask, input_ids), self.get_seq_length())
 
@@ -111,9 +113,3 @@ class KVTuneCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if self.layers else 0
-
-
-def _outlier_tensors(plan: Plan, i: int) -> dict[str, torch.Tensor]:
-    """Calibrated outlier channels of layer ``i`` from the plan's tensors (``{"key": [Hkv, o], ...}``)."""
-    return {name: plan.tensors[f"layers.{i}.{name}.outlier_idx"] for name in ("key", "value")
-            if f"layers.{i}.{name}.outlier_idx" in plan.tensors}

@@ -1,20 +1,25 @@
 """One group of KV heads of a layer that share a :class:`~kvtune.plan_types.HeadPlan`.
 
-A group owns the quantized part of its heads' K and V (:class:`~kvtune.runtime.store.FieldStore` s of
-the codec's fields) and, when the layer keeps salient tokens, their higher-precision copies. Heads of
-a layer with different specs live in different groups; attention runs per group (heads never mix).
+A group owns the quantized part of its heads' K and V: per role a :class:`~kvtune.runtime.store.FieldStore`
+of the fields the spec declares (:func:`kvtune.quant.codec.stored_fields`) and the spec's ``layer``-scope
+state (calibrated from the plan's tensors, else fitted on the first block), and, when the layer keeps salient
+tokens, their higher-precision copies. Heads of a layer with different specs live in different groups;
+attention runs per group (heads never mix).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from kvtune.plan_types import HeadPlan
+from kvtune.quant import codec
 from kvtune.quant.formats import QuantSpec
-from kvtune.runtime import codec
-from kvtune.runtime.store import FieldStore, TokenBuffer
+from kvtune.runtime.store import FieldStore
+
+ROLES = ("key", "value")
 
 
 @dataclass
@@ -37,21 +42,37 @@ class Salient:
 
 @dataclass
 class HeadGroup:
-    """KV heads ``heads`` of one layer with one K/V spec pair."""
+    """KV heads ``heads`` of one layer with one K/V spec pair.
+
+    ``state``: per role (``key``/``value``) the spec's ``layer``-scope tensors ``[h, width]`` (e.g. outlier
+    channels); missing ones are fitted on the first block stored.
+    """
 
     heads: tuple[int, ...]
     plan: HeadPlan
     flush: int
     head_dim: int
-    k_idx: torch.Tensor | None = None  # int16 [h, o_k] outlier channels of the keys
-    v_idx: torch.Tensor | None = None
+    state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     headroom: float = 0.0
-    keys: FieldStore = field(init=False)
-    values: FieldStore = field(init=False)
+    stores: dict[str, FieldStore] = field(init=False)
     salient: Salient | None = None
+    kernel_memo: tuple[tuple, Any] | None = field(default=None, init=False)  # (store versions, kernel operands)
 
     def __post_init__(self) -> None:
-        self.keys, self.values = FieldStore(self.headroom), FieldStore(self.headroom)
+        self.state = {r: dict(self.state.get(r, {})) for r in ROLES}
+        self.stores = {r: FieldStore(codec.stored_fields(self.spec(r), self.head_dim, self.flush), self.headroom)
+                       for r in ROLES}
+
+    def spec(self, role: str) -> QuantSpec:
+        return self.plan.key if role == "key" else self.plan.value
+
+    @property
+    def keys(self) -> FieldStore:
+        return self.stores["key"]
+
+    @property
+    def values(self) -> FieldStore:
+        return self.stores["value"]
 
     @property
     def quantized(self) -> bool:
@@ -63,35 +84,34 @@ class HeadGroup:
             return x
         return x[:, list(self.heads)]
 
+    def _state(self, role: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The role's layer state, fitting what the plan did not provide on ``x [B, h, n, D]`` (its first block)."""
+        spec, have = self.spec(role), self.state[role]
+        if codec.layer_fields(spec, self.head_dim).keys() - have.keys():
+            fitted = codec.fit(spec, x[:, :, : self.flush])
+            return {**fitted, **have}
+        return have
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize whole blocks ``k, v [B, h, n*F, D]`` (this group's heads) and store them."""
-        if self.plan.key.outliers and self.k_idx is None:
-            self.k_idx = _first_block_outliers(k[:, :, : self.flush], self.plan.key)
-        if self.plan.value.outliers and self.v_idx is None:
-            self.v_idx = _first_block_outliers(v[:, :, : self.flush], self.plan.value)
-        self.keys.append(codec.encode(k, self.plan.key, self.flush, self.k_idx))
-        self.values.append(codec.encode(v, self.plan.value, self.flush, self.v_idx))
+        for role, x in zip(ROLES, (k, v)):
+            self.state[role] = self._state(role, x)
+            self.stores[role].append(codec.encode(x, self.spec(role), self.flush, self.state[role]))
 
     def roundtrip(self, k: torch.Tensor, v: torch.Tensor, select) -> tuple[torch.Tensor, torch.Tensor]:
         """What storing whole blocks ``k, v [B, Hkv, n, D]`` (all heads) would read back, for this group's
         heads, without storing them: float32 ``[B, h, n, D]``."""
-        k, v = select(k).float(), select(v).float()
-        f, kspec, vspec = self.flush, self.plan.key, self.plan.value
-        k_idx = (self.k_idx if self.k_idx is not None or not kspec.outliers
-                 else _first_block_outliers(k[:, :, :f], kspec))
-        v_idx = (self.v_idx if self.v_idx is not None or not vspec.outliers
-                 else _first_block_outliers(v[:, :, :f], vspec))
-        outs_k, outs_v = [], []
-        for s in range(0, k.shape[2], f):
-            kb, vb = k[:, :, s:s + f], v[:, :, s:s + f]
-            outs_k.append(codec.decode(codec.encode(kb, kspec, f, k_idx), kspec, f, self.head_dim, k_idx))
-            outs_v.append(codec.decode(codec.encode(vb, vspec, f, v_idx), vspec, f, self.head_dim, v_idx))
-        return torch.cat(outs_k, 2), torch.cat(outs_v, 2)
+        out = []
+        for role, x in zip(ROLES, (select(k).float(), select(v).float())):
+            spec, state, f = self.spec(role), self._state(role, x), self.flush
+            out.append(torch.cat([codec.decode(codec.encode(x[:, :, s:s + f], spec, f, state), spec, f,
+                                               self.head_dim, state) for s in range(0, x.shape[2], f)], 2))
+        return out[0], out[1]
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All quantized tokens back in float32 ``[B, h, Nq, D]`` (salient tokens from their copies)."""
-        k = codec.decode(self.keys.fields(), self.plan.key, self.flush, self.head_dim, self.k_idx)
-        v = codec.decode(self.values.fields(), self.plan.value, self.flush, self.head_dim, self.v_idx)
+        k, v = (codec.decode(self.stores[r].fields(), self.spec(r), self.flush, self.head_dim, self.state[r])
+                for r in ROLES)
         s = self.salient
         if s is not None and s.idx is not None and s.idx.shape[-1]:
             idx = s.idx.long().unsqueeze(-1).expand(*s.idx.shape, self.head_dim)
@@ -100,9 +120,9 @@ class HeadGroup:
         return k, v
 
     def nbytes(self, used: bool = False) -> int:
-        idx = sum(t.numel() * t.element_size() for t in (self.k_idx, self.v_idx) if t is not None)
+        state = sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values())
         sal = self.salient.nbytes() if self.salient is not None else 0
-        return self.keys.nbytes(used) + self.values.nbytes(used) + idx + sal
+        return self.keys.nbytes(used) + self.values.nbytes(used) + state + sal
 
     def index_select(self, batch_idx: torch.Tensor) -> None:
         self.keys.index_select(batch_idx)
@@ -112,19 +132,3 @@ class HeadGroup:
             s.idx = s.idx.index_select(0, batch_idx.to(s.idx.device))
             s.k = {n: t.index_select(0, batch_idx.to(t.device)) for n, t in s.k.items()}
             s.v = {n: t.index_select(0, batch_idx.to(t.device)) for n, t in s.v.items()}
-
-
-def _first_block_outliers(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Outlier channels ``[h, o]`` (int16) from the first block ``x [B, h, F, D]`` when the plan has none
-    (ranked in the rotated domain when the spec rotates, as the codec splits after the rotation)."""
-    from kvtune.quant.outliers import rank_channels
-    from kvtune.quant.transforms import hadamard
-
-    y = hadamard(x.float()) if spec.hadamard else x.float()
-    flat = y.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])  # [h, B*F, D]
-    return rank_channels(flat, spec.outliers).to(torch.int16)
-
-
-def sink_buffers(headroom: float = 0.0) -> tuple[TokenBuffer, TokenBuffer]:
-    """Two fp16 token buffers (keys, values) ``[B, Hkv, s, D]``."""
-    return TokenBuffer(headroom), TokenBuffer(headroom)

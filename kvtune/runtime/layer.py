@@ -6,14 +6,15 @@ Stored order of a head's tokens (also the order attention sees them):
 ``update(k, v)`` (called by the model before its attention function):
 
 1. new tokens fill the sinks first (``salient.sink_tokens``), the rest joins the fp16 window;
-2. a :class:`Step` describing this call is attached to the returned key tensor (``key._kvtune_step``)
-   for the registered attention function, which attends and then calls :meth:`KVTuneLayer.finish`:
-3. ``finish`` records each row's left padding, merges (Elastic Cache), and while the window holds
-   ``residual + flush`` tokens quantizes its oldest ``flush`` tokens into the groups' stores (KIVI: old
-   tokens are never re-quantized). Between calls the counts equal :func:`kvtune.quant.bits.token_counts`.
+2. a :class:`Step` describing this call is registered for the returned key tensor (:func:`take_step` gives
+   it to the registered attention function, which attends and then calls :meth:`KVTuneLayer.finish`):
+3. ``finish`` (after :mod:`kvtune.runtime.policies` merged tokens, Elastic Cache) records each row's left
+   padding, and while the window holds ``residual + flush`` tokens quantizes its oldest ``flush`` tokens into
+   the groups' stores (KIVI: old tokens are never re-quantized). Between calls the counts equal
+   :func:`kvtune.quant.bits.token_counts`.
 
 When the plan weights token types (``salient.token_types``), each stored non-sink token's type (from the
-cache's :class:`~kvtune.tokens.TokenTypeFeed`) follows it: ``win_types`` int8 ``[B, Hkv, w]`` beside the window,
+cache's :class:`~kvtune.token_types.TokenTypeFeed`) follows it: ``win_types`` int8 ``[B, Hkv, w]`` beside the window,
 ``q_types`` ``[B, Hkv, Nq]`` for the quantized part (per head, since merging drops tokens per head).
 
 Queries of a multi-token call see this call's tokens in full precision ("prefill" semantics, KIVI)
@@ -31,6 +32,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvtune.errors import KVTuneError
 from kvtune.plan_types import HeadPlan, LayerPlan
+from kvtune.quant import codec
 from kvtune.runtime.heads import HeadGroup
 from kvtune.runtime.store import TokenBuffer
 
@@ -57,6 +59,16 @@ class Step:
     bounds: torch.Tensor | None
 
 
+_PENDING: dict[int, tuple[torch.Tensor, Step]] = {}  # id(key tensor handed to the model) -> (that tensor, step)
+
+
+def take_step(key: torch.Tensor) -> Step | None:
+    """The :class:`Step` a :class:`KVTuneLayer` registered for ``key`` (the tensor its ``update`` returned), once;
+    None for any other tensor. The entry holds the tensor, so its id cannot be reused while registered."""
+    entry = _PENDING.pop(id(key), None)
+    return entry[1] if entry is not None and entry[0] is key else None
+
+
 def window_size(rest: int, residual: int, flush: int) -> int:
     """fp16 window of ``rest`` non-sink tokens (same rule as :func:`kvtune.quant.bits.token_counts`)."""
     return rest if rest <= residual else residual + (rest - residual) % flush
@@ -69,15 +81,15 @@ class KVTuneLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, plan: LayerPlan, num_kv_heads: int, head_dim: int,
-                 outlier_idx: dict[str, torch.Tensor] | None = None, headroom: float | None = None) -> None:
+                 state: dict[str, dict[str, torch.Tensor]] | None = None, headroom: float | None = None) -> None:
         super().__init__()
         self.plan, self.num_kv_heads, self.head_dim = plan, num_kv_heads, head_dim
-        self.outlier_idx = dict(outlier_idx or {})
+        self.state = {role: dict(fields) for role, fields in (state or {}).items()}  # plan tensors [Hkv, width]
         self.headroom_setting = headroom
         self.stepwise = False
         self.backend = "auto"
         self.flush = plan.flush
-        self.type_feed: Any = None  # kvtune.tokens.TokenTypeFeed, set by the cache
+        self.type_feed: Any = None  # kvtune.token_types.TokenTypeFeed, set by the cache
         self.owner: int | None = None  # id() of the attention module this layer serves, set by the cache
         self.track_types = plan.salient.ratio > 0 and bool(plan.salient.token_types)
         self._clear()
@@ -93,6 +105,10 @@ class KVTuneLayer(CacheLayerMixin):
         self.win_types: torch.Tensor | None = None  # int8 [B, Hkv, w] token types of the window (track_types)
         self.q_types = TokenBuffer()  # int8 [B, Hkv, Nq] token types of the quantized tokens (track_types)
         self.awaiting_attention = False  # update() ran and kvtune's attention has not finished it yet
+        _PENDING.pop(getattr(self, "pending_key", -1), None)
+        self.pending_key = -1  # id() of the key tensor whose Step waits in _PENDING
+        self.scaling: float | None = None  # softmax scale of the last attention call (probe scores)
+        self.kernel_specs: bool | None = None  # the fused decode kernel reads every group's specs (checked once)
         self.is_initialized = False
 
     # -- transformers CacheLayerMixin ------------------------------------------------------------------
@@ -101,8 +117,7 @@ class KVTuneLayer(CacheLayerMixin):
         headroom = self.headroom_setting
         if headroom is None:
             headroom = 0.125 if key_states.is_cuda else 0.0
-        self.groups = _build_groups(self.plan, self.num_kv_heads, self.head_dim, self.outlier_idx,
-                                    self.device, headroom)
+        self.groups = _build_groups(self.plan, self.num_kv_heads, self.head_dim, self.state, self.device, headroom)
         self.sink_k, self.sink_v = TokenBuffer(), TokenBuffer()
         b = key_states.shape[0]
         self.win_k = key_states.new_zeros(b, self.num_kv_heads, 0, self.head_dim, dtype=FP)
@@ -141,18 +156,16 @@ class KVTuneLayer(CacheLayerMixin):
         self.length += m
         step = Step(self, m, nq0, self._sinks(self.sink_k), self._sinks(self.sink_v), take,
                     self._bounds(m, take, rest0))
-        key_states._kvtune_step = step  # read by kvtune.runtime.attention
+        _PENDING[id(key_states)] = (key_states, step)
+        self.pending_key = id(key_states)
         self.awaiting_attention = True
         return key_states, value_states
 
     def finish(self, pad: torch.Tensor) -> None:
-        """After attention: remember the rows' left padding, merge (Elastic), flush whole blocks."""
+        """After attention (and any merging, :func:`kvtune.runtime.policies.after_attention`): remember the rows'
+        left padding, flush whole blocks."""
         self.awaiting_attention = False
         self.pad = pad
-        if self.plan.merge.method != "none":
-            from kvtune.runtime.policies import merge_window
-
-            merge_window(self, pad)
         self._flush()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -252,18 +265,19 @@ class KVTuneLayer(CacheLayerMixin):
         return bounds.to(self.device) if int(bounds.max()) > self.n_quant else None
 
 
-def _build_groups(plan: LayerPlan, num_kv_heads: int, head_dim: int, outlier_idx: dict[str, torch.Tensor],
+def _build_groups(plan: LayerPlan, num_kv_heads: int, head_dim: int, state: dict[str, dict[str, torch.Tensor]],
                   device: torch.device, headroom: float) -> list[HeadGroup]:
-    """One :class:`HeadGroup` per distinct head plan, heads in ascending order."""
+    """One :class:`HeadGroup` per distinct head plan, heads in ascending order; each gets its heads' rows of the
+    plan's ``layer``-scope tensors ``[Hkv, width]`` (cut to the width its spec declares)."""
     by_plan: dict[HeadPlan, list[int]] = {}
     for h, hp in enumerate(plan.head_plans(num_kv_heads)):
         by_plan.setdefault(hp, []).append(h)
     groups = []
     for hp, heads in by_plan.items():
-        idx = {}
-        for name in ("key", "value"):
-            t = outlier_idx.get(name)
-            spec = getattr(hp, name)
-            idx[name] = t[heads, : spec.outliers].to(device) if t is not None and spec.outliers else None
-        groups.append(HeadGroup(tuple(heads), hp, plan.flush, head_dim, idx["key"], idx["value"], headroom))
+        mine: dict[str, dict[str, torch.Tensor]] = {}
+        for role, spec in (("key", hp.key), ("value", hp.value)):
+            decls = codec.layer_fields(spec, head_dim)
+            mine[role] = {name: t[heads, : decls[name].width].to(device)
+                          for name, t in state.get(role, {}).items() if name in decls}
+        groups.append(HeadGroup(tuple(heads), hp, plan.flush, head_dim, mine, headroom))
     return groups

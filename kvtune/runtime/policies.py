@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from kvtune.quant.formats import QuantSpec
-from kvtune.runtime import codec
+from kvtune.quant import codec
+from kvtune.quant.formats import per_token
 from kvtune.runtime.heads import HeadGroup, Salient
 from kvtune.runtime.layer import KVTuneLayer, Step
 
@@ -35,6 +35,8 @@ def after_attention(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: flo
     if sal.ratio > 0 or merge.method != "none":
         _add_probes(layer, q)
         layer.scaling = scaling
+    if merge.method != "none":
+        merge_window(layer, pad)
     layer.finish(pad)
     if sal.ratio > 0 and layer.pending:
         for g in layer.groups:
@@ -66,7 +68,7 @@ def probe_scores(layer: KVTuneLayer, g: HeadGroup, pad: torch.Tensor) -> torch.T
     b, hq, p, d = layer.probes.shape
     n_rep = hq // layer.num_kv_heads
     qp = layer.probes.float().reshape(b, layer.num_kv_heads, n_rep, p, d)[:, list(g.heads)]
-    scores = (qp @ keys[:, :, None].transpose(-1, -2)) * getattr(layer, "scaling", d ** -0.5)
+    scores = (qp @ keys[:, :, None].transpose(-1, -2)) * (layer.scaling or d ** -0.5)
     not_pad = torch.arange(keys.shape[2], device=keys.device)[None, :] >= pad[:, None]  # [B, N]
     scores = scores.masked_fill(~not_pad[:, None, None, None, :], float("-inf"))
     return torch.softmax(scores, -1).nan_to_num(0.0).mean(dim=(2, 3))
@@ -74,7 +76,7 @@ def probe_scores(layer: KVTuneLayer, g: HeadGroup, pad: torch.Tensor) -> torch.T
 
 def _select_salient(layer: KVTuneLayer, g: HeadGroup, pad: torch.Tensor) -> None:
     """Re-select ``g``'s salient tokens among the current ones and the blocks quantized in this call."""
-    spec = QuantSpec(bits=layer.plan.salient.bits, axis="token", group=0)
+    spec = per_token(layer.plan.salient.bits)
     s = layer.sink_k.n
     score = probe_scores(layer, g, pad)[:, :, s: s + layer.n_quant]  # [B, h, Nq]
     if layer.track_types:
@@ -99,7 +101,7 @@ def _select_salient(layer: KVTuneLayer, g: HeadGroup, pad: torch.Tensor) -> None
 
 def _type_weights(layer: KVTuneLayer, device: torch.device) -> torch.Tensor:
     """Score weight of each token-type code ``[n_types]`` float32 (``salient.token_types``, default 1)."""
-    from kvtune.tokens import TOKEN_TYPES
+    from kvtune.token_types import TOKEN_TYPES
 
     sal = layer.plan.salient
     return torch.tensor([sal.weight(name) for name in TOKEN_TYPES], dtype=torch.float32, device=device)

@@ -3,7 +3,8 @@
 :class:`TokenBuffer` holds one tensor ``[B, h, cap, *]`` of which the first ``n`` rows along dim 2 are
 used. On CPU it grows exactly (``headroom = 0``: bytes held = bytes used); on GPU it over-allocates by
 ``headroom`` so that appends do not copy the whole history every block. :class:`FieldStore` is a dict
-of buffers: the stored fields of :mod:`kvtune.runtime.codec` for a run of blocks.
+of buffers, one per field a quantizer declares (:func:`kvtune.quant.codec.stored_fields`): it refuses a block
+whose fields differ from the declarations, so bytes held always equal the bit accountant's count.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from kvtune.quant.family import FieldDecl
 
 Fields = dict[str, torch.Tensor]
 
@@ -69,18 +72,30 @@ class TokenBuffer:
 
 
 class FieldStore:
-    """Named :class:`TokenBuffer` s that grow together, one block of fields at a time."""
+    """One :class:`TokenBuffer` per declared field ``[B, h, rows, width]``, grown together one block at a time."""
 
-    def __init__(self, headroom: float = 0.0) -> None:
+    def __init__(self, decls: tuple[FieldDecl, ...], headroom: float = 0.0) -> None:
+        self.decls = {f.name: f for f in decls}
         self.buffers: dict[str, TokenBuffer] = {}
         self.headroom = headroom
 
     def append(self, fields: Fields) -> None:
+        """Append one run of blocks: exactly the declared fields, each ``[B, h, rows, width]`` of its dtype."""
+        if fields.keys() != self.decls.keys():
+            raise ValueError(f"stored fields {sorted(fields)} differ from the declared {sorted(self.decls)}")
         for name, x in fields.items():
+            f = self.decls[name]
+            if x.dtype != f.torch_dtype or x.shape[-1] != f.width:
+                raise ValueError(f"field {name}: got {x.dtype} x {x.shape[-1]}, declared {f.dtype} x {f.width}")
             self.buffers.setdefault(name, TokenBuffer(self.headroom)).append(x)
 
     def fields(self) -> Fields:
         return {name: buf.view() for name, buf in self.buffers.items()}
+
+    def empty(self, batch: int, heads: int, device: torch.device) -> Fields:
+        """Zero-row stand-ins ``[B, h, 0, width]`` of every declared field (before the first block)."""
+        return {n: torch.zeros(batch, heads, 0, f.width, dtype=f.torch_dtype, device=device)
+                for n, f in self.decls.items()}
 
     def __bool__(self) -> bool:
         return bool(self.buffers)

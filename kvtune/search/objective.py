@@ -5,11 +5,11 @@
 ``w`` are the per-layer KL weights (:mod:`kvtune.search.tables`) and ``q_l`` is the share of the layer's
 tokens that are quantized at the reference length (sinks and the fp16 residual window are not; counted by
 :func:`kvtune.quant.bits.token_counts`) times ``1 - kept``, the share of the error the layer's token policy is
-predicted to remove (:func:`kvtune.search.tokens.kept_share`), plus, for a token policy that merges tokens
+predicted to remove (:func:`kvtune.search.token_policies.kept_share`), plus, for a token policy that merges tokens
 (Elastic Cache), ``m_l * (max_k sum_h w_key[l] * sens_key[l, h, k] + max_v sum_h w_value[l] * sens_value[l, h, v])
 / H``: the merged share ``m_l`` of the layer's tokens (merged / reference length, by ``token_counts``;
-:func:`kvtune.search.tokens.merged_share`) charged, first order, as if quantized by the layer's most lossy key and
-value candidates (a merged token's contribution is replaced by its anchor's), not reduced by ``kept``: merging
+:func:`kvtune.search.token_policies.merged_share`) charged, first order, as if quantized by the layer's most lossy
+key and value candidates (a merged token's contribution is replaced by its anchor's), not reduced by ``kept``: merging
 is never free bits. A visual token-type weight does not change the proxy (text-only calibration). **Bits** come
 from :func:`kvtune.quant.bits.layer_bits` (exact, everything counted, merged tokens as not stored); layer
 results are memoised per distinct layer plan, so a trial costs microseconds.
@@ -30,7 +30,7 @@ from kvtune.plan_types import LayerPlan
 from kvtune.quant.bits import layer_bits, token_counts
 from kvtune.search.space import SearchSpace, spec_cost
 from kvtune.search.tables import CalibrationTables
-from kvtune.search.tokens import SALIENT_RATIOS, TokenPolicy, kept_share, merged_share, policy_of
+from kvtune.search.token_policies import SALIENT_RATIOS, TokenPolicy, kept_share, merged_share, policy_of
 
 
 @dataclass(frozen=True)

@@ -121,15 +121,6 @@ def _log_bits_axis(ax: Any, bits: Sequence[float]) -> None:
     ax.xaxis.set_major_formatter(_plain())
 
 
-def _short(spec: Any) -> str:
-    """Compact cell label: code bits + h (Hadamard), o<n> (outliers), g<G> (non-32 group), cs, fft, ch/tok axis swap."""
-    if spec.passthrough:
-        return "16"
-    text = f"{spec.bits:g}" + ("h" if spec.hadamard else "") + (f"o{spec.outliers}" if spec.outliers else "")
-    text += (f"g{spec.group}" if spec.group not in (32,) else "") + ("cs" if spec.channel_separable else "")
-    return text + ("f" if spec.fft else "")
-
-
 def plot_bits(out: Path, plan: Plan) -> Path:
     """Heat map of code bits: rows K head 0..H-1 then V head 0..H-1, one column per layer."""
     import numpy as np
@@ -141,7 +132,7 @@ def plot_bits(out: Path, plan: Plan) -> Path:
     for i, layer in enumerate(plan.layers):
         for h, head in enumerate(layer.head_plans(n_h)):
             grid[h, i], grid[n_h + h, i] = head.key.bits, head.value.bits
-            text[h][i], text[n_h + h][i] = _short(head.key), _short(head.value)
+            text[h][i], text[n_h + h][i] = head.key.label(short=True), head.value.label(short=True)
     fig = _figure(max(6.0, 0.32 * len(plan.layers) + 2), 1.2 + 0.35 * 2 * n_h)
     ax = fig.subplots()
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1, vmax=max(8.0, float(grid.max())))

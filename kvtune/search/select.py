@@ -19,6 +19,7 @@ import torch
 from kvtune.errors import KVTuneError
 from kvtune.plan import Plan, load_plan, save_plan
 from kvtune.plan_types import LayerPlan, ModelIdentity, Provenance
+from kvtune.search.results import SearchProgress, SearchResult
 from kvtune.search.space import SearchSpace
 from kvtune.search.storage import ATTR
 from kvtune.search.validate import ValidationSettings, spearman, validate_plans, validation_ids
@@ -70,7 +71,7 @@ def outlier_tensors(layers: Sequence[LayerPlan], outliers: Mapping[str, list],
         for kind in ("key", "value"):
             specs = [getattr(h, kind) for h in layer.head_plans(num_kv_heads)]
             width = max(s.outliers for s in specs)
-            if width and kind in outliers and any(s.outliers and not s.hadamard for s in specs):
+            if width and kind in outliers and any(s.outliers and not s.rotated for s in specs):
                 rows = [row[:width] for row in outliers[kind][i]]
                 tensors[f"layers.{i}.{kind}.outlier_idx"] = torch.tensor(rows, dtype=torch.int16)
     return tensors
@@ -119,7 +120,6 @@ def _validate(plans: list[Plan], presets: list[Plan], attrs: Mapping[str, Any], 
               settings: ValidationSettings, identity: ModelIdentity,
               progress: Callable[[Any], None] | None) -> tuple[dict[str, Any], list[dict[str, float]]]:
     from kvtune.models import load_model
-    from kvtune.search.study import SearchProgress
 
     name, reason = validation_model(model, identity)
     if name is None:
@@ -172,7 +172,6 @@ def choose(study: Any, attrs: Mapping[str, Any], budget: float, out: str | Path 
     """Pick, check, save and report the plan of ``study`` at ``budget`` (see :mod:`kvtune.search.study`)."""
     import optuna
 
-    from kvtune.search.study import SearchProgress, SearchResult
 
     t0 = time.perf_counter()
     space = SearchSpace.from_dict(attrs[f"{ATTR}space"])

@@ -3,7 +3,7 @@
 A *unit* is a layer (``granularity="layer"``) or one KV head of a layer (``"head"``). Units with similar
 sensitivity profiles are clustered (:func:`ward_groups`: Ward agglomerative clustering of their
 log-error vectors, deterministic) into *groups* that share one key and one value quantizer; the
-residual window and the token policy (fp16 sinks, salient tokens, merging: :mod:`kvtune.search.tokens`) are per
+residual window and the token policy (fp16 sinks, salient tokens, merging: :mod:`kvtune.search.token_policies`) are per
 layer, so they are chosen per group of layers (the same groups in layer mode).
 In each group, a candidate that another beats on both the group's predicted error and its stored bits is
 dropped (:func:`prune_dominated`): with a shared choice every member pays the same bits, so this is exact.
@@ -28,7 +28,7 @@ from kvtune.plan_types import HeadPlan, LayerPlan, ModelIdentity
 from kvtune.quant.bits import REFERENCE_LENGTH, spec_bits
 from kvtune.quant.formats import QuantSpec
 from kvtune.search.tables import CalibrationTables
-from kvtune.search.tokens import TOKEN_POLICIES, TokenPolicy, policy_of
+from kvtune.search.token_policies import TOKEN_POLICIES, TokenPolicy, policy_of
 
 GRANULARITIES = ("layer", "head")
 RESIDUALS = (0, 32, 64, 128)
@@ -247,7 +247,7 @@ def _choices(err: np.ndarray, cost: Sequence[float]) -> tuple[tuple[int, ...], t
 def build_space(tables: CalibrationTables, granularity: str = "layer", groups: int | None = None,
                 residuals: Sequence[int] = RESIDUALS, tokens: str = DEFAULT_TOKENS) -> SearchSpace:
     """Units, groups (``groups`` clusters, default :data:`DEFAULT_GROUPS`; at most one per unit), pruned choices,
-    and the token policies ``tokens`` (a :data:`~kvtune.search.tokens.TOKEN_POLICIES` name; only "none" without
+    and the token policies ``tokens`` (a :data:`~kvtune.search.token_policies.TOKEN_POLICIES` name; only "none" without
     the calibration's attention statistics)."""
     if granularity not in GRANULARITIES:
         raise KVTuneError(f"unknown granularity {granularity!r}", f"use one of {', '.join(GRANULARITIES)}")

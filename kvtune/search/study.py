@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from kvtune.errors import KVTuneError
 from kvtune.search.budget import MAX_BUDGET, parse_budget
 from kvtune.search.objective import Evaluator, seed_points
+from kvtune.search.results import SearchProgress, SearchResult
 from kvtune.search.space import DEFAULT_TOKENS, SearchSpace, build_space, pruning_summary
 from kvtune.search.storage import (
     ATTR,
@@ -67,43 +68,6 @@ def _tpe(seed: int) -> Any:
 
 
 SAMPLERS: dict[str, Callable[[int], Any]] = {"nsga2": _nsga2, "tpe": _tpe}
-
-
-@dataclass(frozen=True)
-class SearchProgress:
-    """One progress report: ``stage`` ``"trials"`` (``done``/``total`` trials of this run, best proxy and its
-    bits within the budget so far), ``"validate"`` (plans checked end to end) or ``"done"``."""
-
-    stage: str
-    done: int
-    total: int
-    best_proxy: float | None = None
-    best_bits: float | None = None
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """The chosen plan and how it was found (``front``: Pareto points within the budget, plus the validated
-    candidates off the front (``pareto: False``), lowest proxy first)."""
-
-    plan: Any
-    budget: float
-    effective_bits: float
-    proxy: float
-    kl: float | None
-    trial: int
-    study: str
-    storage: str
-    trials_total: int
-    trials_run: int
-    min_bits: float
-    front: tuple[dict[str, Any], ...]
-    presets: tuple[dict[str, Any], ...]
-    validation: dict[str, Any] | None
-    spearman: float | None
-    out: Path | None = None
-    files: dict[str, Path] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _check_args(trials: int, sampler: str, validate: int, seed: int) -> None:
@@ -170,7 +134,7 @@ def search(calib_dir: str | Path | CalibrationTables, budget: str | float, out: 
     ``kvtune-search``). ``validate``: Pareto points checked end to end (0: choose by proxy). ``groups``:
     clusters sharing choices (default 8). ``tokens``: token policies searched (``"sinks"``: the first token in
     fp16 or not; ``"salient"``: also salient tokens; ``"all"``: also Elastic merging and visual-token weights;
-    see :mod:`kvtune.search.tokens`). ``model``: the model
+    see :mod:`kvtune.search.token_policies`). ``model``: the model
     (name or directory) for validation, checked against the calibration; default: the embedded model if it
     is the calibrated one.
     """

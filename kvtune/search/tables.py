@@ -25,7 +25,7 @@ import torch
 from kvtune.errors import KVTuneError
 from kvtune.plan_types import ModelIdentity
 from kvtune.quant.formats import QuantSpec
-from kvtune.search.tokens import SALIENT_RATIOS, attention_masses
+from kvtune.search.token_policies import SALIENT_RATIOS, attention_masses
 
 WEIGHT_CLIP = 10.0  # a layer's KL weight stays within this factor of the median layer's
 _IDENTITY_KEYS = ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "fingerprint")
@@ -41,7 +41,8 @@ class CalibrationTables:
     ``key_outlier_rank`` / ``value_outlier_rank`` int ``[L, H, D]`` (optional): channels by calibrated outlier
     score, most outlying first (plans store them for specs with outlier channels). ``sink_mass`` ``[L]`` and
     ``salient_mass`` ``[L, len(SALIENT_RATIOS)]`` (optional): attention shares of the first token and of the top
-    salient tokens (:func:`kvtune.search.tokens.attention_masses`); without them only "no token policy" is searched.
+    salient tokens (:func:`kvtune.search.token_policies.attention_masses`); without them only "no token policy" is
+    searched.
     """
 
     identity: ModelIdentity

@@ -14,7 +14,7 @@ from kvtune.calibrate.sensitivity import (
     quantize_tokens,
 )
 from kvtune.models import tiny_model
-from kvtune.quant.formats import QuantSpec
+from kvtune.quant.formats import QuantSpec, affine
 
 
 def test_default_candidates() -> None:
@@ -22,20 +22,20 @@ def test_default_candidates() -> None:
     assert 20 <= len(keys) <= 40 and 20 <= len(values) <= 40
     assert len(set(keys)) == len(keys) and len(set(values)) == len(values)
     assert {s.bits for s in keys} >= {1, 1.58, 2, 3, 4, 8} and {s.bits for s in values} >= {1, 1.58, 2, 3, 4, 8}
-    assert all(s.axis == "channel" for s in keys)
-    assert any(s.hadamard for s in values) and any(s.channel_separable for s in values)
+    assert all(s.params.axis == "channel" for s in keys)
+    assert any(s.rotated for s in values) and any(s.params.channel_separable for s in values)
     assert {s.outliers for s in keys} >= {0, 1, 2, 4}
     k, v = default_kl_candidates(keys, values)
-    assert keys[k[0]] == QuantSpec(2, "channel", 32) and values[v[0]] == QuantSpec(2, "token", 32)
+    assert keys[k[0]] == affine(2, "channel", 32) and values[v[0]] == affine(2, "token", 32)
     assert all(QuantSpec.from_dict(s.to_dict()) == s for s in keys + values)
 
 
 def test_quantize_tokens_keeps_the_ragged_tail_in_fp16() -> None:
     x = torch.randn(1, 2, 70, 16, generator=torch.Generator().manual_seed(0))
-    y = quantize_tokens(x, QuantSpec(2, "channel", 32))
+    y = quantize_tokens(x, affine(2, "channel", 32))
     torch.testing.assert_close(y[..., 64:, :], x[..., 64:, :].half().float())
     assert (y[..., :64, :] - x[..., :64, :]).abs().max() > 1e-2
-    assert quantize_tokens(x, QuantSpec(2, "token", 32)).shape == x.shape
+    assert quantize_tokens(x, affine(2, "token", 32)).shape == x.shape
 
 
 def _planted_qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,8 +54,8 @@ def test_planted_outlier_channel_is_ranked_first() -> None:
 
 def test_sensitivity_orders_bits_and_rewards_outliers() -> None:
     q, k, v = _planted_qkv()
-    keys = (QuantSpec(2, "channel", 32), QuantSpec(2, "channel", 32, outliers=1), QuantSpec(8, "channel", 32))
-    values = (QuantSpec(2, "token", 32), QuantSpec(4, "token", 32), QuantSpec(8, "token", 32))
+    keys = (affine(2, "channel", 32), affine(2, "channel", 32, outliers=1), affine(8, "channel", 32))
+    values = (affine(2, "token", 32), affine(4, "token", 32), affine(8, "token", 32))
     _, rank = outlier_tensors(k.abs().amax(dim=2))
     sk, sv = layer_sensitivity(q, k, v, probe_positions(256), 32 ** -0.5, keys, values, key_rank=rank[0])
     assert sk.shape == (2, 3) and sv.shape == (2, 3) and sk.dtype == torch.float32
@@ -67,8 +67,8 @@ def test_sensitivity_orders_bits_and_rewards_outliers() -> None:
 def test_layer_kl_shapes_and_ordering() -> None:
     model = tiny_model("llama", layers=2)
     ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(0))
-    kl_k, kl_v = layer_kl(model, ids, [QuantSpec(1, "channel", 32), QuantSpec(8, "channel", 32)],
-                          [QuantSpec(16)])
+    kl_k, kl_v = layer_kl(model, ids, [affine(1, "channel", 32), affine(8, "channel", 32)],
+                          [affine(16)])
     assert kl_k.shape == (2, 2) and kl_v.shape == (2, 1)
     assert (kl_k[:, 0] > kl_k[:, 1]).all() and (kl_k >= 0).all()
     assert kl_v.abs().max() < 1e-6  # fp16 passthrough ~ lossless
@@ -85,5 +85,5 @@ def test_default_candidates_reach_below_two_bits_without_one_bit_everywhere() ->
     two_bit_keys = [per_elem(s) for s in keys if s.bits == 2]
     low_values = [per_elem(s) for s in values if s.bits >= 1.58]
     assert (min(two_bit_keys) + min(low_values)) / 2 < 2.1
-    cs = next(s for s in values if s.channel_separable and s.bits == 2 and s.group == 32)
+    cs = next(s for s in values if s.params.channel_separable and s.bits == 2 and s.params.group == 32)
     assert per_elem(cs) == 2 + 32 / 32 + 16 / 32  # codes, scale+zero per 32 channels, norm per 32-token block

@@ -11,12 +11,12 @@ import torch
 from kvtune.eval.quality import (
     MetricSums,
     SequenceScorer,
-    cached_logits,
     greedy_agreement,
     perplexity,
     position_stats,
     reference_logits,
 )
+from kvtune.runtime import teacher_forced_logits
 
 
 def test_identical_logits_have_zero_kl_and_full_agreement() -> None:
@@ -69,7 +69,7 @@ def test_cached_logits_dynamic_cache_matches_dense(tiny_llama: tuple[Any, Any]) 
     ids = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     dense = reference_logits(model, ids)
     for chunk, prefill in ((1, 0), (7, 0), (16, 10)):
-        got = cached_logits(model, DynamicCache(config=config), ids, chunk=chunk, prefill=prefill)
+        got = teacher_forced_logits(model, DynamicCache(config=config), ids, chunk=chunk, prefill=prefill)
         torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-4)
 
 
@@ -106,9 +106,9 @@ def test_quantized_cache_teacher_forcing_equals_token_by_token(tiny_llama: tuple
     if method.unavailable():
         pytest.skip(method.unavailable())
     ids = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
-    one = cached_logits(model, method.new_cache(model), ids, chunk=1)
+    one = teacher_forced_logits(model, method.new_cache(model), ids, chunk=1)
     for prefill in (0, 5):
         got = method.teacher_forced(model, ids, chunk=64, prefill=prefill)
-        want = one if prefill == 0 else cached_logits(model, method.new_cache(model), ids, chunk=1, prefill=5)
+        want = one if prefill == 0 else teacher_forced_logits(model, method.new_cache(model), ids, chunk=1, prefill=5)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (one - reference_logits(model, ids)).abs().max() > 1e-4  # the quantized store is really read

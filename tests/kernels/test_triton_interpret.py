@@ -1,11 +1,11 @@
-"""Triton kernels (pack + fused decode attention) against an independent PyTorch reference.
+"""The fused decode attention kernel, and the packed layout it reads, against an independent PyTorch reference.
 
 Runs on a CUDA GPU when there is one (compiled kernels, inline-PTX unpacking) and otherwise under the
 Triton interpreter: ``TRITON_INTERPRET=1`` is set here, before the kernel modules are imported (triton
 reads it when a ``@triton.jit`` function is defined). CI exports it for the whole suite; if a kernel
 module was already imported compiled in this process without a GPU, the tests skip with a reason.
 The reference below is written from the storage-format text (strided packing, KIVI grids), not from
-``kvtune.quant.ops`` or the kernels' own ``*_reference`` helpers, which are checked against it too.
+:mod:`kvtune.quant` (whose ``affine`` family packs the codes the kernel reads: checked against it here).
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from kvtune.kernels import decode_attention as da
-from kvtune.kernels import pack as pk
+from kvtune.quant import codec
+from kvtune.quant.codes import slicing
+from kvtune.quant.formats import kivi_key, kivi_value
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-if DEV == "cpu" and not isinstance(pk._pack_kernel, triton.runtime.interpreter.InterpretedFunction):
+if DEV == "cpu" and not isinstance(da._decode_split_kernel, triton.runtime.interpreter.InterpretedFunction):
     pytest.skip("kvtune.kernels was imported compiled before TRITON_INTERPRET=1 and there is no GPU",
                 allow_module_level=True)
 
@@ -94,6 +96,15 @@ def ref_attention(q, k, v, valid, scaling):
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def pack(x: torch.Tensor, bits: float, group: int, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale, zero)`` of ``x [..., T, D]`` as the runtime stores them (the ``affine`` family): keys per
+    channel over ``group`` tokens, values per token over ``group`` channels; ternary derives its zero."""
+    spec = kivi_key(bits, group) if role == "key" else kivi_value(bits, group)
+    f = codec.encode(x.float(), spec, x.shape[-2])
+    return f["codes"], f["scale"], f.get("zero", -f["scale"])
+
+
+
 def _case(bits_k, bits_v, n_rep, d, *, b=2, hkv=1, t=64, r=5, g=32, gc=32, extra="len", pad=True, seed=0,
           dtype=torch.float16):
     """Random K/V packed by the kernels, plus what the reference needs."""
@@ -103,8 +114,8 @@ def _case(bits_k, bits_v, n_rep, d, *, b=2, hkv=1, t=64, r=5, g=32, gc=32, extra
     q = torch.randn(b, hkv * n_rep, 1, d, generator=gen).to(dtype)
     ek = torch.randn(b, hkv, r, d, generator=gen).to(dtype)
     ev = torch.randn(b, hkv, r, d, generator=gen).to(dtype)
-    kq = da.PackedKeys(*pk.pack_keys(k.to(DEV), bits_k, g), bits_k, g)
-    vq = da.PackedValues(*pk.pack_values(v.to(DEV), bits_v, gc), bits_v, gc)
+    kq = da.PackedKeys(*pack(k.to(DEV), bits_k, g, "key"), bits_k, g)
+    vq = da.PackedValues(*pack(v.to(DEV), bits_v, gc, "value"), bits_v, gc)
     start = torch.tensor([0, 21, 40, 7][:b], dtype=torch.int32) if pad else None
     ext = {"none": None, "all": None, "len": torch.tensor([r, 2, 0, 3][:b]),
            "mask": torch.rand(b, r, generator=gen) > 0.4}[extra]
@@ -150,42 +161,26 @@ def test_import_is_lazy() -> None:
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("d", [16, 64])
-def test_pack_keys_matches_spec(bits: float, d: int) -> None:
+def test_packed_keys_match_spec(bits: float, d: int) -> None:
     x = torch.randn(2, 3, 64, d, generator=torch.Generator().manual_seed(1)).half()
     x[0, 0, :32, 1] = 0.25  # a constant group: scale 1, exact
-    packed, scale, zero = pk.pack_keys(x.to(DEV), bits, 32)
+    packed, scale, zero = pack(x.to(DEV), bits, 32, "key")
     codes, rs, rz = ref_quantize(x, bits, "channel", 32)
-    assert packed.shape[-1] == pk.slicing(bits, d).row_bytes
+    assert packed.shape[-1] == slicing(bits, d).row_bytes
     assert torch.equal(ref_unpack(packed.cpu(), bits, d), codes)
     assert torch.equal(scale.cpu(), rs) and torch.equal(zero.cpu(), rz)
     deq = codes * rs.float().repeat_interleave(32, -2) + rz.float().repeat_interleave(32, -2)
     assert (deq - x.float()).abs().le(rs.float().repeat_interleave(32, -2) * 0.5 + 1e-3).all() or bits == 1.58
-    assert torch.equal(pk.pack_keys_reference(x, bits, 32)[0], packed.cpu())
 
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(("d", "group"), [(16, 0), (64, 16), (64, 24)])
-def test_pack_values_matches_spec(bits: float, d: int, group: int) -> None:
+def test_packed_values_match_spec(bits: float, d: int, group: int) -> None:
     x = torch.randn(2, 37, d, generator=torch.Generator().manual_seed(2)).half()
-    packed, scale, zero = pk.pack_values(x.to(DEV), bits, group)
+    packed, scale, zero = pack(x.to(DEV), bits, group, "value")
     codes, rs, rz = ref_quantize(x, bits, "token", group)
     assert torch.equal(ref_unpack(packed.cpu(), bits, d), codes)
     assert torch.equal(scale.cpu(), rs) and torch.equal(zero.cpu(), rz)
-    assert torch.equal(pk.pack_values_reference(x, bits, group)[0], packed.cpu())
-
-
-@pytest.mark.parametrize("bits", [1, 1.58, 3])
-def test_pack_agrees_with_quant_ops(bits: float) -> None:
-    ops = pytest.importorskip("kvtune.quant.ops")
-    from kvtune.quant.formats import QuantSpec
-
-    x = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(3)).half()
-    for axis, fn in (("channel", pk.pack_keys), ("token", pk.pack_values)):
-        spec = QuantSpec(bits=bits, axis=axis, group=32)
-        qz = ops.quantize(x, spec)
-        packed, scale, zero = fn(x.to(DEV), bits, 32)
-        assert torch.equal(ops.pack(qz.codes, bits), packed.cpu())
-        assert torch.equal(qz.scale, scale.cpu()) and torch.equal(qz.zero, zero.cpu())
 
 
 @pytest.mark.parametrize("bits", BITS)

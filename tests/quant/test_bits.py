@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvtune.plan_types import LayerPlan, MergePolicy, SalientPolicy
-from kvtune.quant.bits import layer_bits, packed_bytes, token_counts
-from kvtune.quant.formats import QuantSpec, kivi_key, kivi_value
+from kvtune.quant.bits import layer_bits, token_counts
+from kvtune.quant.formats import QuantSpec, affine, kivi_key, kivi_value
 
 H, D, L = 3, 64, 4096
 
@@ -30,8 +30,8 @@ def test_kivi2_with_residual_by_hand() -> None:
 
 def test_ternary_symmetric_stores_no_zero() -> None:
     # 13 bytes per 64 channels = 1.625 bits + 16-bit scale per 32-token group per channel = 0.5
-    layer = LayerPlan(key=QuantSpec(bits=1.58, axis="channel", group=32),
-                      value=QuantSpec(bits=1.58, axis="channel", group=32))
+    layer = LayerPlan(key=affine(bits=1.58, axis="channel", group=32),
+                      value=affine(bits=1.58, axis="channel", group=32))
     b = layer_bits(layer, H, D, L)
     assert b.zeros == 0
     assert b.effective == pytest.approx(13 * 8 / 64 + 0.5)
@@ -44,7 +44,7 @@ def test_partial_group_tokens_stay_fp16() -> None:
 
 
 def test_outliers_counted_with_indices() -> None:
-    spec = QuantSpec(bits=2, axis="channel", group=32, outliers=2)
+    spec = affine(bits=2, axis="channel", group=32, outliers=2)
     b = layer_bits(LayerPlan(key=spec, value=QuantSpec()), 1, D, 32)
     # key: 62 main channels -> 16 bytes/token codes, scales+zeros 62*32 bits, outliers 2*16 bits/token + 2 idx
     assert b.codes == 32 * 16 * 8 + 32 * 64 * 16
@@ -66,14 +66,6 @@ def test_merge_reduces_stored_tokens() -> None:
     layer = LayerPlan(key=kivi_key(2), value=kivi_value(2), merge=MergePolicy(ratio=0.5, method="elastic"))
     assert token_counts(layer, 4096)["merged"] == int(0.5 * (4096 - 36))
     assert layer_bits(layer, H, D, L).effective < 2.0
-
-
-def test_packed_bytes_matches_ops() -> None:
-    from kvtune.quant.ops import packed_width
-
-    for bits in (1, 1.58, 2, 3, 4, 8, 16):
-        for d in (7, 60, 64, 128):
-            assert packed_bytes(d, bits) == packed_width(d, bits)
 
 
 def test_per_head_mix_is_the_mean() -> None:

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from kvtune.errors import KVTuneError
 from kvtune.plan import Plan, load_plan
 from kvtune.plan_types import LayerPlan, MergePolicy, ModelIdentity, SalientPolicy
-from kvtune.quant.formats import QuantSpec, kivi_key, kivi_value
+from kvtune.quant.formats import affine, kivi_key, kivi_value
 from kvtune.runtime import KVTuneCache, teacher_forced_logits
 from kvtune.runtime.cache import identity_of
 
@@ -25,11 +25,11 @@ PLANS = {
     "k4v2-residual": lambda: _plan(key=kivi_key(4), value=kivi_value(2), residual=24),
     "kivi-sinks": lambda: _plan(key=kivi_key(2, 16), value=kivi_value(2, 16), residual=16,
                                 salient=SalientPolicy(sink_tokens=3)),
-    "hadamard-outliers-3bit": lambda: _plan(key=QuantSpec(bits=3, axis="channel", group=32, hadamard=True, outliers=2),
-                                            value=QuantSpec(bits=2, axis="token", group=8, outliers=1, outlier_bits=8)),
-    "vidkv-like": lambda: _plan(key=QuantSpec(bits=1, axis="channel", group=16, fft=True, outliers=2, outlier_bits=2),
-                                value=QuantSpec(bits=1.58, axis="channel", group=16)),
-    "zipcache-like": lambda: _plan(key=kivi_key(2), value=QuantSpec(bits=2, axis="token", channel_separable=True),
+    "hadamard-outliers-3bit": lambda: _plan(key=affine(bits=3, axis="channel", group=32, hadamard=True, outliers=2),
+                                            value=affine(bits=2, axis="token", group=8, outliers=1, outlier_bits=8)),
+    "vidkv-like": lambda: _plan(key=affine(bits=1, axis="channel", group=16, fft=True, outliers=2, outlier_bits=2),
+                                value=affine(bits=1.58, axis="channel", group=16)),
+    "zipcache-like": lambda: _plan(key=kivi_key(2), value=affine(bits=2, axis="token", channel_separable=True),
                                    residual=8),
 }
 

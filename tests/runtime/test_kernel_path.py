@@ -16,12 +16,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kvtune.kernels import pack as pk
+from kvtune.kernels import decode_attention as da
 from kvtune.plan import load_plan
 from kvtune.runtime import KVTuneCache
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and not isinstance(pk._pack_kernel, triton.runtime.interpreter.InterpretedFunction):
+if DEV == "cpu" and not isinstance(da._decode_split_kernel, triton.runtime.interpreter.InterpretedFunction):
     pytest.skip("kvtune.kernels was imported compiled before TRITON_INTERPRET=1 and there is no GPU",
                 allow_module_level=True)
 

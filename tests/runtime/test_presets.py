@@ -18,7 +18,7 @@ from kvtune.plan_types import LayerPlan, MergePolicy, SalientPolicy
 from kvtune.quant.formats import kivi_key, kivi_value
 from kvtune.runtime import teacher_forced_logits
 from kvtune.runtime.cache import identity_of
-from kvtune.tokens import span_mask, token_type_mask
+from kvtune.token_types import span_mask, token_type_mask
 
 # effective bits of each preset on SmolLM2-135M (30 layers, 3 KV heads, d=64) at 4096 tokens
 PRESET_BITS = {"akvq-vl-2bit": 3.6325, "vidkv-1.5bit": 3.4562, "vidkv-1.58bit": 3.2736, "zipcache": 5.2868,

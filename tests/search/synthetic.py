@@ -5,23 +5,23 @@ from __future__ import annotations
 import torch
 
 from kvtune.plan_types import ModelIdentity
-from kvtune.quant.formats import QuantSpec
+from kvtune.quant.formats import QuantSpec, affine
 from kvtune.search.tables import CalibrationTables
-from kvtune.search.tokens import SALIENT_RATIOS
+from kvtune.search.token_policies import SALIENT_RATIOS
 
 CH, TOK = "channel", "token"
-KEYS = (QuantSpec(1, CH, 32), QuantSpec(2, CH, 32), QuantSpec(3, CH, 32), QuantSpec(4, CH, 32), QuantSpec(8, CH, 32),
-        QuantSpec(2, CH, 32, hadamard=True),  # same bits as 2b/g32 but made worse below: always dominated
-        QuantSpec(2, CH, 64), QuantSpec(2, CH, 32, outliers=2))
-VALUES = (QuantSpec(1, TOK, 32), QuantSpec(2, TOK, 32), QuantSpec(3, TOK, 32), QuantSpec(4, TOK, 32),
-          QuantSpec(8, TOK, 32), QuantSpec(2, TOK, 32, hadamard=True), QuantSpec(2, TOK, 64))
+KEYS = (affine(1, CH, 32), affine(2, CH, 32), affine(3, CH, 32), affine(4, CH, 32), affine(8, CH, 32),
+        affine(2, CH, 32, hadamard=True),  # same bits as 2b/g32 but made worse below: always dominated
+        affine(2, CH, 64), affine(2, CH, 32, outliers=2))
+VALUES = (affine(1, TOK, 32), affine(2, TOK, 32), affine(3, TOK, 32), affine(4, TOK, 32),
+          affine(8, TOK, 32), affine(2, TOK, 32, hadamard=True), affine(2, TOK, 64))
 DOMINATED_KEY = 5
 
 
 def _errors(specs: tuple[QuantSpec, ...], layers: int, heads: int, gen: torch.Generator, scale: float) -> torch.Tensor:
     """``[L, H, C]``: error ~ 4^-bits, per-layer/per-head sensitivity factors, a little noise."""
-    base = torch.tensor([4.0 ** -s.bits * (1.3 if s.group == 64 else 1.0) * (0.7 if s.outliers else 1.0)
-                         * (0.8 if s.hadamard else 1.0) for s in specs])
+    base = torch.tensor([4.0 ** -s.bits * (1.3 if s.params.group == 64 else 1.0) * (0.7 if s.outliers else 1.0)
+                         * (0.8 if s.rotated else 1.0) for s in specs])
     layer = torch.logspace(0, 1.2, layers)[torch.randperm(layers, generator=gen)]
     head = 0.5 + torch.rand(layers, heads, generator=gen)
     noise = 1 + 0.1 * torch.rand(layers, heads, len(specs), generator=gen)

@@ -12,7 +12,7 @@ import torch
 from kvtune.quant.bits import layers_bits, token_counts
 from kvtune.search.objective import Evaluator, greedy_descent, greedy_path, seed_points
 from kvtune.search.space import build_space
-from kvtune.search.tokens import SALIENT_RATIOS, TokenPolicy, kept_share
+from kvtune.search.token_policies import SALIENT_RATIOS, TokenPolicy, kept_share
 from tests.search.synthetic import make_tables
 
 
@@ -112,7 +112,7 @@ def test_token_policies() -> None:
 
 
 def test_attention_masses() -> None:
-    from kvtune.search.tokens import attention_masses
+    from kvtune.search.token_policies import attention_masses
 
     far = torch.full((2, 3, 100), 0.001)
     far[:, :, 0] = torch.tensor([[0.5, 0.3, 0.1], [0.0, 0.0, 0.0]])

@@ -14,7 +14,14 @@ from kvtune.quant.bits import layer_bits, layers_bits, token_counts
 from kvtune.search import search
 from kvtune.search.objective import Evaluator
 from kvtune.search.space import SPACE_VERSION, SearchSpace, build_space
-from kvtune.search.tokens import SALIENT_RATIOS, TOKEN_POLICIES, TokenPolicy, kept_share, merged_share, policy_of
+from kvtune.search.token_policies import (
+    SALIENT_RATIOS,
+    TOKEN_POLICIES,
+    TokenPolicy,
+    kept_share,
+    merged_share,
+    policy_of,
+)
 from tests.search.synthetic import KEYS, VALUES, make_tables
 
 MERGE = TokenPolicy(1, merge=0.5)
@@ -75,7 +82,7 @@ def test_policy_of_round_trips() -> None:
                            (SalientPolicy(), MergePolicy(0.0, "elastic")),
                            (SalientPolicy(0.05, 4, token_types={"image": 4.0}), MergePolicy()),  # image only
                            (SalientPolicy(token_types={"image": 4.0, "video": 4.0}), MergePolicy()),  # no salient
-                           (SalientPolicy(0.05, 4, score="key_norm"), MergePolicy())):
+                           (SalientPolicy(0.05, 4, probe_recent=0.1), MergePolicy())):  # other probes
         assert policy_of(salient, merge) is None
     space = build_space(make_tables(), "layer", groups=2, tokens="all")
     template = LayerPlan(key=KEYS[1], value=VALUES[1], residual=32, salient=MERGE.salient(), merge=MERGE.merge_policy())

@@ -8,7 +8,7 @@ import torch
 from kvtune.errors import KVTuneError
 from kvtune.plan import Plan, load_plan, save_plan
 from kvtune.plan_types import LayerPlan, SalientPolicy
-from kvtune.tokens import TOKEN_TYPES, TokenTypeFeed, as_mask, placeholder_ids, span_mask, token_type_mask
+from kvtune.token_types import TOKEN_TYPES, TokenTypeFeed, as_mask, placeholder_ids, span_mask, token_type_mask
 
 IMG, VID, SYS, TXT = TOKEN_TYPES["image"], TOKEN_TYPES["video"], TOKEN_TYPES["system"], TOKEN_TYPES["text"]
 

@@ -1,0 +1,117 @@
+"""A :class:`~kvtune.quant.formats.QuantSpec` as stored tensors: declared fields, encode, decode, fit.
+
+The pipeline of every spec: rotation (:mod:`kvtune.quant.rotation`) -> outlier split
+(:mod:`kvtune.quant.outliers`, its channels through their own sub-quantizer, fields ``out.*``) -> the family's
+``encode`` on the remaining channels. :func:`decode` runs it backwards and is the specification;
+:func:`fake_quantize` is ``decode(encode(x))`` over a whole tensor. Tensors are ``[..., T, D]`` with ``T`` whole
+flushed blocks of ``flush`` tokens; ``state`` holds the spec's ``layer``-scope fields (``outlier_idx``
+int16 ``[..., o]`` and any calibrated state of the family, ``[h, width]`` or with the batch dims of ``x``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from kvtune.quant.family import FieldDecl, Fields
+from kvtune.quant.formats import QuantSpec
+from kvtune.quant.outliers import INDEX_FIELD, PREFIX, merge_channels, outlier_spec, rank_channels, split_channels
+from kvtune.quant.rotation import rotation
+
+
+def fields(spec: QuantSpec, d: int, flush: int) -> tuple[FieldDecl, ...]:
+    """Every field ``spec`` stores for one head of ``d`` channels, wrappers included."""
+    out: tuple[FieldDecl, ...] = ()
+    if spec.outliers:
+        sub = fields(outlier_spec(spec), spec.outliers, flush)
+        out = (FieldDecl(INDEX_FIELD, "layer", spec.outliers, "int16", "indices"),
+               *(f.prefixed(PREFIX, "outliers") for f in sub))
+    return out + spec.fam.fields(spec.params, d - spec.outliers, flush)
+
+
+def stored_fields(spec: QuantSpec, d: int, flush: int) -> tuple[FieldDecl, ...]:
+    """The fields that grow with the tokens (everything but ``layer`` scope): what a cache's stores hold."""
+    return tuple(f for f in fields(spec, d, flush) if f.scope != "layer")
+
+
+def layer_fields(spec: QuantSpec, d: int, flush: int = 1) -> dict[str, FieldDecl]:
+    """The ``layer``-scope fields (calibrated or fitted state, one row per head) by name."""
+    return {f.name: f for f in fields(spec, d, flush) if f.scope == "layer"}
+
+
+def _index(state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Outlier indices broadcast to ``x``'s leading dims: ``[..., o]``."""
+    idx = state.get(INDEX_FIELD)
+    if idx is None:
+        raise ValueError("a spec with outlier channels needs their indices (state['outlier_idx'])")
+    idx = idx.to(device=x.device, dtype=torch.long)
+    return idx.expand(*x.shape[:-2], idx.shape[-1])
+
+
+def fit(spec: QuantSpec, x: torch.Tensor) -> Fields:
+    """``layer``-scope state from a sample ``x [B, h, T, D]``: outlier channels ranked in the rotated basis
+    (int16 ``[h, o]``) and the family's own fitted fields ``[h, width]``."""
+    if spec.passthrough:
+        return {}
+    y = rotation(spec.rotation).forward(x.float())
+    flat = y.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])  # [h, B*T, D]
+    state: Fields = {}
+    if spec.outliers:
+        state[INDEX_FIELD] = rank_channels(flat, spec.outliers).to(torch.int16)
+        flat = split_channels(flat, _index(state, flat))[0]
+    state.update(spec.fam.fit(spec.params, flat))
+    return state
+
+
+def encode(x: torch.Tensor, spec: QuantSpec, flush: int, state: Mapping[str, torch.Tensor] | None = None) -> Fields:
+    """Encode whole blocks ``x [..., n*F, D]`` into the spec's stored fields ``[..., rows, width]``."""
+    state = state or {}
+    if spec.passthrough:
+        return spec.fam.encode(spec.params, x, flush, state)
+    y = rotation(spec.rotation).forward(x.float())
+    out: Fields = {}
+    if spec.outliers:
+        y, o = split_channels(y, _index(state, y))
+        out.update({PREFIX + k: v for k, v in encode(o, outlier_spec(spec), flush).items()})
+    out.update(spec.fam.encode(spec.params, y, flush, state))
+    return out
+
+
+def decode(stored: Mapping[str, torch.Tensor], spec: QuantSpec, flush: int, d: int,
+           state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Stored fields of ``T`` tokens (whole blocks) back to float32 ``[..., T, d]``."""
+    state = state or {}
+    if spec.passthrough:
+        return spec.fam.decode(spec.params, stored, flush, d, state)
+    y = spec.fam.decode(spec.params, {k: v for k, v in stored.items() if not k.startswith(PREFIX)}, flush,
+                        d - spec.outliers, state)
+    if spec.outliers:
+        sub = {k[len(PREFIX):]: v for k, v in stored.items() if k.startswith(PREFIX)}
+        o = decode(sub, outlier_spec(spec), flush, spec.outliers)
+        y = merge_channels(y, o, _index(state, y))
+    return rotation(spec.rotation).inverse(y)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize then dequantize ``x [..., T, D]`` as one flushed block of ``T`` tokens (``outlier_idx [..., o]``:
+    the outlier channels, default the top ``spec.outliers`` of ``x`` itself in the rotated basis). Returns x's
+    dtype and shape."""
+    if spec.passthrough:
+        return x.to(torch.float16).to(x.dtype)
+    state: Fields = {}
+    if spec.outliers:
+        y = rotation(spec.rotation).forward(x.float())
+        state[INDEX_FIELD] = rank_channels(y, spec.outliers) if outlier_idx is None else outlier_idx
+    t = x.shape[-2]
+    return decode(encode(x, spec, t, state), spec, t, x.shape[-1], state).to(x.dtype)
+
+
+def kernel_ok(spec: QuantSpec, role: str) -> bool:
+    """True when the fused decode kernel reads ``spec`` for ``role`` (rotations are applied to the query)."""
+    return not spec.passthrough and not spec.outliers and spec.fam.kernel_ok(spec.params, role)
+
+
+def kernel_operands(spec: QuantSpec, role: str, stored: Mapping[str, torch.Tensor]) -> object:
+    """The kernel's operand over the stored fields (see :meth:`~kvtune.quant.family.QuantFamily.kernel_operands`)."""
+    return spec.fam.kernel_operands(spec.params, role, stored)

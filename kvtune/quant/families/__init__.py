@@ -1,0 +1,1 @@
+"""Quantizer families, one module each (registered by name in :data:`kvtune.quant.family.BUILTIN`)."""
