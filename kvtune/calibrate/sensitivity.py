@@ -41,8 +41,8 @@ def default_candidates(head_dim: int | None = None) -> tuple[tuple[QuantSpec, ..
     everything (validated KL 6.5 on SmolLM2-135M).
     """
     fams = families.all_families()
-    keys = tuple(s for f in fams for s in f.candidates("key") if _fits(s, head_dim))
-    values = tuple(s for f in fams for s in f.candidates("value") if _fits(s, head_dim))
+    keys = tuple(s for f in fams for s in f.candidates("key", head_dim) if _fits(s, head_dim))
+    values = tuple(s for f in fams for s in f.candidates("value", head_dim) if _fits(s, head_dim))
     return keys, values
 
 

@@ -52,17 +52,20 @@ def _decode_split_kernel(
     ev_ptr, stride_evb, stride_evh, stride_evt,
     emask_ptr, stride_emb, start_ptr,
     m_ptr, l_ptr, o_ptr,
-    T, R, chunk, n_qsplits, NS, Hkv, qk_scale,
+    T, R, chunk, n_qsplits, NS, Hkv, qk_scale, k_alpha, k_beta, v_alpha, v_beta,
     D: tl.constexpr, NREP: tl.constexpr, QH: tl.constexpr,
     FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr, WKP: tl.constexpr, G: tl.constexpr,
     FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr, WVP: tl.constexpr, GC: tl.constexpr,
     BT: tl.constexpr, BTE: tl.constexpr, EXTRA: tl.constexpr, HAS_START: tl.constexpr,
-    USE_ASM: tl.constexpr, FAST: tl.constexpr,
+    USE_ASM: tl.constexpr, FAST: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr,
+    HAS_VZ: tl.constexpr, AFF_V: tl.constexpr,
 ):
     """Partial attention of one (split, batch * kv head).
 
-    q [B, Hq, 1, D]; packed K/V [B, Hkv, T, bytes]; key scale/zero [B, Hkv, T/G, D]; value scale/zero
-    [B, Hkv, T, D/GC]; extra K/V [B, Hkv, R, D]; EXTRA: 0 none, 1 lengths [B] (valid prefix),
+    q [B, Hq, 1, D]; packed K/V [B, Hkv, T, bytes]; key scale/zero [B, Hkv, T/G, D] (KAX 0) or [B, Hkv, T, 1]
+    (KAX 1: per token, G = BT); value scale/zero [B, Hkv, T, D/GC]; every code dequantizes as
+    ``scale * (alpha * c + beta) + zero`` (AFF_*: alpha 1, beta 0; HAS_*Z: a zero-point tensor is read);
+    extra K/V [B, Hkv, R, D]; EXTRA: 0 none, 1 lengths [B] (valid prefix),
     2 mask [B, R], 3 all valid; start [B] (tokens t < start are padding). Writes m, l [B*Hq, NS]
     (base 2) and unnormalised o [B*Hq, NS, D] (fp32) at split ``pid_s``. FAST (2/4/8-bit, full-width
     slices): BT tokens a tile as BT/G key-group sub-tiles and an unmasked hot loop; otherwise BT == G.
@@ -84,6 +87,10 @@ def _decode_split_kernel(
         qe = s * WK + jk
         qv = tl.load(q_row + qe, mask=rmask[:, None] & (jk < WK) & (qe < D), other=0.0)
         qs = qs + ((qv.to(tl.float32) * qk_scale).to(tl.float16),)
+    qsum = tl.zeros([QH], tl.float32)  # row sums of the scaled query: per-token key zero-points and offsets
+    if KAX == 1:
+        for s in tl.static_range(SK):
+            qsum += tl.sum(qs[s].to(tl.float32), 1)
     accs = ()
     for _s in tl.static_range(SV):
         accs = accs + (tl.zeros([QH, WVP], tl.float32),)
@@ -117,28 +124,34 @@ def _decode_split_kernel(
         n_masked = n_head + (tail < hi).to(tl.int32)
         for i in tl.range(0, n_masked, num_stages=1):
             t0 = tl.where(i < n_head, first, tail)
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row,
-                                                   kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt,
-                                                   stride_vst, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG,
-                                                   NG, True, USE_ASM)
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
+                                                   ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
+                                                   stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, D, QH,
+                                                   FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True, USE_ASM,
+                                                   KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V)
         for t0 in range(full_lo, full_hi, BT):
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row,
-                                                   kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt,
-                                                   stride_vst, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG,
-                                                   NG, False, USE_ASM)
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
+                                                   ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
+                                                   stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, D, QH,
+                                                   FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, False,
+                                                   USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V)
     else:  # other formats: one masked loop (keeps the unrolled code, and the compile time, small)
         for t0 in range(first, hi, BT):
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row,
-                                                   kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg, stride_vpt,
-                                                   stride_vst, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG,
-                                                   NG, True, USE_ASM)
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
+                                                   ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
+                                                   stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, D, QH,
+                                                   FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True, USE_ASM,
+                                                   KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V)
     l_i = tl.sum(l_acc, 1)
-    if GC >= D:  # value zero-points, and the RAW codes' offset (1024 * sum pv) and scale (2^shift)
+    if GC >= D:  # value zero-points, the RAW codes' offset (1024 * sum pv) and scale (2^shift), code affine map
+        pvsum = tl.sum(o_acc, 1)[:, None]
         zt = tl.sum(z_acc, 1)[:, None]
-        off = 1024.0 * tl.sum(o_acc, 1)[:, None]
         added = ()
         for s in tl.static_range(SV):
-            added = added + ((accs[s] - off) * (1.0 / (1 << _raw_shift(s, FMT_V))) + zt,)
+            a = (accs[s] - 1024.0 * pvsum) * (1.0 / (1 << _raw_shift(s, FMT_V)))
+            if not AFF_V:
+                a = a * v_alpha + v_beta * pvsum
+            added = added + (a + zt,)
         accs = added
 
     # ---- extra segment (last split only): full-precision K/V, validity by lengths or mask
@@ -224,19 +237,27 @@ def _extra_args(extra_k, extra_v, extra_len, q):
 
 
 @lru_cache(maxsize=256)
-def _static_args(kbits: float, kgroup: int, vbits: float, vgroup: int, d: int, n_rep: int,
-                 use_asm: bool) -> tuple[Any, int, bool, dict[str, Any]]:
-    """What a launch derives from the specs alone, once per spec: the value slicing, the value channel group,
-    the fast-path flag and the spec's constexpr arguments. Raises ValueError for specs the kernel lacks."""
-    if kgroup < 16 or kgroup & (kgroup - 1):
+def _static_args(kq: tuple, vq: tuple, d: int, n_rep: int,
+                 use_asm: bool) -> tuple[Any, Any, int, bool, dict[str, Any]]:
+    """What a launch derives from the operands' formats alone (``_format`` tuples), once per format: the key and
+    value slicing, the value channel group, the fast-path flag and the constexpr arguments. Raises ValueError for
+    formats the kernel lacks."""
+    (kbits, kgroup, kaxis, kzero, kaff), (vbits, vgroup, _, vzero, vaff) = kq, vq
+    if kaxis == "channel" and (kgroup < 16 or kgroup & (kgroup - 1)):
         raise ValueError(f"key group must be a power of two >= 16, got {kgroup}")
     lk, lv = slicing(kbits, d), slicing(vbits, d)
     gc = min(vgroup or d, d)
     fast = _fast_path(lk, d) and _fast_path(lv, d)
     consts = {"D": d, "NREP": n_rep, "QH": max(16, _p2(n_rep)), "G": kgroup, "GC": gc, "USE_ASM": use_asm,
               "FMT_K": lk.fmt, "SK": lk.slices, "WK": lk.width, "WKP": max(16, _p2(lk.width)),
-              "FMT_V": lv.fmt, "SV": lv.slices, "WV": lv.width, "WVP": max(16, _p2(lv.width)), "FAST": fast}
-    return lv, gc, fast, consts
+              "FMT_V": lv.fmt, "SV": lv.slices, "WV": lv.width, "WVP": max(16, _p2(lv.width)), "FAST": fast,
+              "KAX": int(kaxis == "token"), "HAS_KZ": kzero, "AFF_K": kaff, "HAS_VZ": vzero, "AFF_V": vaff}
+    return lk, lv, gc, fast, consts
+
+
+def _format(x: Any) -> tuple:
+    """The launch-relevant format of a :class:`PackedKeys` / :class:`PackedValues` (hashable)."""
+    return x.bits, x.group, getattr(x, "axis", "token"), x.zero is not None, x.affine
 
 
 def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
@@ -255,17 +276,22 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     # q: [B, Hq, 1, D]
     bsz, hq, one, d = q.shape
     _, hkv, t, _ = kq.packed.shape
-    if one != 1 or hq % hkv or kq.scale.shape[-1] != d:
+    per_token = kq.axis == "token"
+    if one != 1 or hq % hkv or kq.scale.shape[-1] != (1 if per_token else d):
         raise ValueError(f"q must be [B, Hkv*n_rep, 1, D] matching keys; got q {tuple(q.shape)}, "
                          f"keys {tuple(kq.scale.shape)}")
-    lv, gc, fast, consts = _static_args(kq.bits, kq.group, vq.bits, vq.group, d, hq // hkv, _use_asm(q))
+    lk, lv, gc, fast, consts = _static_args(_format(kq), _format(vq), d, hq // hkv, _use_asm(q))
+    if kq.packed.shape[-1] != lk.row_bytes:
+        raise ValueError(f"packed keys have {kq.packed.shape[-1]} bytes a row, expected {lk.row_bytes}")
     if vq.packed.shape[-1] != lv.row_bytes:
         raise ValueError(f"packed values have {vq.packed.shape[-1]} bytes a row, expected {lv.row_bytes}")
     if vq.scale.shape[-1] != math.ceil(d / gc):
         raise ValueError(f"value scale has {vq.scale.shape[-1]} groups, expected {math.ceil(d / gc)}")
     scaling = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
     cfg = config or default_config(bsz, hkv, t, d, q.device, lv.width)
-    block_t = cfg.block_t if fast else min(cfg.block_t, kq.group)
+    block_t = cfg.block_t if fast or per_token else min(cfg.block_t, kq.group)
+    if per_token:  # per-token key scales: a tile is one "group"
+        consts = {**consts, "G": block_t}
     chunk = math.ceil(math.ceil(max(t, 1) / cfg.num_splits) / block_t) * block_t
     n_q = math.ceil(t / chunk) if t else 0
     ek, ev, emask, stride_emb, r, mode = _extra_args(extra_k, extra_v, extra_len, q)
@@ -273,8 +299,8 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     out = torch.empty_like(q)
     if ns == 0:
         return out.zero_()
-    kp, ks, kz = (_arg(x) for x in (kq.packed, kq.scale, kq.zero))
-    vp, vs, vz = (_arg(x) for x in (vq.packed, vq.scale, vq.zero))
+    kp, ks, kz = (_arg(x) for x in (kq.packed, kq.scale, kq.scale if kq.zero is None else kq.zero))
+    vp, vs, vz = (_arg(x) for x in (vq.packed, vq.scale, vq.scale if vq.zero is None else vq.zero))
     if ks.stride() != kz.stride():
         ks, kz = ks.contiguous(), kz.contiguous()
     if vs.stride() != vz.stride():
@@ -288,7 +314,7 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
         qc, *qc.stride()[:2], kp, *kp.stride()[:3], ks, kz, *ks.stride()[:3],
         vp, *vp.stride()[:3], vs, vz, *vs.stride()[:3], ek, *ek.stride()[:3], ev, *ev.stride()[:3],
         emask, stride_emb, st, m, lse, o,
-        t, r, chunk, n_q, ns, hkv, scaling * LOG2E,
+        t, r, chunk, n_q, ns, hkv, scaling * LOG2E, kq.code_scale, kq.code_offset, vq.code_scale, vq.code_offset,
         BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
     )

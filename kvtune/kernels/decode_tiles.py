@@ -13,19 +13,22 @@ from kvtune.kernels.unpack_tl import _load_packed, _slice_f16
 
 
 @triton.jit
-def _key_scores(qs, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg,
+def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg, k_alpha, k_beta,
                 D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
                 WKP: tl.constexpr, G: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
-                USE_ASM: tl.constexpr):
-    """Scores ``[QH, KG]`` of the KG tokens from ``tg`` (one key group: one scale row per slice).
+                USE_ASM: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr):
+    """Scores ``[QH, KG]`` of the KG tokens from ``tg``.
 
-    MASKED: tokens outside ``[st, hi)`` get -inf (head/tail tiles); unmasked tiles load without predicates.
+    KAX 0 (per-channel groups): the tokens are one key group, one scale row per slice, dequantized in registers.
+    KAX 1 (per-token scale): raw code products, then ``s_t * (alpha * (q . c) + beta * sum(q)) + z_t * sum(q)``
+    (``qsum`` ``[QH]``: the row sums of the scaled query). MASKED: tokens outside ``[st, hi)`` get -inf
+    (head/tail tiles); unmasked tiles load without predicates.
     """
     offs = tg + tl.arange(0, KG)
     j = tl.arange(0, WKP)[None, :]
     cmask = j < WK
+    tm = (offs < hi) & (offs >= st)
     if MASKED:
-        tm = (offs < hi) & (offs >= st)
         x0, x1, x2 = _load_packed(kp_row + offs[:, None] * stride_kpt + j, tm[:, None] & cmask, FMT_K, WK)
         grow = (tl.minimum(tg, hi - 1) // G) * stride_ksg
     elif WKP == WK:
@@ -36,55 +39,78 @@ def _key_scores(qs, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg,
         grow = (tg // G) * stride_ksg
     scores = tl.zeros([QH, KG], tl.float32)
     for s in tl.static_range(SK):
-        e = s * WK + j
-        if WKP == WK and SK * WK == D:
-            sc = tl.load(ks_row + grow + e)                                  # [1, WKP] fp16
-            zr = tl.load(kz_row + grow + e)
+        c = _slice_f16(x0, x1, x2, s, FMT_K, False, USE_ASM)              # [KG, WKP] fp16 codes
+        if KAX == 1:
+            scores = tl.dot(qs[s], tl.trans(c), scores)
         else:
-            sc = tl.load(ks_row + grow + e, mask=cmask & (e < D), other=0.0)
-            zr = tl.load(kz_row + grow + e, mask=cmask & (e < D), other=0.0)
-        kd = _slice_f16(x0, x1, x2, s, FMT_K, False, USE_ASM) * sc + zr   # [KG, WKP] fp16
-        scores = tl.dot(qs[s], tl.trans(kd), scores)
+            e = s * WK + j
+            zr = tl.zeros([1, WKP], tl.float16)
+            if WKP == WK and SK * WK == D:
+                sc = tl.load(ks_row + grow + e)                                  # [1, WKP] fp16
+                if HAS_KZ:
+                    zr = tl.load(kz_row + grow + e)
+            else:
+                sc = tl.load(ks_row + grow + e, mask=cmask & (e < D), other=0.0)
+                if HAS_KZ:
+                    zr = tl.load(kz_row + grow + e, mask=cmask & (e < D), other=0.0)
+            if not AFF_K:  # scale * (alpha * c + beta) + zero == c * (alpha * scale) + (beta * scale + zero)
+                zr = (zr.to(tl.float32) + k_beta * sc.to(tl.float32)).to(tl.float16)
+                sc = (sc.to(tl.float32) * k_alpha).to(tl.float16)
+            kd = c * sc + zr                                                    # [KG, WKP] fp16
+            scores = tl.dot(qs[s], tl.trans(kd), scores)
+    if KAX == 1:
+        if MASKED:
+            sk = tl.load(ks_row + offs * stride_ksg, mask=tm, other=0.0).to(tl.float32)
+        else:
+            sk = tl.load(ks_row + offs * stride_ksg).to(tl.float32)
+        scores = scores * (k_alpha * sk)[None, :] + (k_beta * sk)[None, :] * qsum[:, None]
+        if HAS_KZ:
+            if MASKED:
+                zk = tl.load(kz_row + offs * stride_ksg, mask=tm, other=0.0).to(tl.float32)
+            else:
+                zk = tl.load(kz_row + offs * stride_ksg).to(tl.float32)
+            scores += zk[None, :] * qsum[:, None]
     if MASKED:
         scores = tl.where(tm[None, :], scores, float("-inf"))
     return scores
 
 
 @triton.jit
-def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, stride_vpt, stride_vst,
+def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, stride_vpt, stride_vst, v_alpha, v_beta,
                   D: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
                   WVP: tl.constexpr, GC: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
-                  USE_ASM: tl.constexpr):
+                  USE_ASM: tl.constexpr, HAS_VZ: tl.constexpr, AFF_V: tl.constexpr):
     """acc_s += P @ V_s over the KG tokens from ``tg``, for every value slice.
 
     One channel group (GC >= D): the per-token scale is folded into P and the zero-point term
     ``P * zero`` goes to ``z_acc`` ``[QH, KG]`` (reduced once at the end), so the codes go to the
-    tensor cores as they come out of the unpack (``1024 + c``, the offset also leaves through ``z_acc``).
-    Otherwise V is dequantized in registers (per-token column of scales when a slice lies in one channel
-    group, else a gathered tile).
+    tensor cores as they come out of the unpack (``1024 + c``, the offset also leaves through ``o_acc``, and
+    ``code_scale``/``code_offset`` apply once at the end). Otherwise V is dequantized in registers (per-token
+    column of scales when a slice lies in one channel group, else a gathered tile).
     """
     offs_t = tg + tl.arange(0, KG)
     jv = tl.arange(0, WVP)[None, :]
     cmask = jv < WV
     ptrs = vp_row + offs_t[:, None] * stride_vpt + jv
+    tmask = (offs_t < hi) & (offs_t >= st)
     if MASKED:
-        tmask = (offs_t < hi) & (offs_t >= st)
         x0, x1, x2 = _load_packed(ptrs, tmask[:, None] & cmask, FMT_V, WV)
     elif WVP == WV:
-        tmask = None
         x0, x1, x2 = _load_packed(ptrs, None, FMT_V, WV, False)
     else:
-        tmask = None
         x0, x1, x2 = _load_packed(ptrs, cmask, FMT_V, WV)
     if GC >= D:
         if MASKED:
             vs = tl.load(vs_row + offs_t * stride_vst, mask=tmask, other=0.0).to(tl.float32)
-            vz = tl.load(vz_row + offs_t * stride_vst, mask=tmask, other=0.0).to(tl.float32)
         else:
             vs = tl.load(vs_row + offs_t * stride_vst).to(tl.float32)
-            vz = tl.load(vz_row + offs_t * stride_vst).to(tl.float32)
+        if HAS_VZ:
+            if MASKED:
+                vz = tl.load(vz_row + offs_t * stride_vst, mask=tmask, other=0.0).to(tl.float32)
+            else:
+                vz = tl.load(vz_row + offs_t * stride_vst).to(tl.float32)
+            z_acc += p * vz[None, :]
         pv = (p * vs[None, :]).to(tl.float16)
-        z_acc += p * vz[None, :]
         o_acc += pv.to(tl.float32)  # codes enter the MMA as 1024 + c * 2^shift: 1024 * sum(pv) leaves later
     else:
         p16 = p.to(tl.float16)
@@ -96,31 +122,38 @@ def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, str
         else:
             if GC % WV == 0:  # the slice lies in one channel group: a per-token column
                 col = offs_t[:, None] * stride_vst + (s * WV) // GC
-                if MASKED:
-                    sc = tl.load(vs_row + col, mask=tmask[:, None], other=0.0)
-                    zr = tl.load(vz_row + col, mask=tmask[:, None], other=0.0)
-                else:
-                    sc = tl.load(vs_row + col)
-                    zr = tl.load(vz_row + col)
+                cm = tmask[:, None]
             else:
                 col = offs_t[:, None] * stride_vst + (s * WV + jv) // GC
                 cm = cmask & (s * WV + jv < D)
                 if MASKED:
                     cm = cm & tmask[:, None]
+            if MASKED or GC % WV != 0:
                 sc = tl.load(vs_row + col, mask=cm, other=0.0)
-                zr = tl.load(vz_row + col, mask=cm, other=0.0)
+            else:
+                sc = tl.load(vs_row + col)
+            zr = tl.zeros_like(sc)
+            if HAS_VZ:
+                if MASKED or GC % WV != 0:
+                    zr = tl.load(vz_row + col, mask=cm, other=0.0)
+                else:
+                    zr = tl.load(vz_row + col)
+            if not AFF_V:
+                zr = (zr.to(tl.float32) + v_beta * sc.to(tl.float32)).to(tl.float16)
+                sc = (sc.to(tl.float32) * v_alpha).to(tl.float16)
             acc = tl.dot(p16, c * sc + zr, accs[s])
         new = new + (acc,)
     return new, z_acc, o_acc
 
 
 @triton.jit
-def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row, vp_row, vs_row, vz_row,
-          stride_kpt, stride_ksg, stride_vpt, stride_vst,
+def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row, ks_row, kz_row, vp_row, vs_row, vz_row,
+          stride_kpt, stride_ksg, stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta,
           D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
           WKP: tl.constexpr, G: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
           WVP: tl.constexpr, GC: tl.constexpr, KG: tl.constexpr, NG: tl.constexpr, MASKED: tl.constexpr,
-          USE_ASM: tl.constexpr):
+          USE_ASM: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr,
+          HAS_VZ: tl.constexpr, AFF_V: tl.constexpr):
     """One tile of NG * KG tokens: NG key-group sub-tiles, a single online-softmax rescale.
 
     Row sums (``l_acc``) and zero-point terms (``z_acc``) stay elementwise ``[QH, KG]`` tiles, so the
@@ -128,8 +161,9 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row
     """
     scores = ()
     for g in tl.static_range(NG):
-        scores = scores + (_key_scores(qs, kp_row, ks_row, kz_row, t0 + g * KG, hi, st, stride_kpt, stride_ksg,
-                                       D, QH, FMT_K, SK, WK, WKP, G, KG, MASKED, USE_ASM),)
+        scores = scores + (_key_scores(qs, qsum, kp_row, ks_row, kz_row, t0 + g * KG, hi, st, stride_kpt, stride_ksg,
+                                       k_alpha, k_beta, D, QH, FMT_K, SK, WK, WKP, G, KG, MASKED, USE_ASM, KAX,
+                                       HAS_KZ, AFF_K),)
     smax = scores[0]
     for g in tl.static_range(1, NG):
         smax = tl.maximum(smax, scores[g])
@@ -146,7 +180,8 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, kp_row, ks_row, kz_row
         p = tl.math.exp2(scores[g] - m_new[:, None])
         l_acc += p
         accs, z_acc, o_acc = _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, t0 + g * KG, hi, st,
-                                           stride_vpt, stride_vst, D, FMT_V, SV, WV, WVP, GC, KG, MASKED, USE_ASM)
+                                           stride_vpt, stride_vst, v_alpha, v_beta, D, FMT_V, SV, WV, WVP, GC, KG,
+                                           MASKED, USE_ASM, HAS_VZ, AFF_V)
     return m_new, l_acc, z_acc, o_acc, accs
 
 

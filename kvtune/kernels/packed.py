@@ -1,8 +1,10 @@
 """Packed K/V of one layer as the decode kernels read them, and their PyTorch reference (the specification).
 
 :class:`PackedKeys` / :class:`PackedValues` bundle codes (layout of :mod:`kvtune.quant.codes`), scales and
-zero-points; :func:`decode_attention_reference` dequantizes everything and runs an fp32 softmax: the
-kernel in :mod:`kvtune.kernels.decode_attention` is tested against it. Torch only (no triton import).
+optional zero-points. Every element dequantizes as ``scale * (code_scale * c + code_offset) + zero``: an
+integer grid (``affine``: ``code_scale = 1``, ``code_offset = 0``) or evenly spaced codebook levels scaled per
+token (``normq``: no zero-point). :func:`decode_attention_reference` dequantizes everything and runs an fp32
+softmax: the kernel in :mod:`kvtune.kernels.decode_attention` is tested against it. Torch only (no triton).
 """
 
 from __future__ import annotations
@@ -14,31 +16,57 @@ import torch
 
 from kvtune.quant.codes import slicing, unpack
 
+AXES = ("channel", "token")
+
 
 @dataclass(frozen=True)
 class _PackedCodes:
-    """Codes plus their scale and zero-point tensors; bits: 1, 1.58, 2, 3, 4 or 8; group: see subclasses."""
+    """Codes plus their scale and (optional) zero-point tensors; bits: 1, 1.58, 2, 3, 4 or 8."""
 
     packed: torch.Tensor
     scale: torch.Tensor
-    zero: torch.Tensor
+    zero: torch.Tensor | None
     bits: float
     group: int
+    code_scale: float = 1.0
+    code_offset: float = 0.0
+
+    @property
+    def affine(self) -> bool:
+        """Codes are plain integers (``code_scale = 1``, ``code_offset = 0``)."""
+        return self.code_scale == 1.0 and self.code_offset == 0.0
+
+    def _check_zero(self) -> None:
+        if self.zero is not None and self.zero.shape != self.scale.shape:
+            raise ValueError(f"zero {tuple(self.zero.shape)} must have the scale's shape {tuple(self.scale.shape)}")
+
+    def _levels(self, d: int) -> torch.Tensor:
+        return unpack(self.packed, self.bits, d).float() * self.code_scale + self.code_offset
 
 
 @dataclass(frozen=True)
 class PackedKeys(_PackedCodes):
-    """Packed keys of one layer (per-channel groups of ``group`` tokens).
+    """Packed keys of one layer.
 
-    packed: uint8 ``[B, Hkv, T, row_bytes]`` (last dim contiguous); scale, zero: fp16
-    ``[B, Hkv, T/group, D]`` (same strides); group: tokens per group.
+    packed: uint8 ``[B, Hkv, T, row_bytes]`` (last dim contiguous). ``axis="channel"``: scale (zero) fp16
+    ``[B, Hkv, T/group, D]``, one row per group of ``group`` tokens (KIVI). ``axis="token"``: scale (zero) fp16
+    ``[B, Hkv, T, 1]``, one per token (``group`` unused).
     """
+
+    axis: str = "channel"
 
     def __post_init__(self) -> None:
         b, h, t, _ = self.packed.shape
+        if self.axis not in AXES:
+            raise ValueError(f"key axis must be one of {AXES}, got {self.axis!r}")
+        self._check_zero()
+        if self.axis == "token":
+            if tuple(self.scale.shape) != (b, h, t, 1):
+                raise ValueError(f"per-token key scale must be [B, Hkv, T, 1], got {tuple(self.scale.shape)}")
+            return
         if self.group <= 0 or t % self.group:
             raise ValueError(f"T={t} must be a multiple of the key group {self.group}")
-        if self.scale.shape != self.zero.shape or tuple(self.scale.shape[:3]) != (b, h, t // self.group):
+        if tuple(self.scale.shape[:3]) != (b, h, t // self.group):
             raise ValueError(f"key scale/zero must be [B, Hkv, T/G, D], got {tuple(self.scale.shape)}")
         if self.packed.shape[-1] != slicing(self.bits, self.scale.shape[-1]).row_bytes:
             raise ValueError(f"packed keys have {self.packed.shape[-1]} bytes a row, expected "
@@ -49,30 +77,37 @@ class PackedKeys(_PackedCodes):
 class PackedValues(_PackedCodes):
     """Packed values of one layer (per-token groups of ``group`` channels; 0 = all D).
 
-    packed: uint8 ``[B, Hkv, T, row_bytes]``; scale, zero: fp16 ``[B, Hkv, T, ceil(D/group)]``.
-    The head dim ``D`` is taken from the keys.
+    packed: uint8 ``[B, Hkv, T, row_bytes]``; scale (zero) fp16 ``[B, Hkv, T, ceil(D/group)]``.
+    The head dim ``D`` is taken from the keys or the query.
     """
 
     def __post_init__(self) -> None:
         if self.group < 0:
             raise ValueError(f"value group must be >= 0, got {self.group}")
-        if self.scale.shape != self.zero.shape or tuple(self.scale.shape[:3]) != tuple(self.packed.shape[:3]):
+        self._check_zero()
+        if tuple(self.scale.shape[:3]) != tuple(self.packed.shape[:3]):
             raise ValueError(f"value scale/zero must be [B, Hkv, T, D/Gc], got {tuple(self.scale.shape)}")
 
 
+def _zero(x: torch.Tensor | None) -> torch.Tensor | float:
+    return 0.0 if x is None else x.float()
+
+
 def dequantize_keys_reference(kq: PackedKeys, d: int) -> torch.Tensor:
-    """fp32 keys ``[B, Hkv, T, D]``: ``code * scale[t // G] + zero[t // G]``."""
-    codes = unpack(kq.packed, kq.bits, d).float()
-    scale, zero = (x.float().repeat_interleave(kq.group, dim=2) for x in (kq.scale, kq.zero))
-    return codes * scale + zero
+    """fp32 keys ``[B, Hkv, T, D]``: ``scale * (code_scale * c + code_offset) + zero`` per group or token."""
+    if kq.axis == "token":
+        return kq._levels(d) * kq.scale.float() + _zero(kq.zero)
+    scale = kq.scale.float().repeat_interleave(kq.group, dim=2)
+    zero = 0.0 if kq.zero is None else kq.zero.float().repeat_interleave(kq.group, dim=2)
+    return kq._levels(d) * scale + zero
 
 
 def dequantize_values_reference(vq: PackedValues, d: int) -> torch.Tensor:
-    """fp32 values ``[B, Hkv, T, D]``: ``code * scale[t, e // Gc] + zero[t, e // Gc]``."""
+    """fp32 values ``[B, Hkv, T, D]``: ``scale[t, e // Gc] * (code_scale * c + code_offset) + zero[t, e // Gc]``."""
     gc = min(vq.group or d, d)
-    codes = unpack(vq.packed, vq.bits, d).float()
-    scale, zero = (x.float().repeat_interleave(gc, dim=-1)[..., :d] for x in (vq.scale, vq.zero))
-    return codes * scale + zero
+    scale = vq.scale.float().repeat_interleave(gc, dim=-1)[..., :d]
+    zero = 0.0 if vq.zero is None else vq.zero.float().repeat_interleave(gc, dim=-1)[..., :d]
+    return vq._levels(d) * scale + zero
 
 
 def decode_attention_reference(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,

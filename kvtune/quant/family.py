@@ -121,8 +121,9 @@ class QuantFamily:
         """Per-layer state (``layer``-scope fields, ``[h, width]``) from a sample ``[h, N, D]`` float32."""
         return {}
 
-    def candidates(self, role: str) -> tuple[Any, ...]:
-        """Quantizers (:class:`~kvtune.quant.formats.QuantSpec`) calibration measures for ``role`` (key/value)."""
+    def candidates(self, role: str, head_dim: int | None = None) -> tuple[Any, ...]:
+        """Quantizers (:class:`~kvtune.quant.formats.QuantSpec`) calibration measures for ``role`` (key/value) of
+        heads of ``head_dim`` channels (None: any)."""
         return ()
 
     # -- kernel hooks ------------------------------------------------------------------------------------
@@ -139,6 +140,7 @@ class QuantFamily:
 BUILTIN: dict[str, str] = {
     "fp16": "kvtune.quant.families.fp16",
     "affine": "kvtune.quant.families.affine",
+    "normq": "kvtune.quant.families.normq",
 }
 _REGISTRY: dict[str, QuantFamily] = {}
 

@@ -2,13 +2,16 @@
 
 A rotation ``R`` is orthonormal, so rotating both the query and the key leaves ``q·k`` unchanged: a rotated
 key cache is attended by rotating the query (and a rotated value cache by rotating the output back). It
-stores nothing. ``none`` is the identity (no computation).
+stores nothing. ``none`` is the identity (no computation); ``hadamard`` the Walsh-Hadamard matrix (power-of-two
+head dims; QuaRot, AKVQ-VL, llama.cpp); ``orthogonal`` a fixed random orthogonal matrix (any head dim;
+TurboQuant's random rotation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -42,9 +45,30 @@ def _same(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@lru_cache(maxsize=16)
+def _orthogonal_matrix(d: int) -> torch.Tensor:
+    """A fixed random orthogonal ``[d, d]`` float32 (QR of a seeded Gaussian, signs fixed): the same on every
+    machine, so it is stored nowhere. Built outside inference mode (it is cached)."""
+    with torch.inference_mode(False):
+        gen = torch.Generator().manual_seed(0x6B7674)
+        q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+        return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def _orthogonal(x: torch.Tensor) -> torch.Tensor:
+    m = _orthogonal_matrix(x.shape[-1]).to(x.device)
+    return (x.float() @ m).to(x.dtype)
+
+
+def _orthogonal_inverse(x: torch.Tensor) -> torch.Tensor:
+    m = _orthogonal_matrix(x.shape[-1]).to(x.device)
+    return (x.float() @ m.T).to(x.dtype)
+
+
 ROTATIONS: dict[str, Rotation] = {
     "none": Rotation("none", _same, _same, lambda d: None),
     "hadamard": Rotation("hadamard", hadamard, hadamard, _power_of_two),  # self-inverse
+    "orthogonal": Rotation("orthogonal", _orthogonal, _orthogonal_inverse, lambda d: None),  # any head dim
 }
 
 

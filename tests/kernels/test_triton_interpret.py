@@ -234,3 +234,37 @@ def test_module_reference_agrees() -> None:
                                                 da.PackedValues(vq.packed.cpu(), vq.scale.cpu(), vq.zero.cpu(), 2, 32)),
                                            ek, ev, ext, start)
     torch.testing.assert_close(theirs.float(), mine, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [1.58, 2, 4])
+@pytest.mark.parametrize("zero", [False, True])
+def test_per_token_keys_and_code_maps(bits: float, zero: bool) -> None:
+    """Per-token key scales (``axis="token"``), evenly spaced code levels (``code_scale``/``code_offset``) and
+    absent zero-points, on both operands, against the PyTorch reference."""
+    from kvtune.quant.codes import code_format
+    from kvtune.quant.codes import pack as pack_codes
+
+    gen = torch.Generator().manual_seed(5)
+    b, hkv, t, d, n_rep = 2, 2, 96, 64, 3
+    levels = code_format(bits).levels
+    codes = [torch.randint(0, levels, (b, hkv, t, d), generator=gen, dtype=torch.uint8) for _ in range(2)]
+    scales = [(torch.rand(b, hkv, t, 1, generator=gen) + 0.5).half() for _ in range(2)]
+    zeros = [(torch.randn(b, hkv, t, 1, generator=gen) * 0.1).half() if zero else None for _ in range(2)]
+    step, first = 0.9957, -1.4935
+    kq = da.PackedKeys(pack_codes(codes[0], bits).to(DEV), scales[0].to(DEV),
+                       None if zeros[0] is None else zeros[0].to(DEV), bits, 0, step, first, axis="token")
+    vq = da.PackedValues(pack_codes(codes[1], bits).to(DEV), scales[1].to(DEV),
+                         None if zeros[1] is None else zeros[1].to(DEV), bits, 0, step, first)
+    q = torch.randn(b, hkv * n_rep, 1, d, generator=gen).half()
+    ek, ev = torch.randn(b, hkv, 5, d, generator=gen).half(), torch.randn(b, hkv, 5, d, generator=gen).half()
+    start = torch.tensor([0, 17], dtype=torch.int32)
+    out = da.decode_attention(q.to(DEV), kq, vq, ek.to(DEV), ev.to(DEV), None, start.to(DEV)).cpu()
+    ref = da.decode_attention_reference(q, *(_cpu(x) for x in (kq, vq)), ek, ev, None, start)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-3 * float(ref.abs().max()), rtol=0)  # fp16 out
+
+
+def _cpu(x):
+    import dataclasses
+
+    return dataclasses.replace(x, packed=x.packed.cpu(), scale=x.scale.cpu(),
+                               zero=None if x.zero is None else x.zero.cpu())

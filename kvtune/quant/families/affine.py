@@ -124,7 +124,7 @@ class Affine(QuantFamily):
             y = y * fields["norm"].float().repeat_interleave(flush, dim=-2)
         return ifft_tokens(y, p.group) if p.fft else y
 
-    def candidates(self, role: str) -> tuple[Any, ...]:
+    def candidates(self, role: str, head_dim: int | None = None) -> tuple[Any, ...]:
         return key_candidates() if role == "key" else value_candidates()
 
     # -- kernel hooks: plain asymmetric grids, fp16 scales; keys per channel in power-of-two groups >= 16,

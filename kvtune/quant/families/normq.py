@@ -1,0 +1,167 @@
+"""``normq``: one scale per token vector and Gaussian-optimal scalar codes (TurboQuant's MSE variant, no QJL).
+
+Applied after a rotation (the spec's ``rotation`` wrapper: Hadamard, or a random orthogonal matrix for head
+dims that are not a power of two), the coordinates of a token vector ``x`` (``D`` channels) are close to
+``N(0, |x|^2 / D)``. Each is coded against a fixed codebook of ``L`` levels for ``N(0, 1)`` -- ``lloyd``: the
+Lloyd-Max centroids; ``uniform``: evenly spaced levels with the MSE-optimal step -- after dividing by the
+vector's RMS. One scale per token is stored: the least-squares ``s = <x, u> / <u, u>`` of the chosen levels
+``u`` (never worse than the norm itself, same cost), so ``x^ = s * u``.
+
+Stored per head: ``codes`` uint8 ``[T, packed_width(D, bits)]`` and ``scale`` ``[T, 1]`` at ``scale_dtype``
+(16 bits a token: 0.25 bit an element at D = 64). 1 and 1.58 bits: the Lloyd-Max and uniform codebooks are the
+same (``±0.798``; ``0, ±1.224``). The decode kernel reads uniform codebooks: ``x^ = s * step * (c - (L-1)/2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from kvtune.errors import KVTuneError
+from kvtune.quant import grid
+from kvtune.quant.codes import code_format, pack, packed_width, unpack
+from kvtune.quant.family import FieldDecl, Fields, QuantFamily
+from kvtune.quant.formats import QuantSpec
+
+CODEBOOKS = ("lloyd", "uniform")
+BITS = (1, 1.58, 2, 3, 4)
+KERNEL_BITS = (1, 1.58, 2, 3, 4)
+
+
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+
+def _cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def _cells(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decision intervals ``(lo, hi)`` of sorted ``levels`` (midpoints; the outer ones open)."""
+    mid = (levels[1:] + levels[:-1]) / 2
+    inf = torch.tensor([math.inf], dtype=levels.dtype)
+    return torch.cat([-inf, mid]), torch.cat([mid, inf])
+
+
+def _mse(levels: torch.Tensor) -> float:
+    """E[(x - Q(x))^2] for x ~ N(0, 1) quantized to the nearest of ``levels``."""
+    lo, hi = _cells(levels)
+    mass = _cdf(hi) - _cdf(lo)
+    first = _phi(lo) - _phi(hi)  # int x phi
+    second = mass - (torch.nan_to_num(hi * _phi(hi)) - torch.nan_to_num(lo * _phi(lo)))  # int x^2 phi
+    return float((second - 2 * levels * first + levels * levels * mass).sum())
+
+
+@lru_cache(maxsize=32)
+def codebook(levels: int, kind: str) -> tuple[float, ...]:
+    """The ``levels`` sorted code values for ``N(0, 1)`` (``lloyd``: Lloyd-Max; ``uniform``: optimal step)."""
+    if kind == "uniform" or levels <= 3:
+        lo_step, hi_step = 0.01, 4.0  # golden-section search of the step (the MSE is unimodal in it)
+        offsets = torch.arange(levels, dtype=torch.float64) - (levels - 1) / 2
+        g = (math.sqrt(5) - 1) / 2
+        for _ in range(100):
+            a, b = hi_step - g * (hi_step - lo_step), lo_step + g * (hi_step - lo_step)
+            if _mse(a * offsets) < _mse(b * offsets):
+                hi_step = b
+            else:
+                lo_step = a
+        return tuple((offsets * (lo_step + hi_step) / 2).tolist())
+    c = torch.linspace(-2.0, 2.0, levels, dtype=torch.float64)
+    for _ in range(500):  # Lloyd iterations: centroids = conditional means of their cells
+        lo, hi = _cells(c)
+        c = (_phi(lo) - _phi(hi)) / (_cdf(hi) - _cdf(lo))
+    return tuple(c.tolist())
+
+
+@dataclass(frozen=True)
+class NormQParams:
+    """See the module docstring."""
+
+    bits: float = 2
+    codebook: str = "lloyd"
+    scale_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        fmt = code_format(self.bits)
+        if fmt.bits not in BITS:
+            raise ValueError(f"normq bits must be one of {BITS}, got {self.bits}")
+        object.__setattr__(self, "bits", fmt.bits)
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"codebook must be one of {CODEBOOKS}, got {self.codebook!r}")
+        if self.scale_dtype not in grid.SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {tuple(grid.SCALE_DTYPES)}, got {self.scale_dtype!r}")
+
+    @property
+    def levels(self) -> int:
+        return code_format(self.bits).levels
+
+    @property
+    def uniform(self) -> bool:
+        """The codebook is evenly spaced (what the decode kernel reads)."""
+        return self.codebook == "uniform" or self.levels <= 3
+
+
+class NormQ(QuantFamily):
+    name = "normq"
+    Params = NormQParams
+
+    def bits(self, p: NormQParams) -> float:
+        return p.bits
+
+    def label(self, p: NormQParams, short: bool = False) -> str:
+        kind = "" if p.uniform and p.levels <= 3 else ("L" if p.codebook == "lloyd" else "U")
+        return f"{p.bits:g}n{kind}" if short else f"{p.bits:g}b/norm/{'uniform' if p.uniform else 'lloyd'}"
+
+    def fields(self, p: NormQParams, d: int, flush: int) -> tuple[FieldDecl, ...]:
+        return (FieldDecl("codes", "token", packed_width(d, p.bits), "uint8", "codes"),
+                FieldDecl("scale", "token", 1, p.scale_dtype, "scales"))
+
+    def encode(self, p: NormQParams, x: torch.Tensor, flush: int, state: Mapping[str, torch.Tensor]) -> Fields:
+        if not torch.isfinite(x).all():
+            raise KVTuneError("non-finite values (NaN/inf) in a tensor to quantize", "check the model's activations")
+        levels = torch.tensor(codebook(p.levels, p.codebook), dtype=torch.float32, device=x.device)
+        rms = x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
+        u = x / rms.clamp_min(1e-30)
+        codes = torch.bucketize(u, (levels[1:] + levels[:-1]) / 2)  # nearest level
+        y = levels[codes]
+        scale = (x * y).sum(-1, keepdim=True) / (y * y).sum(-1, keepdim=True).clamp_min(1e-30)
+        return {"codes": pack(codes.to(torch.uint8), p.bits), "scale": scale.to(grid.SCALE_DTYPES[p.scale_dtype])}
+
+    def decode(self, p: NormQParams, fields: Mapping[str, torch.Tensor], flush: int, d: int,
+               state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        levels = torch.tensor(codebook(p.levels, p.codebook), dtype=torch.float32, device=fields["codes"].device)
+        return levels[unpack(fields["codes"], p.bits, d).long()] * fields["scale"].float()
+
+    def candidates(self, role: str, head_dim: int | None = None) -> tuple[Any, ...]:
+        """Rotated uniform codes -- keys at 2/3/4 bits, values at 1/1.58/2/3 bits -- and Lloyd-Max at 2 bits; the
+        rotation is Hadamard, or a random orthogonal one where the head dim is not a power of two."""
+        rot = "hadamard" if head_dim is None or head_dim & (head_dim - 1) == 0 else "orthogonal"
+        bits = (2, 3, 4) if role == "key" else (1, 1.58, 2, 3)
+        return tuple([normq(b, "uniform", rot) for b in bits] + [normq(2, "lloyd", rot)])
+
+    # -- kernel hooks: evenly spaced codes, fp16 scales; x^ = scale * (step * c - step * (L - 1) / 2)
+    def kernel_ok(self, p: NormQParams, role: str) -> bool:
+        return p.uniform and p.bits in KERNEL_BITS and p.scale_dtype == "float16"
+
+    def kernel_operands(self, p: NormQParams, role: str, fields: Mapping[str, torch.Tensor]) -> Any:
+        from kvtune.kernels.packed import PackedKeys, PackedValues
+
+        levels = codebook(p.levels, p.codebook)
+        step = (levels[-1] - levels[0]) / (p.levels - 1)
+        affine = {"code_scale": step, "code_offset": levels[0]}
+        if role == "key":
+            return PackedKeys(fields["codes"], fields["scale"], None, p.bits, 0, axis="token", **affine)
+        return PackedValues(fields["codes"], fields["scale"], None, p.bits, 0, **affine)
+
+
+def normq(bits: float, codebook: str = "lloyd", rotation: str = "hadamard", **wrappers: Any) -> QuantSpec:
+    """A ``normq`` spec (rotated by default): ``normq(2)``, ``normq(1.58, rotation="orthogonal")``."""
+    return QuantSpec("normq", NormQParams(bits=bits, codebook=codebook), rotation, **wrappers)
+
+
+FAMILY = NormQ()
