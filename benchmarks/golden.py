@@ -59,22 +59,17 @@ def preset_rows(model: Any, tok: Any, ids: torch.Tensor) -> dict[str, Any]:
 
 
 def calib_and_search(workdir: Path) -> dict[str, Any]:
-    from click.testing import CliRunner
     from safetensors.torch import load_file
 
     from kvtune.cli import main
 
-    runner = CliRunner()
     calib, plan = workdir / "calib", workdir / "plan"
-    r = runner.invoke(main, ["calibrate", "--tokens", "4096", "--seq-len", "1024", "--out", str(calib),
-                             "--no-progress"])
-    if r.exit_code:
-        raise SystemExit(r.output)
+    if main(["calibrate", "--tokens", "4096", "--seq-len", "1024", "--out", str(calib), "--no-progress"]):
+        raise SystemExit("calibrate failed")
     tensors = load_file(str(calib / "calib.safetensors"))
-    r = runner.invoke(main, ["search", "--budget", "2.5bit", "--calib", str(calib), "--out", str(plan),
-                             "--trials", "60", "--validate", "2", "--no-progress"])
-    if r.exit_code:
-        raise SystemExit(r.output)
+    if main(["search", "--budget", "2.5bit", "--calib", str(calib), "--out", str(plan), "--trials", "60",
+             "--validate", "2", "--no-progress"]):
+        raise SystemExit("search failed")
     import yaml
 
     data = yaml.safe_load((plan / "plan.yaml").read_text())
