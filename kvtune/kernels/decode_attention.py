@@ -14,6 +14,9 @@ way), dequantizes in registers, keeps an online softmax in base 2, and writes a 
 
 The extra segment runs as one more split of the same launch (not in torch): it costs no extra launch,
 no Python-side softmax, and its partial merges like any other.
+
+Formats the swapped kernel reads (2/4/8-bit codes, keys in groups >= 16 tokens or per token, one value scale
+per token: :func:`kvtune.kernels.decode_fast.fast_eligible`) go there instead; this kernel serves the rest.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import triton
 import triton.language as tl
 
 from kvtune.kernels.decode_config import DecodeConfig, _p2, default_config
+from kvtune.kernels.decode_fast import decode_fast, fast_eligible
 from kvtune.kernels.decode_tiles import _softmax_step, _tile
+from kvtune.kernels.merge_tl import _merge_kernel
 from kvtune.kernels.packed import PackedKeys, PackedValues, decode_attention_reference
 from kvtune.kernels.unpack_tl import _raw_shift
 from kvtune.quant.codes import slicing
@@ -194,35 +199,6 @@ def _decode_split_kernel(
         tl.store(o_row + oe, accs[s], mask=rmask[:, None] & (jv < WV) & (oe < D))
 
 
-@triton.jit(do_not_specialize=["NS"])
-def _merge_kernel(m_ptr, l_ptr, o_ptr, out_ptr, stride_ob, stride_oh, Hq, NS,
-                  D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr):
-    """out[b, hq, 0, :] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the NS partials."""
-    pid = tl.program_id(0)
-    sidx = tl.arange(0, BS)
-    d = tl.arange(0, DP)
-    mx = tl.full([BS], -1.0e30, tl.float32)
-    for s0 in range(0, NS, BS):
-        mx = tl.maximum(mx, tl.load(m_ptr + pid * NS + s0 + sidx, mask=s0 + sidx < NS, other=-1.0e30))
-    big = tl.max(mx, 0)
-    den = tl.zeros([BS], tl.float32)
-    num = tl.zeros([BS, DP], tl.float32)
-    for s0 in range(0, NS, BS):
-        sm = s0 + sidx < NS
-        w = tl.math.exp2(tl.load(m_ptr + pid * NS + s0 + sidx, mask=sm, other=-1.0e30) - big)
-        w = tl.where(sm, w, 0.0)
-        den += w * tl.load(l_ptr + pid * NS + s0 + sidx, mask=sm, other=0.0)
-        o = tl.load(o_ptr + (pid.to(tl.int64) * NS + s0 + sidx[:, None]) * D + d[None, :],
-                    mask=sm[:, None] & (d[None, :] < D), other=0.0)
-        num += w[:, None] * o
-    total = tl.sum(den, 0)
-    out = tl.sum(num, 0) / tl.where(total > 0, total, 1.0)
-    b = pid // Hq
-    hq = pid % Hq
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty),
-             mask=d < D)
-
-
 def _extra_args(extra_k, extra_v, extra_len, q):
     """(ek, ev, emask, stride_emb, R, mode): mode 0 none, 1 lengths [B], 2 mask [B, R], 3 all valid."""
     if extra_k is None or extra_k.shape[2] == 0:
@@ -288,6 +264,8 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     if vq.scale.shape[-1] != math.ceil(d / gc):
         raise ValueError(f"value scale has {vq.scale.shape[-1]} groups, expected {math.ceil(d / gc)}")
     scaling = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
+    if _impl() != "split" and fast_eligible(kq, vq, d):
+        return decode_fast(q, kq, vq, extra_k, extra_v, extra_len, start, scaling, config)
     cfg = config or default_config(bsz, hkv, t, d, q.device, lv.width)
     block_t = cfg.block_t if fast or per_token else min(cfg.block_t, kq.group)
     if per_token:  # per-token key scales: a tile is one "group"
@@ -321,6 +299,12 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     _merge_kernel[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
                                D=d, DP=_p2(d), BS=min(16, _p2(ns)), num_warps=4)
     return out
+
+
+def _impl() -> str:
+    """``KVTUNE_DECODE_KERNEL``: ``auto`` (default: the swapped kernel of :mod:`kvtune.kernels.decode_fast` for the
+    formats it reads, this module's otherwise) or ``split`` (always this module's; benchmarks compare the two)."""
+    return os.environ.get("KVTUNE_DECODE_KERNEL", "auto")
 
 
 def _fast_path(lay: Any, d: int) -> bool:
