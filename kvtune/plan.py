@@ -93,8 +93,13 @@ class Plan:
     def effective_bits(self, length: int | None = None, identity: ModelIdentity | None = None) -> float:
         return self.bits(length, identity).effective
 
-    def cache(self, model: Any, **kwargs: Any) -> Any:
-        """A :class:`kvtune.runtime.cache.KVTuneCache` for ``model`` (checks the model identity)."""
+    def cache(self, model: Any, static: bool = False, **kwargs: Any) -> Any:
+        """A :class:`kvtune.runtime.cache.KVTuneCache` for ``model`` (checks the model identity); ``static=True``:
+        a :class:`kvtune.runtime.static_cache.StaticKVTuneCache` (``batch=``, ``max_length=``; CUDA graphs)."""
+        if static:
+            from kvtune.runtime.static_cache import StaticKVTuneCache
+
+            return StaticKVTuneCache(self, model, **kwargs)
         from kvtune.runtime.cache import KVTuneCache
 
         return KVTuneCache(self, model, **kwargs)

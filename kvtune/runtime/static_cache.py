@@ -1,0 +1,262 @@
+"""A static-capacity packed KV cache: every decode step is the same launches on the same buffers (CUDA graphs).
+
+    cache = plan.cache(model, static=True, batch=8, max_length=33_000)
+    dec = kvtune.runtime.graphs.GraphDecoder(model, cache)       # prefill eagerly, then replay captured steps
+
+Per layer the packed fields (codes, scales, zero-points) are allocated once for ``max_length`` tokens (rounded up to
+a flushed block), the fp16 window for ``residual + flush`` tokens; the quantized count, the window count and the
+rows' left padding live in device tensors that the fused kernel (:func:`kvtune.kernels.decode_static.decode_static`,
+a ``torch.library.triton_op``) reads, so a step's launches never change. A flush (the window's oldest ``flush``
+tokens quantized into the packed buffers, the window shifted) is a fixed-shape sequence of ops too; the host knows
+which step flushes (:meth:`StaticKVTuneCache.next_flush`) and a graph decoder replays one graph with and one
+without it. Host-side counters mirror the device ones for ``get_seq_length`` and that schedule.
+
+Restrictions (checked when the cache is made, :func:`check_static`): one spec pair per layer, no salient tokens, no
+sinks, no merging, the same residual window and flush block in every layer, formats the swapped kernel reads
+(:func:`kvtune.kernels.decode_fast.fast_eligible`), one prompt (prefill) then single tokens. Attention runs through
+the ``"kvtune-static"`` implementation (:mod:`kvtune.runtime.static_attention`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvtune.errors import KVTuneError
+from kvtune.quant import codec
+from kvtune.quant.rotation import rotation
+from kvtune.runtime.heads import ROLES
+
+if TYPE_CHECKING:
+    from kvtune.plan import Plan
+    from kvtune.plan_types import LayerPlan
+
+FP = torch.float16
+
+
+def check_static(plan: Plan, head_dim: int) -> None:
+    """Raise :class:`KVTuneError` naming the first layer the static (CUDA-graph) path cannot serve, and why."""
+    from kvtune.kernels.decode_fast import fast_eligible
+
+    shapes = {(lp.residual, lp.flush) for lp in plan.layers}
+    if len(shapes) > 1:
+        raise KVTuneError(f"the static cache needs one residual window and flush block for all layers, got {shapes}",
+                          "use the dynamic cache (plan.cache(model)) for this plan")
+    for i, lp in enumerate(plan.layers):
+        why = []
+        if lp.heads and len(set(lp.heads)) > 1:
+            why.append("per-head specs")
+        if lp.salient.ratio > 0 or lp.salient.sink_tokens:
+            why.append("salient or sink tokens")
+        if lp.merge.method != "none":
+            why.append(f"merge policy {lp.merge.method!r}")
+        ops = {}
+        for role in ROLES:
+            spec = lp.key if role == "key" else lp.value
+            if not codec.kernel_ok(spec, role):
+                why.append(f"{role} spec {spec.label()} is not read by the fused kernel")
+                continue
+            empty = {f.name: torch.zeros(1, 1, 0, f.width, dtype=f.torch_dtype)
+                     for f in codec.stored_fields(spec, head_dim, lp.flush)}
+            ops[role] = codec.kernel_operands(spec, role, empty)
+        if len(ops) == 2 and not fast_eligible(ops["key"], ops["value"], head_dim):
+            why.append("the swapped kernel reads only 2/4/8-bit codes, key groups >= 16 tokens or per-token keys, one "
+                       "value scale per token, power-of-two head dims 32..256")
+        if why:
+            raise KVTuneError(f"layer {i} cannot use the static (CUDA-graph) cache: {'; '.join(why)}",
+                              "use plan.cache(model) (dynamic cache) or a plan whose every layer the kernel reads")
+
+
+class StaticLayer(CacheLayerMixin):
+    """One layer: packed fields ``[B, Hkv, rows(capacity), width]``, fp16 window ``[B, Hkv, residual + flush, D]``,
+    device counters ``nq``/``nw`` int32 ``[1]``, left padding ``pad`` and window start ``wstart`` int32 ``[B]``."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, plan: LayerPlan, num_kv_heads: int, head_dim: int, state: dict[str, dict[str, torch.Tensor]],
+                 batch: int, capacity: int, device: torch.device) -> None:
+        super().__init__()
+        self.plan, self.head_dim, self.batch = plan, head_dim, batch
+        self.specs = {"key": plan.key, "value": plan.value}
+        self.flush, self.residual, self.capacity = plan.flush, plan.residual, capacity
+        self.wcap = plan.residual + plan.flush
+        self.state = {r: {n: t.to(device) for n, t in state.get(r, {}).items()} for r in ROLES}
+        self.bufs = {r: {f.name: torch.zeros(batch, num_kv_heads, f.rows(capacity, self.flush), f.width,
+                                             dtype=f.torch_dtype, device=device)
+                         for f in codec.stored_fields(self.specs[r], head_dim, self.flush)} for r in ROLES}
+        self.operands = tuple(codec.kernel_operands(self.specs[r], r, self.bufs[r]) for r in ROLES)
+        self.win_k = torch.zeros(batch, num_kv_heads, self.wcap, head_dim, dtype=FP, device=device)
+        self.win_v = torch.zeros_like(self.win_k)
+        i32 = {"dtype": torch.int32, "device": device}
+        self.nq, self.nw = torch.zeros(1, **i32), torch.zeros(1, **i32)
+        self.pad, self.wstart = torch.zeros(batch, **i32), torch.zeros(batch, **i32)
+        self.ar = torch.arange(self.flush, device=device)
+        self.n_quant = self.n_win = self.length = 0  # host mirrors
+        self.flush_due: bool | None = None  # None: from the host mirrors; set by a graph decoder while capturing
+        self.due = False
+        self.device, self.is_initialized = device, True
+
+    # -- transformers CacheLayerMixin ------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, Hkv, m, D]``: a prompt (first call) is stored whole; later calls take one token each."""
+        from kvtune.runtime.static_attention import register
+
+        m = key_states.shape[2]
+        if self.length == 0:  # the prompt is stored (and attended, as in the dynamic cache) at fp16
+            k16, v16 = key_states.to(FP), value_states.to(FP)
+            self._prefill(k16, v16)
+            return k16.to(key_states.dtype), v16.to(value_states.dtype)
+        elif m != 1:
+            raise KVTuneError("a static kvtune cache takes one prompt, then one token per sequence a step",
+                              "prefill the whole prompt in one call, or use plan.cache(model) (dynamic)")
+        else:
+            self.win_k.index_copy_(2, self.nw.long(), key_states.to(FP))
+            self.win_v.index_copy_(2, self.nw.long(), value_states.to(FP))
+            self.nw += 1
+            self.n_win, self.length = self.n_win + 1, self.length + 1
+            self.due = self.n_win == self.wcap if self.flush_due is None else self.flush_due
+            register(key_states, self)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query: Any, *args: Any) -> tuple[int, int]:
+        q = query if isinstance(query, int) else query.shape[0]
+        return self.length + q, 0
+
+    def get_seq_length(self, *args: Any) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity + self.residual
+
+    def reset(self) -> None:
+        for t in (self.nq, self.nw, self.wstart):
+            t.zero_()
+        self.n_quant = self.n_win = self.length = 0
+
+    # -- attention and flush ----------------------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """``q [B, Hq, 1, D]`` -> ``[B, Hq, 1, D]`` over the stored tokens (the window holds this step's), then the
+        flush when one is due."""
+        from kvtune.kernels.decode_static import decode_static
+
+        krot, vrot = rotation(self.specs["key"].rotation), rotation(self.specs["value"].rotation)
+        kq, vq = self.operands
+        out = decode_static(krot.forward(q.to(FP)), kq, vq, krot.forward(self.win_k), vrot.forward(self.win_v),
+                            self.nq, self.nw, self.wstart, self.pad, scaling)
+        if self.due:
+            self._flush()
+        return vrot.inverse(out).to(q.dtype)
+
+    def _padded(self, x: torch.Tensor, first: torch.Tensor | int) -> torch.Tensor:
+        """``x [B, Hkv, n, D]`` (stored tokens ``first..``) with left-padding rows replaced by the block's first real
+        token (zeros for an all-padding row): :meth:`KVTuneLayer.padded_block` without its host-side shortcut."""
+        stored = first + torch.arange(x.shape[2], device=x.device)
+        is_pad = stored[None, :] < self.pad[:, None]  # [B, n]
+        real = ~is_pad
+        idx = real.float().argmax(-1).view(-1, 1, 1, 1).expand(x.shape[0], x.shape[1], 1, x.shape[3])
+        fill = torch.where(real.any(-1).view(-1, 1, 1, 1), x.gather(2, idx), torch.zeros_like(x[:, :, :1]))
+        return torch.where(is_pad[:, None, :, None], fill, x)
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, row_index: Any) -> None:
+        """Encode whole blocks ``k, v [B, Hkv, n*F, D]`` and write their rows at ``row_index(rows, every)``."""
+        for role, x in zip(ROLES, (k, v)):
+            spec = self.specs[role]
+            if codec.layer_fields(spec, self.head_dim).keys() - self.state[role].keys():
+                self.state[role] = {**codec.fit(spec, x[:, :, : self.flush]), **self.state[role]}
+            for name, t in codec.encode(x.float(), spec, self.flush, self.state[role]).items():
+                buf = self.bufs[role][name]
+                every = x.shape[2] // t.shape[2]
+                buf.index_copy_(2, row_index(t.shape[2], every), t.to(buf.dtype))
+
+    def _prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a prompt ``k, v`` fp16 ``[B, Hkv, L, D]``: whole blocks beyond ``residual`` quantized, the rest in
+        the window (the dynamic cache's flush rule)."""
+        length, f = k.shape[2], self.flush
+        n = max(0, length - self.residual) // f * f
+        if n > self.capacity or length - n > self.wcap:
+            raise KVTuneError(f"a {length}-token prompt does not fit a static cache of {self.capacity} tokens",
+                              "make the cache with a larger max_length")
+        if n:
+            self._store(self._padded(k[:, :, :n], 0), self._padded(v[:, :, :n], 0),
+                        lambda rows, every: torch.arange(rows, device=self.device))
+        self.win_k[:, :, : length - n] = k[:, :, n:]
+        self.win_v[:, :, : length - n] = v[:, :, n:]
+        self.nq.fill_(n)
+        self.nw.fill_(length - n)
+        torch.clamp(self.pad - n, min=0, out=self.wstart)
+        self.n_quant, self.n_win, self.length = n, length - n, length
+
+    def _flush(self) -> None:
+        """Quantize the window's oldest ``flush`` tokens into rows from ``nq``, shift the window, move the counters."""
+        f = self.flush
+        self._store(self._padded(self.win_k[:, :, :f], self.nq), self._padded(self.win_v[:, :, :f], self.nq),
+                    lambda rows, every: self.nq.long() // every + self.ar[:rows])
+        if self.residual:
+            self.win_k[:, :, : self.residual] = self.win_k[:, :, f:].clone()
+            self.win_v[:, :, : self.residual] = self.win_v[:, :, f:].clone()
+        self.nq += f
+        self.nw -= f
+        torch.clamp(self.pad - self.nq, min=0, out=self.wstart)
+        self.n_quant, self.n_win = self.n_quant + f, self.n_win - f
+
+    def nbytes(self) -> int:
+        tensors = [self.win_k, self.win_v, *(t for b in self.bufs.values() for t in b.values()),
+                   *(t for s in self.state.values() for t in s.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class StaticKVTuneCache(Cache):
+    """Static-capacity kvtune cache for ``batch`` sequences of up to ``max_length`` tokens (see module docstring)."""
+
+    def __init__(self, plan: Plan, model: Any, batch: int, max_length: int, device: Any = None) -> None:
+        from kvtune.models import check_supported
+        from kvtune.runtime.cache import identity_of
+        from kvtune.runtime.static_attention import install
+
+        check_supported(model)
+        ident = identity_of(model)
+        self.plan = plan.bind(ident)
+        check_static(self.plan, ident.head_dim)
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        flush = self.plan.layers[0].flush
+        cap = math.ceil(max_length / flush) * flush
+        layers = [StaticLayer(lp, ident.num_kv_heads, ident.head_dim, self.plan.layer_state(i), batch, cap, dev)
+                  for i, lp in enumerate(self.plan.layers)]
+        super().__init__(layers=layers)
+        self.max_length = max_length
+        install(model)
+
+    def set_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """Left padding of each row from a prompt's ``attention_mask [B, L]`` (1 = token); call before the prefill."""
+        for layer in self.layers:
+            if attention_mask is None:
+                layer.pad.zero_()
+            else:
+                layer.pad.copy_((attention_mask.to(layer.device).cumsum(-1) == 0).sum(-1))
+
+    def next_flush(self) -> bool:
+        """Whether the next single-token step flushes a block (the same in every layer)."""
+        layer = self.layers[0]
+        return layer.n_win + 1 == layer.wcap
+
+    def advance(self, flushed: bool) -> None:
+        """Host mirrors after a replayed step (what :meth:`StaticLayer.update` / ``_flush`` do when run eagerly)."""
+        for layer in self.layers:
+            layer.n_win, layer.length = layer.n_win + 1, layer.length + 1
+            if flushed:
+                layer.n_quant, layer.n_win = layer.n_quant + layer.flush, layer.n_win - layer.flush
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].length
+
+    def nbytes(self, used: bool = False) -> int:
+        """Bytes the cache holds (allocated for ``max_length``; ``used`` is ignored: everything is preallocated)."""
+        return sum(layer.nbytes() for layer in self.layers)

@@ -1,0 +1,134 @@
+"""StaticKVTuneCache (fixed buffers, device-side lengths) decodes what the dynamic KVTuneCache decodes.
+
+Eager steps run everywhere (the kernels under ``TRITON_INTERPRET=1`` without a GPU); on a GPU the same steps are
+also replayed as CUDA graphs (:mod:`kvtune.runtime.graphs`) and ``torch.compile`` traces the custom op.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from kvtune.errors import KVTuneError
+from kvtune.kernels import decode_fast as df
+from kvtune.models import cache_kwargs, tiny_model
+from kvtune.plan import Plan, load_plan
+from kvtune.plan_types import LayerPlan
+from kvtune.quant.families.normq import normq
+from kvtune.quant.formats import affine
+from kvtune.runtime import KVTuneCache
+from kvtune.runtime.graphs import GraphDecoder
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and not isinstance(df._fast_split_kernel, triton.runtime.interpreter.InterpretedFunction):
+    pytest.skip("kvtune.kernels was imported compiled before TRITON_INTERPRET=1 and there is no GPU",
+                allow_module_level=True)
+
+PLANS = {
+    "k2g16-v2": lambda: Plan(layers=(LayerPlan(key=affine(bits=2, axis="channel", group=16),
+                                               value=affine(bits=2, axis="token", group=0), residual=8),), name="t"),
+    "normq-k4v2": lambda: Plan(layers=(LayerPlan(key=normq(4, codebook="uniform"), value=normq(2, codebook="uniform"),
+                                                 residual=4, block=16),), name="t"),
+}
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    m = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=64, vocab=160)
+    return m.to(DEV).to(torch.float16 if DEV == "cuda" else torch.float32)
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, 160, (2, 37), generator=torch.Generator().manual_seed(0)).to(DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # row 1 is left-padded
+    return ids, mask
+
+
+def _dynamic(model: Any, plan: Plan, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> tuple[Any, Any]:
+    cache = KVTuneCache(plan, model, backend="triton")
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate()'s padding-aware positions
+    logits = model(ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                   **cache_kwargs(model, cache)).logits[:, -1]
+    toks, seen = [], [logits]
+    for _ in range(steps):
+        tok = logits.argmax(-1)
+        toks.append(tok)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        logits = model(tok[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                       **cache_kwargs(model, cache)).logits[:, -1]
+        seen.append(logits)
+    return torch.stack(toks, 1), torch.stack(seen, 1)
+
+
+def _static(model: Any, plan: Plan, ids: torch.Tensor, mask: torch.Tensor, steps: int, graphs: bool) -> Any:
+    cache = plan.cache(model, static=True, batch=ids.shape[0], max_length=ids.shape[1] + steps + 8)
+    dec = GraphDecoder(model, cache, graphs=graphs)
+    logits = dec.prefill(ids, mask)
+    toks, seen = [], [logits.clone()]
+    for _ in range(steps):
+        tok = logits.argmax(-1)
+        toks.append(tok)
+        logits = dec.step(tok)
+        seen.append(logits.clone())
+    return torch.stack(toks, 1), torch.stack(seen, 1), cache
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_static_equals_dynamic(model: Any, name: str) -> None:
+    """Same greedy tokens and logits as the dynamic cache through the kernel, across several flushes, with a
+    left-padded row; the counters end where the dynamic cache's do."""
+    ids, mask = _inputs()
+    ref_tok, ref_logits = _dynamic(model, PLANS[name](), ids, mask, 24)
+    tok, logits, cache = _static(model, PLANS[name](), ids, mask, 24, graphs=False)
+    torch.testing.assert_close(logits.float(), ref_logits.float(), atol=3e-3, rtol=0)
+    assert torch.equal(tok, ref_tok)
+    layer = cache.layers[0]
+    assert (layer.n_quant, layer.length) == (int(layer.nq), 37 + 23)
+    assert layer.n_win == int(layer.nw) and cache.get_seq_length() == 37 + 23
+    model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", list(PLANS))
+def test_graph_replay_equals_eager(model: Any, name: str) -> None:
+    ids, mask = _inputs()
+    tok_e, logits_e, _ = _static(model, PLANS[name](), ids, mask, 40, graphs=False)
+    tok_g, logits_g, _ = _static(model, PLANS[name](), ids, mask, 40, graphs=True)
+    assert torch.equal(tok_g, tok_e)
+    torch.testing.assert_close(logits_g, logits_e, atol=1e-3, rtol=0)
+    model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="torch.compile of the triton_op is checked on a GPU")
+def test_custom_op_compiles(model: Any) -> None:
+    """``torch.compile(fullgraph=True)`` traces one layer's attention through the ``kvtune::decode_static`` op."""
+    ids, mask = _inputs()
+    cache = PLANS["k2g16-v2"]().cache(model, static=True, batch=2, max_length=64)
+    GraphDecoder(model, cache, graphs=False).prefill(ids, mask)
+    layer = cache.layers[0]
+    q = torch.randn(2, 4, 1, 64, device=DEV, dtype=torch.float16)
+
+    def attend(q: torch.Tensor) -> torch.Tensor:
+        from kvtune.kernels.decode_static import decode_static
+
+        return decode_static(q, *layer.operands, layer.win_k, layer.win_v, layer.nq, layer.nw, layer.wstart,
+                             layer.pad, 0.125)
+
+    torch.testing.assert_close(torch.compile(attend, fullgraph=True)(q), attend(q), atol=1e-3, rtol=0)
+    model.set_attn_implementation("sdpa")
+
+
+def test_static_refuses_plans_the_kernel_cannot_serve(model: Any) -> None:
+    with pytest.raises(KVTuneError, match="cannot use the static"):
+        load_plan("kivi-2bit").cache(model, static=True, batch=1, max_length=64)  # value groups of 32 < head dim
+    with pytest.raises(KVTuneError, match="cannot use the static"):
+        load_plan("zipcache").cache(model, static=True, batch=1, max_length=64)
+    model.set_attn_implementation("sdpa")
