@@ -148,7 +148,8 @@ class NormQ(QuantFamily):
     def kernel_ok(self, p: NormQParams, role: str) -> bool:
         return p.uniform and p.bits in KERNEL_BITS and p.scale_dtype == "float16"
 
-    def kernel_operands(self, p: NormQParams, role: str, fields: Mapping[str, torch.Tensor]) -> Any:
+    def kernel_operands(self, p: NormQParams, role: str, fields: Mapping[str, torch.Tensor],
+                        state: Mapping[str, torch.Tensor]) -> Any:
         from kvtune.kernels.packed import PackedKeys, PackedValues
 
         levels = codebook(p.levels, p.codebook)
