@@ -93,8 +93,14 @@ def collect() -> dict[str, Any]:
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """Differences between two golden documents; quantizer specs compare by meaning (YAML spellings differ)."""
+    from kvtune.quant.formats import QuantSpec
+
+    if path.endswith((".key", ".value")) and isinstance(a, dict) and isinstance(b, dict):
+        same = QuantSpec.from_dict(a) == QuantSpec.from_dict(b)
+        return [] if same else [f"{path}: {a!r} != {b!r}"]
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{path}.{k}")]
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _diff(a.get(k), b.get(k), f"{path}.{k}")]
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 

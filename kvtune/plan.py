@@ -50,6 +50,7 @@ class Plan:
             raise ValueError(f"plan has {len(self.layers)} layers but its model has {self.model.num_layers}")
         if self.reference_length <= 0:
             raise ValueError("reference_length must be > 0")
+        _check_tensors(self, f"plan {self.name or ''}".strip())
 
     @property
     def is_template(self) -> bool:
@@ -148,9 +149,10 @@ class Plan:
                        description=str(data.get("description", "")), budget=data.get("budget"),
                        reference_length=int(data.get("reference_length", REFERENCE_LENGTH)),
                        provenance=Provenance(**prov_d), tensors=dict(tensors or {}))
+        except KVTuneError as exc:
+            raise KVTuneError(str(exc).replace("plan:", f"{where}:", 1)) from None
         except (TypeError, ValueError) as exc:
             raise KVTuneError(f"{where}: {exc}") from None
-        _check_tensors(plan, where)
         return plan
 
 

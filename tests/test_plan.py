@@ -101,9 +101,19 @@ def test_corrupt_yaml(tmp_path: Path) -> None:
 
 def test_wrong_tensor_shape(tmp_path: Path) -> None:
     plan = _plan()
-    bad = Plan(layers=plan.layers, model=IDENT,
-               tensors={"layers.1.key.outlier_idx": torch.zeros(2, 3, dtype=torch.int16)})
-    save_plan(bad, tmp_path)
+    tensors = {"layers.1.key.outlier_idx": torch.zeros(2, 3, dtype=torch.int16)}
+    with pytest.raises(KVTuneError, match="expected \\[kv_heads, 2\\]"):  # refused when built
+        Plan(layers=plan.layers, model=IDENT, tensors=tensors)
+    save_plan(Plan(layers=plan.layers, model=IDENT), tmp_path)  # and when a file was edited
+    from safetensors.torch import save_file
+
+    from kvtune.io import read_yaml, sha256_file, write_yaml_atomic
+
+    save_file(tensors, str(tmp_path / "plan.safetensors"))
+    meta = read_yaml(tmp_path / "plan.yaml", "plan")
+    meta["tensors"] = {"file": "plan.safetensors", "sha256": sha256_file(tmp_path / "plan.safetensors"),
+                       "names": sorted(tensors)}
+    write_yaml_atomic(tmp_path / "plan.yaml", meta)
     with pytest.raises(KVTuneError, match="expected \\[kv_heads, 2\\]"):
         load_plan(tmp_path)
 

@@ -17,7 +17,9 @@ Tensors (float32 unless noted; the search reads these names):
   ``attention.pivot_position`` int64 ``[L, Hq]``, ``attention.{normalized,far}_score_mean`` ``[L, Hq, T]``,
   ``attention.sink_rate`` ``[L, T]`` (share of sequences in which a position is a sink),
   ``attention.sink_tokens`` int64 ``[L, 4]`` (-1 = none);
-* ``samples.query`` ``[L, Hq, n, D]``, ``samples.key``/``samples.value`` ``[L, Hkv, n, D]``: reservoir rows.
+* ``samples.query`` ``[L, Hq, n, D]``, ``samples.key``/``samples.value`` ``[L, Hkv, n, D]``: reservoir rows;
+* ``fitted.{key|value}.{c}.{field}`` ``[L, Hkv, width]``: candidate ``c``'s calibrated ``layer``-scope state
+  (e.g. a ``static`` spec's per-channel steps), fitted on the sensitivity sample; plans copy the chosen ones.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from kvtune.calibrate.attention import MAX_SINKS, PATTERN_LABELS
 from kvtune.calibrate.settings import CalibSettings
 from kvtune.errors import KVTuneError
 from kvtune.io import atomic_path, read_yaml, sha256_file, write_yaml_atomic
+from kvtune.quant import codec
 from kvtune.quant.formats import QuantSpec
+from kvtune.quant.outliers import INDEX_FIELD
 
 SCHEMA_VERSION = 1
 CALIB_YAML, CALIB_TENSORS = "calib.yaml", "calib.safetensors"
@@ -142,6 +146,10 @@ def expected_shapes(c: Calibration) -> dict[str, tuple[int | None, ...]]:
     for kind in ("key", "key_pre_rope", "value"):
         shapes.update({f"outliers.{kind}_scores": (n_l, hkv, d), f"outliers.{kind}_rank": (n_l, hkv, d)})
     shapes.update({f"attention.{st}": (n_l, hq) for st in _ATTN_FLOAT})
+    for role, cands in (("key", c.key_candidates), ("value", c.value_candidates)):
+        for i, spec in enumerate(cands):
+            shapes.update({f"fitted.{role}.{i}.{name}": (n_l, hkv, f.width)
+                           for name, f in codec.layer_fields(spec, d).items() if name != INDEX_FIELD})
     return shapes
 
 

@@ -22,6 +22,7 @@ from kvtune.calibrate.hooks import capture
 from kvtune.calibrate.sensitivity import (
     default_candidates,
     default_kl_candidates,
+    fitted_states,
     layer_kl,
     layer_sensitivity,
 )
@@ -99,21 +100,30 @@ def _sink_tensor(sink_rate: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sensitivity(collector: Collector, tensors: Mapping[str, torch.Tensor], keys: tuple[QuantSpec, ...],
+def _sensitivity(collector: Collector, tensors: dict[str, torch.Tensor], keys: tuple[QuantSpec, ...],
                  values: tuple[QuantSpec, ...], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention-output error of every candidate, per layer: ``[L, Hkv, Ck]``, ``[L, Hkv, Cv]``."""
+    """Attention-output error of every candidate, per layer: ``[L, Hkv, Ck]``, ``[L, Hkv, Cv]``. The candidates'
+    fitted state (a family's calibrated ``layer`` fields) goes into ``tensors`` as ``fitted.{key|value}.{c}.{field}``
+    ``[L, Hkv, width]``."""
     s = collector.options
     k_rows, v_rows = [], []
+    fitted: dict[str, list[torch.Tensor]] = {}
     n_layers = len(collector.held)
     for layer in range(n_layers):
         q, k, v = collector.held_sample(layer)
         positions = probe_positions(k.shape[2], s.probe_recent, s.probe_random, s.seed)
-        sk, sv = layer_sensitivity(q, k, v, positions, collector.scaling[layer], keys, values,
-                                   tensors["outliers.key_rank"][layer], tensors["outliers.value_rank"][layer],
-                                   collector.window[layer])
+        k_rank, v_rank = tensors["outliers.key_rank"][layer], tensors["outliers.value_rank"][layer]
+        k_states, v_states = fitted_states(keys, k, k_rank), fitted_states(values, v, v_rank)
+        sk, sv = layer_sensitivity(q, k, v, positions, collector.scaling[layer], keys, values, k_rank, v_rank,
+                                   collector.window[layer], k_states, v_states)
+        for role, states in (("key", k_states), ("value", v_states)):
+            for c, state in enumerate(states):
+                for name, t in state.items():
+                    fitted.setdefault(f"fitted.{role}.{c}.{name}", []).append(t.float().cpu())
         k_rows.append(sk)
         v_rows.append(sv)
         _emit(progress, "sensitivity", layer + 1, n_layers, layer=layer)
+    tensors.update({name: torch.stack(rows) for name, rows in fitted.items()})
     return torch.stack(k_rows), torch.stack(v_rows)
 
 

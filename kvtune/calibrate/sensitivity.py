@@ -17,7 +17,7 @@ calibration (``rank``, per head, for specs without rotation) or, when rotated, f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,9 +25,11 @@ import torch
 from kvtune.calibrate.attention import probe_attention
 from kvtune.calibrate.hooks import AttentionCall, capture
 from kvtune.errors import KVTuneError
+from kvtune.quant import codec
 from kvtune.quant import family as families
 from kvtune.quant.codec import fake_quantize
 from kvtune.quant.formats import QuantSpec, kivi_key, kivi_value
+from kvtune.quant.outliers import INDEX_FIELD
 from kvtune.quant.rotation import rotation
 
 
@@ -61,14 +63,30 @@ def default_kl_candidates(keys: tuple[QuantSpec, ...], values: tuple[QuantSpec, 
     return [keys.index(kivi_key(2))], [values.index(kivi_value(2))]
 
 
-def quantize_tokens(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Fake-quantize ``x`` ``[..., T, D]``: whole token groups through ``spec``, the tail rounded to fp16."""
+def quantize_tokens(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor | None = None,
+                    state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Fake-quantize ``x`` ``[..., T, D]``: whole token groups through ``spec``, the tail rounded to fp16
+    (``state``: the spec's calibrated ``layer`` fields, e.g. from :func:`fitted_states`)."""
     g = spec.token_group or x.shape[-2]  # channel axis: a token group; group 0 = all tokens
     n = (x.shape[-2] // g) * g
     if n == x.shape[-2]:
-        return fake_quantize(x, spec, outlier_idx)
-    head = fake_quantize(x[..., :n, :], spec, outlier_idx) if n else x[..., :0, :]
+        return fake_quantize(x, spec, outlier_idx, state)
+    head = fake_quantize(x[..., :n, :], spec, outlier_idx, state) if n else x[..., :0, :]
     return torch.cat([head, x[..., n:, :].to(torch.float16).to(x.dtype)], dim=-2)
+
+
+def fitted_states(specs: tuple[QuantSpec, ...], x: torch.Tensor,
+                  rank: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+    """Each spec's calibrated ``layer`` fields other than outlier channels (a family's own state, e.g. static
+    steps ``[Hkv, D]``), fitted on ``x [B, Hkv, T, D]`` around the calibrated outlier channels; ``{}`` for specs
+    without such state."""
+    out = []
+    for spec in specs:
+        names = codec.layer_fields(spec, x.shape[-1]).keys() - {INDEX_FIELD}
+        idx = _outlier_idx(spec, rank, 1)
+        known = {INDEX_FIELD: idx[0]} if idx is not None else {}
+        out.append({k: v for k, v in codec.fit(spec, x, known).items() if k in names} if names else {})
+    return out
 
 
 def _outlier_idx(spec: QuantSpec, rank: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -94,19 +112,25 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def layer_sensitivity(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
                       scaling: float, key_specs: tuple[QuantSpec, ...], value_specs: tuple[QuantSpec, ...],
                       key_rank: torch.Tensor | None = None, value_rank: torch.Tensor | None = None,
-                      window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      window: int | None = None, key_states: list[dict[str, torch.Tensor]] | None = None,
+                      value_states: list[dict[str, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Relative attention-output MSE of every candidate for one layer.
 
     ``query`` ``[B, Hq, T, D]``, ``key``/``value`` ``[B, Hkv, T, D]``, probe ``positions`` ``[P]``,
-    ``key_rank``/``value_rank`` ``[Hkv, D]`` calibrated channel order. Returns float32 ``[Hkv, Ck]``, ``[Hkv, Cv]``.
+    ``key_rank``/``value_rank`` ``[Hkv, D]`` calibrated channel order, ``key_states``/``value_states`` the
+    candidates' calibrated state (default: :func:`fitted_states` on this sample). Returns float32 ``[Hkv, Ck]``,
+    ``[Hkv, Cv]``.
     """
     b = key.shape[0]
+    key_states = key_states if key_states is not None else fitted_states(key_specs, key, key_rank)
+    value_states = value_states if value_states is not None else fitted_states(value_specs, value, value_rank)
     probs = probe_attention(query, key, positions, scaling, window)  # [B, Hq, P, T]
     ref = _grouped_out(probs, value)
-    k_err = [_rel_error(_grouped_out(probe_attention(query, quantize_tokens(key, s, _outlier_idx(s, key_rank, b)),
-                                                     positions, scaling, window), value), ref) for s in key_specs]
-    v_err = [_rel_error(_grouped_out(probs, quantize_tokens(value, s, _outlier_idx(s, value_rank, b))), ref)
-             for s in value_specs]
+    k_err = [_rel_error(_grouped_out(probe_attention(query, quantize_tokens(key, s, _outlier_idx(s, key_rank, b), st),
+                                                     positions, scaling, window), value), ref)
+             for s, st in zip(key_specs, key_states)]
+    v_err = [_rel_error(_grouped_out(probs, quantize_tokens(value, s, _outlier_idx(s, value_rank, b), st)), ref)
+             for s, st in zip(value_specs, value_states)]
     return torch.stack(k_err, dim=-1).float(), torch.stack(v_err, dim=-1).float()
 
 

@@ -49,19 +49,23 @@ def _index(state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return idx.expand(*x.shape[:-2], idx.shape[-1])
 
 
-def fit(spec: QuantSpec, x: torch.Tensor) -> Fields:
-    """``layer``-scope state from a sample ``x [B, h, T, D]``: outlier channels ranked in the rotated basis
-    (int16 ``[h, o]``) and the family's own fitted fields ``[h, width]``."""
+def fit(spec: QuantSpec, x: torch.Tensor, known: Mapping[str, torch.Tensor] | None = None) -> Fields:
+    """``layer``-scope state from a sample ``x [B, h, T, D]`` (or ``[h, T, D]``): outlier channels ranked in the
+    rotated basis (int16 ``[h, o]``) and the family's own fitted fields ``[h, width]``. ``known`` state is kept
+    as it is (e.g. calibrated outlier channels, which the family is then fitted around)."""
+    known = dict(known or {})
     if spec.passthrough:
-        return {}
+        return known
     y = rotation(spec.rotation).forward(x.float())
-    flat = y.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])  # [h, B*T, D]
+    y = y.unsqueeze(0) if y.dim() == 3 else y.reshape(-1, *y.shape[-3:])
+    flat = y.transpose(0, 1).reshape(y.shape[1], -1, y.shape[-1])  # [h, B*T, D]
     state: Fields = {}
     if spec.outliers:
-        state[INDEX_FIELD] = rank_channels(flat, spec.outliers).to(torch.int16)
-        flat = split_channels(flat, _index(state, flat))[0]
+        state[INDEX_FIELD] = known.get(INDEX_FIELD, rank_channels(flat, spec.outliers).to(torch.int16))
+        idx = state[INDEX_FIELD].to(flat.device, torch.long)
+        flat = split_channels(flat, idx.reshape(-1, idx.shape[-1])[: flat.shape[0]].expand(flat.shape[0], -1))[0]
     state.update(spec.fam.fit(spec.params, flat))
-    return state
+    return {**state, **known}
 
 
 def encode(x: torch.Tensor, spec: QuantSpec, flush: int, state: Mapping[str, torch.Tensor] | None = None) -> Fields:
@@ -93,16 +97,19 @@ def decode(stored: Mapping[str, torch.Tensor], spec: QuantSpec, flush: int, d: i
     return rotation(spec.rotation).inverse(y)
 
 
-def fake_quantize(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor | None = None,
+                  state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Quantize then dequantize ``x [..., T, D]`` as one flushed block of ``T`` tokens (``outlier_idx [..., o]``:
-    the outlier channels, default the top ``spec.outliers`` of ``x`` itself in the rotated basis). Returns x's
-    dtype and shape."""
+    the outlier channels, default the top ``spec.outliers`` of ``x`` itself in the rotated basis; ``state``: other
+    ``layer`` fields, default fitted on ``x``). Returns x's dtype and shape."""
     if spec.passthrough:
         return x.to(torch.float16).to(x.dtype)
-    state: Fields = {}
+    state = dict(state or {})
     if spec.outliers:
         y = rotation(spec.rotation).forward(x.float())
-        state[INDEX_FIELD] = rank_channels(y, spec.outliers) if outlier_idx is None else outlier_idx
+        state.setdefault(INDEX_FIELD, rank_channels(y, spec.outliers) if outlier_idx is None else outlier_idx)
+    if layer_fields(spec, x.shape[-1]).keys() - state.keys():  # the family's calibrated state: fitted on x
+        state = fit(spec, x if x.dim() >= 3 else x.unsqueeze(0), state)
     t = x.shape[-2]
     return decode(encode(x, spec, t, state), spec, t, x.shape[-1], state).to(x.dtype)
 
@@ -112,6 +119,8 @@ def kernel_ok(spec: QuantSpec, role: str) -> bool:
     return not spec.passthrough and not spec.outliers and spec.fam.kernel_ok(spec.params, role)
 
 
-def kernel_operands(spec: QuantSpec, role: str, stored: Mapping[str, torch.Tensor]) -> object:
-    """The kernel's operand over the stored fields (see :meth:`~kvtune.quant.family.QuantFamily.kernel_operands`)."""
-    return spec.fam.kernel_operands(spec.params, role, stored)
+def kernel_operands(spec: QuantSpec, role: str, stored: Mapping[str, torch.Tensor],
+                    state: Mapping[str, torch.Tensor] | None = None) -> object:
+    """The kernel's operand over the stored fields and the ``layer`` state (see
+    :meth:`~kvtune.quant.family.QuantFamily.kernel_operands`)."""
+    return spec.fam.kernel_operands(spec.params, role, stored, state or {})

@@ -131,9 +131,10 @@ class QuantFamily:
         """True when the fused decode kernel reads this format for ``role`` (``key``/``value``)."""
         return False
 
-    def kernel_operands(self, p: Any, role: str, fields: Mapping[str, torch.Tensor]) -> Any:
+    def kernel_operands(self, p: Any, role: str, fields: Mapping[str, torch.Tensor],
+                        state: Mapping[str, torch.Tensor]) -> Any:
         """The decode kernel's operand (:class:`~kvtune.kernels.packed.PackedKeys` / ``PackedValues``) over stored
-        ``fields`` ``[B, h, rows, width]``; only called when :meth:`kernel_ok`."""
+        ``fields`` ``[B, h, rows, width]`` and ``layer`` state ``[h, width]``; only called when :meth:`kernel_ok`."""
         raise NotImplementedError(f"family {self.name!r} has no kernel operands")
 
 
@@ -141,6 +142,7 @@ BUILTIN: dict[str, str] = {
     "fp16": "kvtune.quant.families.fp16",
     "affine": "kvtune.quant.families.affine",
     "normq": "kvtune.quant.families.normq",
+    "static": "kvtune.quant.families.static",
 }
 _REGISTRY: dict[str, QuantFamily] = {}
 

@@ -185,6 +185,6 @@ def _packed(g: HeadGroup, layer: Any) -> tuple[Any, Any]:
         return g.kernel_memo[1]
     b, dev = layer.win_k.shape[0], layer.win_k.device
     packed = tuple(codec.kernel_operands(g.spec(r), r, g.stores[r].fields() if g.stores[r] else
-                                         g.stores[r].empty(b, len(g.heads), dev)) for r in ROLES)
+                                         g.stores[r].empty(b, len(g.heads), dev), g.state[r]) for r in ROLES)
     g.kernel_memo = (key, packed)
     return packed

@@ -88,8 +88,7 @@ class HeadGroup:
         """The role's layer state, fitting what the plan did not provide on ``x [B, h, n, D]`` (its first block)."""
         spec, have = self.spec(role), self.state[role]
         if codec.layer_fields(spec, self.head_dim).keys() - have.keys():
-            fitted = codec.fit(spec, x[:, :, : self.flush])
-            return {**fitted, **have}
+            return codec.fit(spec, x[:, :, : self.flush], have)
         return have
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:

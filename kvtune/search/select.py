@@ -21,6 +21,7 @@ from kvtune.plan import Plan, load_plan, save_plan
 from kvtune.plan_types import LayerPlan, ModelIdentity, Provenance
 from kvtune.search.results import SearchProgress, SearchResult
 from kvtune.search.space import SearchSpace
+from kvtune.search.state import state_tensors
 from kvtune.search.storage import ATTR
 from kvtune.search.validate import ValidationSettings, spearman, validate_plans, validation_ids
 
@@ -93,7 +94,10 @@ def plan_for(space: SearchSpace, trial: Any, attrs: Mapping[str, Any], budget: f
                 description=f"kvtune search: {space.granularity} plan within {budget:g} effective bits "
                             f"at {space.reference_length} tokens (study {study}, trial {trial.number})",
                 budget=budget, reference_length=space.reference_length, provenance=prov,
-                tensors=outlier_tensors(layers, attrs.get(f"{ATTR}outliers", {}), space.identity.num_kv_heads))
+                tensors={**outlier_tensors(layers, attrs.get(f"{ATTR}outliers", {}), space.identity.num_kv_heads),
+                         **state_tensors(layers, {"key": space.key_candidates, "value": space.value_candidates},
+                                         attrs.get(f"{ATTR}fitted", {}), space.identity.num_kv_heads,
+                                         space.identity.head_dim)})
 
 
 def validation_model(model: str | None, identity: ModelIdentity) -> tuple[str | None, str | None]:

@@ -25,6 +25,7 @@ from kvtune.search.budget import MAX_BUDGET, parse_budget
 from kvtune.search.objective import Evaluator, seed_points
 from kvtune.search.results import SearchProgress, SearchResult
 from kvtune.search.space import DEFAULT_TOKENS, SearchSpace, build_space, pruning_summary
+from kvtune.search.state import fitted_attrs
 from kvtune.search.storage import (
     ATTR,
     DEFAULT_STUDY,
@@ -116,7 +117,8 @@ def _study_attrs(space: SearchSpace, tables: CalibrationTables, ev: Evaluator,
             f"{ATTR}calibration_hash": tables.calibration_hash, f"{ATTR}data_sha256": tables.data_hash,
             f"{ATTR}data_source": tables.data_source, f"{ATTR}min_bits": ev(ev.min_params()).bits,
             f"{ATTR}presets": [{k: p[k] for k in ("name", "bits", "proxy")} for p in presets],
-            f"{ATTR}outliers": _outliers(tables, space), f"{ATTR}kvtune_version": __version__,
+            f"{ATTR}outliers": _outliers(tables, space), f"{ATTR}fitted": fitted_attrs(tables.fitted),
+            f"{ATTR}kvtune_version": __version__,
             f"{ATTR}pruning": pruning_summary(tables, space)}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 from kvtune.errors import KVTuneError
 from kvtune.plan_types import ModelIdentity
 from kvtune.quant.formats import QuantSpec
+from kvtune.search.state import fitted_from_tensors
 from kvtune.search.token_policies import SALIENT_RATIOS, attention_masses
 
 WEIGHT_CLIP = 10.0  # a layer's KL weight stays within this factor of the median layer's
@@ -58,6 +59,7 @@ class CalibrationTables:
     value_outlier_rank: torch.Tensor | None = None
     sink_mass: torch.Tensor | None = None
     salient_mass: torch.Tensor | None = None
+    fitted: Mapping[str, torch.Tensor] = field(default_factory=dict)  # role.c.field -> [L, H, w] (search/state.py)
     calibration_hash: str = ""
     data_hash: str = ""
     data_source: str = ""
@@ -140,7 +142,7 @@ def tables_from_calibration(calib: Any, calibration_hash: str = "") -> Calibrati
             kl_key_candidates=tuple(calib.kl_candidates.get("key", ())),
             kl_value_candidates=tuple(calib.kl_candidates.get("value", ())),
             key_outlier_rank=t.get("outliers.key_rank"), value_outlier_rank=t.get("outliers.value_rank"),
-            sink_mass=sink, salient_mass=salient, calibration_hash=calibration_hash,
+            sink_mass=sink, salient_mass=salient, fitted=fitted_from_tensors(t), calibration_hash=calibration_hash,
             data_hash=str(calib.data.get("sha256", "")), data_source=str(calib.data.get("source", "")))
     except (KeyError, ValueError, TypeError) as exc:
         raise KVTuneError(f"calibration tables are unusable: {exc}", "re-run kvtune calibrate --force") from None

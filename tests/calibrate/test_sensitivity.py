@@ -19,11 +19,14 @@ from kvtune.quant.formats import QuantSpec, affine
 
 def test_default_candidates() -> None:
     keys, values = default_candidates()
-    assert 20 <= len(keys) <= 40 and 20 <= len(values) <= 40
+    assert 20 <= len(keys) <= 50 and 20 <= len(values) <= 50
     assert len(set(keys)) == len(keys) and len(set(values)) == len(values)
     assert {s.bits for s in keys} >= {1, 1.58, 2, 3, 4, 8} and {s.bits for s in values} >= {1, 1.58, 2, 3, 4, 8}
-    assert all(s.params.axis == "channel" for s in keys)
-    assert any(s.rotated for s in values) and any(s.params.channel_separable for s in values)
+    assert {s.family for s in keys} == {"affine", "normq", "static"}
+    assert {s.family for s in values} == {"affine", "normq"}
+    assert all(s.params.axis == "channel" for s in keys if s.family == "affine")
+    assert any(s.rotated for s in values)
+    assert any(s.params.channel_separable for s in values if s.family == "affine")
     assert {s.outliers for s in keys} >= {0, 1, 2, 4}
     k, v = default_kl_candidates(keys, values)
     assert keys[k[0]] == affine(2, "channel", 32) and values[v[0]] == affine(2, "token", 32)
@@ -85,5 +88,6 @@ def test_default_candidates_reach_below_two_bits_without_one_bit_everywhere() ->
     two_bit_keys = [per_elem(s) for s in keys if s.bits == 2]
     low_values = [per_elem(s) for s in values if s.bits >= 1.58]
     assert (min(two_bit_keys) + min(low_values)) / 2 < 2.1
-    cs = next(s for s in values if s.params.channel_separable and s.bits == 2 and s.params.group == 32)
+    cs = next(s for s in values if s.family == "affine" and s.params.channel_separable and s.bits == 2
+              and s.params.group == 32)
     assert per_elem(cs) == 2 + 32 / 32 + 16 / 32  # codes, scale+zero per 32 channels, norm per 32-token block

@@ -113,7 +113,7 @@ def test_kernel_reads_what_decode_specifies(name: str, kspec: QuantSpec, vspec: 
     q = torch.randn(2, 6, 1, D, generator=torch.Generator().manual_seed(4)).half().to(dev)
     ks, vs = codec.fit(kspec, k), codec.fit(vspec, v)
     kf, vf = codec.encode(k, kspec, flush, ks), codec.encode(v, vspec, flush, vs)
-    kq, vq = codec.kernel_operands(kspec, "key", kf), codec.kernel_operands(vspec, "value", vf)
+    kq, vq = codec.kernel_operands(kspec, "key", kf, ks), codec.kernel_operands(vspec, "value", vf, vs)
     from kvtune.quant.rotation import rotation
 
     krot, vrot = rotation(kspec.rotation), rotation(vspec.rotation)

@@ -11,6 +11,8 @@ from transformers import DynamicCache
 from kvtune.errors import KVTuneError
 from kvtune.plan import Plan, load_plan
 from kvtune.plan_types import LayerPlan, MergePolicy, ModelIdentity, SalientPolicy
+from kvtune.quant.families.normq import normq
+from kvtune.quant.families.static import STATE, static
 from kvtune.quant.formats import affine, kivi_key, kivi_value
 from kvtune.runtime import KVTuneCache, teacher_forced_logits
 from kvtune.runtime.cache import identity_of
@@ -31,6 +33,9 @@ PLANS = {
                                 value=affine(bits=1.58, axis="channel", group=16)),
     "zipcache-like": lambda: _plan(key=kivi_key(2), value=affine(bits=2, axis="token", channel_separable=True),
                                    residual=8),
+    "normq": lambda: _plan(key=normq(2, "uniform"), value=normq(1.58), residual=8,
+                           salient=SalientPolicy(sink_tokens=1)),
+    "static-keys": lambda: _plan(key=static(3, pairs=False), value=normq(2, rotation="orthogonal"), residual=8),
 }
 
 
@@ -181,3 +186,21 @@ def test_chunked_prefill_sdpa_equals_blockwise(tiny_llama: tuple[Any, Any], name
     for s in range(0, 120, 40):
         model(ids[:, s:s + 40], attention_mask=mask[:, : s + 40], past_key_values=cache)
     assert seen and max(seen) < 1e-5
+
+
+def test_calibrated_state_comes_from_the_plan(tiny_llama: tuple[Any, Any]) -> None:
+    """A plan's layer-scope tensors (static steps) are what the cache uses; without them the first block fits."""
+    model, _ = tiny_llama
+    ident = identity_of(model)
+    steps = torch.full((ident.num_kv_heads, ident.head_dim), 0.05).half()
+    layers = (LayerPlan(key=static(3, pairs=False), value=kivi_value(4)),) * ident.num_layers
+    tensors = {f"layers.{i}.key.{STATE}": steps for i in range(ident.num_layers)}
+    given = Plan(layers=layers, model=ident, name="given", tensors=tensors)
+    cache = given.cache(model)
+    model(_ids(1, 40), past_key_values=cache)
+    assert all(torch.equal(g.state["key"][STATE].cpu(), steps) for layer in cache.layers for g in layer.groups)
+    fitted = Plan(layers=layers, model=ident, name="fitted").cache(model)
+    model(_ids(1, 40), past_key_values=fitted)
+    assert all(not torch.equal(g.state["key"][STATE].cpu(), steps) for layer in fitted.layers for g in layer.groups)
+    with pytest.raises(KVTuneError, match="store no 'bogus'"):
+        Plan(layers=layers, model=ident, name="bad", tensors={"layers.0.key.bogus": steps})

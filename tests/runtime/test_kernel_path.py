@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from kvtune.kernels import decode_attention as da
-from kvtune.plan import load_plan
+from kvtune.plan import Plan, load_plan
+from kvtune.plan_types import LayerPlan
 from kvtune.runtime import KVTuneCache
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,9 +27,19 @@ if DEV == "cpu" and not isinstance(da._decode_split_kernel, triton.runtime.inter
                 allow_module_level=True)
 
 
+def _plan(name: str) -> Plan:
+    """A preset, or a plan of the newer families (rotated per-token codes; static per-channel key steps)."""
+    from kvtune.quant.families.normq import normq
+    from kvtune.quant.families.static import static
+
+    layers = {"normq": LayerPlan(key=normq(2, "uniform"), value=normq(1.58), residual=8),
+              "static-normq": LayerPlan(key=static(2, pairs=False), value=normq(2, "uniform"), residual=16)}
+    return Plan(layers=(layers[name],), name=name) if name in layers else load_plan(name)
+
+
 def _decode(model: Any, plan_name: str, backend: str, ids: torch.Tensor,
             steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    cache = KVTuneCache(load_plan(plan_name), model, backend=backend)
+    cache = KVTuneCache(_plan(plan_name), model, backend=backend)
     logits = model(ids, past_key_values=cache).logits[:, -1:]
     tokens, seen = [], []
     for _ in range(steps):
@@ -36,10 +47,12 @@ def _decode(model: Any, plan_name: str, backend: str, ids: torch.Tensor,
         tokens.append(tok)
         logits = model(tok, past_key_values=cache).logits
         seen.append(logits)
+    if backend == "triton":  # the kernel really ran (every layer's specs are kernel-eligible)
+        assert all(layer.kernel_specs for layer in cache.layers)
     return torch.cat(tokens, 1), torch.cat(seen, 1)
 
 
-@pytest.mark.parametrize("plan_name", ["kv2", "k4v2"])
+@pytest.mark.parametrize("plan_name", ["kv2", "k4v2", "normq", "static-normq"])
 def test_kernel_decode_equals_reference(tiny_llama: tuple[Any, Any], plan_name: str) -> None:
     model, _ = tiny_llama
     model = model.to(DEV)

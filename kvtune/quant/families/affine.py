@@ -137,7 +137,8 @@ class Affine(QuantFamily):
             return p.axis == "channel" and p.group >= 16 and p.group & (p.group - 1) == 0
         return p.axis == "token"
 
-    def kernel_operands(self, p: AffineParams, role: str, fields: Mapping[str, torch.Tensor]) -> Any:
+    def kernel_operands(self, p: AffineParams, role: str, fields: Mapping[str, torch.Tensor],
+                        state: Mapping[str, torch.Tensor]) -> Any:
         from kvtune.kernels.packed import PackedKeys, PackedValues
 
         cls = PackedKeys if role == "key" else PackedValues

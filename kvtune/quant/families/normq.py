@@ -8,8 +8,11 @@ vector's RMS. One scale per token is stored: the least-squares ``s = <x, u> / <u
 ``u`` (never worse than the norm itself, same cost), so ``x^ = s * u``.
 
 Stored per head: ``codes`` uint8 ``[T, packed_width(D, bits)]`` and ``scale`` ``[T, 1]`` at ``scale_dtype``
-(16 bits a token: 0.25 bit an element at D = 64). 1 and 1.58 bits: the Lloyd-Max and uniform codebooks are the
-same (``±0.798``; ``0, ±1.224``). The decode kernel reads uniform codebooks: ``x^ = s * step * (c - (L-1)/2)``.
+(16 bits a token: 0.25 bit an element at D = 64), or with ``scale_dtype: log8`` one byte a token: ``log2(s)``
+on 256 steps between a per-head range ``scale_range`` ``[2]`` (fp16, calibrated state fitted on a sample with an
+octave of margin each side; values outside clamp). 1 and 1.58 bits: the Lloyd-Max and uniform codebooks are the
+same (``±0.798``; ``0, ±1.224``). The decode kernel reads uniform codebooks with fp16 scales:
+``x^ = s * step * (c - (L-1)/2)``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from kvtune.quant.formats import QuantSpec
 CODEBOOKS = ("lloyd", "uniform")
 BITS = (1, 1.58, 2, 3, 4)
 KERNEL_BITS = (1, 1.58, 2, 3, 4)
+LOG8 = "log8"  # one byte a token: log2 of the scale over a calibrated per-head range
+RANGE = "scale_range"
+MARGIN = 1.0  # octaves added on each side of the fitted log2 range
 
 
 def _phi(x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +99,8 @@ class NormQParams:
         object.__setattr__(self, "bits", fmt.bits)
         if self.codebook not in CODEBOOKS:
             raise ValueError(f"codebook must be one of {CODEBOOKS}, got {self.codebook!r}")
-        if self.scale_dtype not in grid.SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {tuple(grid.SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.scale_dtype not in (*grid.SCALE_DTYPES, LOG8):
+            raise ValueError(f"scale_dtype must be one of {(*grid.SCALE_DTYPES, LOG8)}, got {self.scale_dtype!r}")
 
     @property
     def levels(self) -> int:
@@ -115,40 +121,60 @@ class NormQ(QuantFamily):
 
     def label(self, p: NormQParams, short: bool = False) -> str:
         kind = "" if p.uniform and p.levels <= 3 else ("L" if p.codebook == "lloyd" else "U")
-        return f"{p.bits:g}n{kind}" if short else f"{p.bits:g}b/norm/{'uniform' if p.uniform else 'lloyd'}"
+        log8 = p.scale_dtype == LOG8
+        if short:
+            return f"{p.bits:g}n{kind}" + ("8" if log8 else "")
+        return f"{p.bits:g}b/norm/{'uniform' if p.uniform else 'lloyd'}" + ("/s8" if log8 else "")
 
     def fields(self, p: NormQParams, d: int, flush: int) -> tuple[FieldDecl, ...]:
-        return (FieldDecl("codes", "token", packed_width(d, p.bits), "uint8", "codes"),
-                FieldDecl("scale", "token", 1, p.scale_dtype, "scales"))
+        codes = FieldDecl("codes", "token", packed_width(d, p.bits), "uint8", "codes")
+        if p.scale_dtype == LOG8:
+            return (FieldDecl(RANGE, "layer", 2, "float16", "scales"), codes,
+                    FieldDecl("scale", "token", 1, "uint8", "scales"))
+        return (codes, FieldDecl("scale", "token", 1, p.scale_dtype, "scales"))
+
+    def fit(self, p: NormQParams, sample: torch.Tensor) -> Fields:
+        """``log8`` scales: the per-head log2 range of the sample's scales ``[h, 2]`` (an octave of margin)."""
+        if p.scale_dtype != LOG8:
+            return {}
+        log = _codes_and_scale(p, sample.float())[1].clamp_min(1e-30).log2().squeeze(-1)  # [h, N]
+        return {RANGE: torch.stack([log.amin(-1) - MARGIN, log.amax(-1) + MARGIN], -1).half()}
 
     def encode(self, p: NormQParams, x: torch.Tensor, flush: int, state: Mapping[str, torch.Tensor]) -> Fields:
         if not torch.isfinite(x).all():
             raise KVTuneError("non-finite values (NaN/inf) in a tensor to quantize", "check the model's activations")
-        levels = torch.tensor(codebook(p.levels, p.codebook), dtype=torch.float32, device=x.device)
-        rms = x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
-        u = x / rms.clamp_min(1e-30)
-        codes = torch.bucketize(u, (levels[1:] + levels[:-1]) / 2)  # nearest level
-        y = levels[codes]
-        scale = (x * y).sum(-1, keepdim=True) / (y * y).sum(-1, keepdim=True).clamp_min(1e-30)
-        return {"codes": pack(codes.to(torch.uint8), p.bits), "scale": scale.to(grid.SCALE_DTYPES[p.scale_dtype])}
+        codes, scale = _codes_and_scale(p, x)
+        if p.scale_dtype == LOG8:
+            lo, span = _range(state, x)
+            pos = ((scale.clamp_min(1e-30).log2() - lo) / span * 255).round().clamp_(0, 255)
+            return {"codes": pack(codes, p.bits), "scale": pos.to(torch.uint8)}
+        return {"codes": pack(codes, p.bits), "scale": scale.to(grid.SCALE_DTYPES[p.scale_dtype])}
 
     def decode(self, p: NormQParams, fields: Mapping[str, torch.Tensor], flush: int, d: int,
                state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         levels = torch.tensor(codebook(p.levels, p.codebook), dtype=torch.float32, device=fields["codes"].device)
-        return levels[unpack(fields["codes"], p.bits, d).long()] * fields["scale"].float()
+        scale = fields["scale"].float()
+        if p.scale_dtype == LOG8:
+            lo, span = _range(state, scale)
+            scale = torch.exp2(lo + scale * span / 255)
+        return levels[unpack(fields["codes"], p.bits, d).long()] * scale
 
     def candidates(self, role: str, head_dim: int | None = None) -> tuple[Any, ...]:
-        """Rotated uniform codes -- keys at 2/3/4 bits, values at 1/1.58/2/3 bits -- and Lloyd-Max at 2 bits; the
-        rotation is Hadamard, or a random orthogonal one where the head dim is not a power of two."""
+        """Rotated uniform codes -- keys at 2/3/4 bits, values at 1/1.58/2/3 bits --, Lloyd-Max at 2 bits, and the
+        cheapest ones with one-byte (log8) scales; the rotation is Hadamard, or a random orthogonal one where the
+        head dim is not a power of two."""
         rot = "hadamard" if head_dim is None or head_dim & (head_dim - 1) == 0 else "orthogonal"
         bits = (2, 3, 4) if role == "key" else (1, 1.58, 2, 3)
-        return tuple([normq(b, "uniform", rot) for b in bits] + [normq(2, "lloyd", rot)])
+        small = (2,) if role == "key" else (1, 1.58)  # one-byte scales where metadata weighs most
+        return tuple([normq(b, "uniform", rot) for b in bits] + [normq(2, "lloyd", rot)]
+                     + [normq(b, "uniform", rot, scale_dtype=LOG8) for b in small])
 
     # -- kernel hooks: evenly spaced codes, fp16 scales; x^ = scale * (step * c - step * (L - 1) / 2)
     def kernel_ok(self, p: NormQParams, role: str) -> bool:
-        return p.uniform and p.bits in KERNEL_BITS and p.scale_dtype == "float16"
+        return p.uniform and p.bits in KERNEL_BITS and p.scale_dtype == "float16"  # log8: PyTorch path
 
-    def kernel_operands(self, p: NormQParams, role: str, fields: Mapping[str, torch.Tensor]) -> Any:
+    def kernel_operands(self, p: NormQParams, role: str, fields: Mapping[str, torch.Tensor],
+                        state: Mapping[str, torch.Tensor]) -> Any:
         from kvtune.kernels.packed import PackedKeys, PackedValues
 
         levels = codebook(p.levels, p.codebook)
@@ -159,9 +185,33 @@ class NormQ(QuantFamily):
         return PackedValues(fields["codes"], fields["scale"], None, p.bits, 0, **affine)
 
 
-def normq(bits: float, codebook: str = "lloyd", rotation: str = "hadamard", **wrappers: Any) -> QuantSpec:
-    """A ``normq`` spec (rotated by default): ``normq(2)``, ``normq(1.58, rotation="orthogonal")``."""
-    return QuantSpec("normq", NormQParams(bits=bits, codebook=codebook), rotation, **wrappers)
+def _codes_and_scale(p: NormQParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codebook levels of ``x [..., T, D]`` after dividing by its RMS (uint8 ``[..., T, D]``) and the
+    least-squares scale of each token float32 ``[..., T, 1]``."""
+    levels = torch.tensor(codebook(p.levels, p.codebook), dtype=torch.float32, device=x.device)
+    rms = x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
+    codes = torch.bucketize(x / rms.clamp_min(1e-30), (levels[1:] + levels[:-1]) / 2)  # nearest level
+    y = levels[codes]
+    scale = (x * y).sum(-1, keepdim=True) / (y * y).sum(-1, keepdim=True).clamp_min(1e-30)
+    return codes.to(torch.uint8), scale
+
+
+def _range(state: Mapping[str, torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, span)`` of the log2 scale range, ``[h, 1, 1]`` float32, broadcasting over ``like [..., h, T, *]``."""
+    r = state.get(RANGE)
+    if r is None:
+        raise ValueError("a log8 normq spec needs its calibrated scale range (state['scale_range'])")
+    r = r.to(device=like.device, dtype=torch.float32)
+    lo = r[..., 0, None, None]
+    return lo, (r[..., 1, None, None] - lo).clamp_min(1e-3)
+
+
+def normq(bits: float, codebook: str = "lloyd", rotation: str = "hadamard", scale_dtype: str = "float16",
+          **wrappers: Any) -> QuantSpec:
+    """A ``normq`` spec (rotated by default): ``normq(2)``, ``normq(1.58, rotation="orthogonal")``,
+    ``normq(1.58, scale_dtype="log8")``."""
+    return QuantSpec("normq", NormQParams(bits=bits, codebook=codebook, scale_dtype=scale_dtype), rotation,
+                     **wrappers)
 
 
 FAMILY = NormQ()
