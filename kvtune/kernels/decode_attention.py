@@ -15,14 +15,17 @@ way), dequantizes in registers, keeps an online softmax in base 2, and writes a 
 The extra segment runs as one more split of the same launch (not in torch): it costs no extra launch,
 no Python-side softmax, and its partial merges like any other.
 
-Formats the swapped kernel reads (2/4/8-bit codes, keys in groups >= 16 tokens or per token, one value scale
-per token: :func:`kvtune.kernels.decode_fast.fast_eligible`) go there instead; this kernel serves the rest.
+Formats the swapped kernel reads (2/4/8-bit codes, keys in groups >= 32 tokens or per token, one value scale
+per token: :func:`kvtune.kernels.decode_fast.fast_eligible`) go there with ``KVTUNE_DECODE_KERNEL=fast``; by
+default this kernel serves every format (it measured faster). Lengths may come from device memory (``t_dev``,
+``extra_count``/``extra_start``) so that one fixed launch serves every step of a CUDA graph.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -55,7 +58,7 @@ def _decode_split_kernel(
     vs_ptr, vz_ptr, stride_vsb, stride_vsh, stride_vst,
     ek_ptr, stride_ekb, stride_ekh, stride_ekt,
     ev_ptr, stride_evb, stride_evh, stride_evt,
-    emask_ptr, stride_emb, start_ptr,
+    emask_ptr, stride_emb, start_ptr, t_ptr, estart_ptr,
     m_ptr, l_ptr, o_ptr,
     T, R, chunk, n_qsplits, NS, Hkv, qk_scale, k_alpha, k_beta, v_alpha, v_beta,
     D: tl.constexpr, NREP: tl.constexpr, QH: tl.constexpr,
@@ -63,7 +66,7 @@ def _decode_split_kernel(
     FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr, WVP: tl.constexpr, GC: tl.constexpr,
     BT: tl.constexpr, BTE: tl.constexpr, EXTRA: tl.constexpr, HAS_START: tl.constexpr,
     USE_ASM: tl.constexpr, FAST: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr,
-    HAS_VZ: tl.constexpr, AFF_V: tl.constexpr,
+    HAS_VZ: tl.constexpr, AFF_V: tl.constexpr, T_DEV: tl.constexpr,
 ):
     """Partial attention of one (split, batch * kv head).
 
@@ -71,7 +74,9 @@ def _decode_split_kernel(
     (KAX 1: per token, G = BT); value scale/zero [B, Hkv, T, D/GC]; every code dequantizes as
     ``scale * (alpha * c + beta) + zero`` (AFF_*: alpha 1, beta 0; HAS_*Z: a zero-point tensor is read);
     extra K/V [B, Hkv, R, D]; EXTRA: 0 none, 1 lengths [B] (valid prefix),
-    2 mask [B, R], 3 all valid; start [B] (tokens t < start are padding). Writes m, l [B*Hq, NS]
+    2 mask [B, R], 3 all valid, 4 tokens ``estart[b] <= r < emask[0]`` (device counts); start [B] (tokens
+    t < start are padding); T_DEV: the quantized tokens in use are read from ``t_ptr`` [1] (``T`` on the host is
+    then the capacity the splits were sized for: one fixed launch for every CUDA-graph step). Writes m, l [B*Hq, NS]
     (base 2) and unnormalised o [B*Hq, NS, D] (fp32) at split ``pid_s``. FAST (2/4/8-bit, full-width
     slices): BT tokens a tile as BT/G key-group sub-tiles and an unmasked hot loop; otherwise BT == G.
     """
@@ -105,6 +110,8 @@ def _decode_split_kernel(
     o_acc = tl.zeros([QH, KG], tl.float32)
 
     # ---- quantized part: tokens [lo, hi) of this split; tokens t < start are padding
+    if T_DEV:
+        T = tl.load(t_ptr)
     lo = pid_s * chunk
     hi = tl.minimum(lo + chunk, T)
     hi = tl.where(pid_s < n_qsplits, hi, lo)
@@ -163,13 +170,17 @@ def _decode_split_kernel(
     if EXTRA != 0:
         r_end = tl.where(pid_s == n_qsplits, R, 0)
         n_valid = R
+        r_lo = 0
         if EXTRA == 1:
             n_valid = tl.load(emask_ptr + b)
+        if EXTRA == 4:
+            n_valid = tl.load(emask_ptr)
+            r_lo = tl.load(estart_ptr + b)
         ek_row = ek_ptr + b.to(tl.int64) * stride_ekb + h.to(tl.int64) * stride_ekh
         ev_row = ev_ptr + b.to(tl.int64) * stride_evb + h.to(tl.int64) * stride_evh
         for r0 in tl.range(0, r_end, BTE, num_stages=1):  # short loop: no smem pipeline
             offs_r = r0 + tl.arange(0, BTE)
-            valid = (offs_r < R) & (offs_r < n_valid)
+            valid = (offs_r < R) & (offs_r < n_valid) & (offs_r >= r_lo)
             if EXTRA == 2:
                 mk = tl.load(emask_ptr + b.to(tl.int64) * stride_emb + offs_r, mask=offs_r < R, other=0)
                 valid = valid & (mk != 0)
@@ -199,11 +210,14 @@ def _decode_split_kernel(
         tl.store(o_row + oe, accs[s], mask=rmask[:, None] & (jv < WV) & (oe < D))
 
 
-def _extra_args(extra_k, extra_v, extra_len, q):
-    """(ek, ev, emask, stride_emb, R, mode): mode 0 none, 1 lengths [B], 2 mask [B, R], 3 all valid."""
+def _extra_args(extra_k, extra_v, extra_len, q, extra_count=None):
+    """(ek, ev, emask, stride_emb, R, mode): mode 0 none, 1 lengths [B], 2 mask [B, R], 3 all valid, 4 device
+    range (``extra_count`` [1])."""
     if extra_k is None or extra_k.shape[2] == 0:
         return q, q, q, 0, 0, 0
     r = extra_k.shape[2]
+    if extra_count is not None:
+        return extra_k, extra_v, extra_count, 0, r, 4
     if extra_len is None:
         return extra_k, extra_v, q, 0, r, 3
     if extra_len.dtype == torch.bool:
@@ -239,7 +253,10 @@ def _format(x: Any) -> tuple:
 def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
                      extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None,
                      extra_len: torch.Tensor | None = None, start: torch.Tensor | None = None,
-                     scaling: float | None = None, config: DecodeConfig | None = None) -> torch.Tensor:
+                     scaling: float | None = None, config: DecodeConfig | None = None, *,
+                     t_dev: torch.Tensor | None = None, extra_count: torch.Tensor | None = None,
+                     extra_start: torch.Tensor | None = None,
+                     launch: Callable[[Any], Any] | None = None) -> torch.Tensor:
     """Decode attention of one query token over packed K/V plus a full-precision extra segment.
 
     q: ``[B, Hq, 1, D]`` fp16/bf16 (Hq = Hkv * n_rep, query heads ``h*n_rep..`` share KV head ``h``);
@@ -247,7 +264,10 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     extra_k/extra_v: ``[B, Hkv, R, D]`` or None; extra_len: int ``[B]`` (first extra_len[b] extra tokens
     valid), bool ``[B, R]`` validity mask, or None (all valid); start: int ``[B]`` (quantized tokens
     ``t < start[b]`` are left padding) or None; scaling: softmax scale (default ``1/sqrt(D)``).
-    Returns ``[B, Hq, 1, D]`` in q's dtype.
+    Device-side lengths for one fixed launch (CUDA graphs): ``t_dev`` int32 ``[1]`` quantized tokens in use (the
+    packed tensors are then a capacity), ``extra_count`` int32 ``[1]`` and ``extra_start`` int32 ``[B]``: extra
+    tokens ``extra_start[b] <= r < extra_count`` are valid. ``launch`` wraps each kernel before its grid is applied
+    (``torch.library.wrap_triton`` inside a ``triton_op``). Returns ``[B, Hq, 1, D]`` in q's dtype.
     """
     # q: [B, Hq, 1, D]
     bsz, hq, one, d = q.shape
@@ -264,15 +284,16 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     if vq.scale.shape[-1] != math.ceil(d / gc):
         raise ValueError(f"value scale has {vq.scale.shape[-1]} groups, expected {math.ceil(d / gc)}")
     scaling = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
-    if _impl() != "split" and fast_eligible(kq, vq, d):
-        return decode_fast(q, kq, vq, extra_k, extra_v, extra_len, start, scaling, config)
+    if _impl() == "fast" and fast_eligible(kq, vq, d):
+        return decode_fast(q, kq, vq, extra_k, extra_v, extra_len, start, scaling, config, t_dev=t_dev,
+                           extra_count=extra_count, extra_start=extra_start, launch=launch)
     cfg = config or default_config(bsz, hkv, t, d, q.device, lv.width)
     block_t = cfg.block_t if fast or per_token else min(cfg.block_t, kq.group)
     if per_token:  # per-token key scales: a tile is one "group"
         consts = {**consts, "G": block_t}
     chunk = math.ceil(math.ceil(max(t, 1) / cfg.num_splits) / block_t) * block_t
     n_q = math.ceil(t / chunk) if t else 0
-    ek, ev, emask, stride_emb, r, mode = _extra_args(extra_k, extra_v, extra_len, q)
+    ek, ev, emask, stride_emb, r, mode = _extra_args(extra_k, extra_v, extra_len, q, extra_count)
     ns = n_q + (1 if mode else 0)
     out = torch.empty_like(q)
     if ns == 0:
@@ -288,23 +309,26 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     lse = torch.empty_like(m)
     o = torch.empty(bsz * hq, ns, d, dtype=torch.float32, device=q.device)
     st = start.to(device=q.device, dtype=torch.int32) if start is not None else m
-    _decode_split_kernel[(ns, bsz * hkv)](
+    wrap = launch or (lambda k: k)
+    wrap(_decode_split_kernel)[(ns, bsz * hkv)](
         qc, *qc.stride()[:2], kp, *kp.stride()[:3], ks, kz, *ks.stride()[:3],
         vp, *vp.stride()[:3], vs, vz, *vs.stride()[:3], ek, *ek.stride()[:3], ev, *ev.stride()[:3],
-        emask, stride_emb, st, m, lse, o,
+        emask, stride_emb, st, t_dev if t_dev is not None else m, extra_start if extra_start is not None else m,
+        m, lse, o,
         t, r, chunk, n_q, ns, hkv, scaling * LOG2E, kq.code_scale, kq.code_offset, vq.code_scale, vq.code_offset,
-        BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None,
+        BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None, T_DEV=t_dev is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
     )
-    _merge_kernel[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
+    wrap(_merge_kernel)[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
                                D=d, DP=_p2(d), BS=min(16, _p2(ns)), num_warps=4)
     return out
 
 
 def _impl() -> str:
-    """``KVTUNE_DECODE_KERNEL``: ``auto`` (default: the swapped kernel of :mod:`kvtune.kernels.decode_fast` for the
-    formats it reads, this module's otherwise) or ``split`` (always this module's; benchmarks compare the two)."""
-    return os.environ.get("KVTUNE_DECODE_KERNEL", "auto")
+    """``KVTUNE_DECODE_KERNEL``: ``split`` (default: this module's kernel) or ``fast`` (the swapped kernel of
+    :mod:`kvtune.kernels.decode_fast` for the formats it reads). On an H200 the split kernel was the faster one
+    at every Llama-3-8B shape measured (benchmarks/results/decode_kernel_fast_h200.json), so it is the default."""
+    return os.environ.get("KVTUNE_DECODE_KERNEL", "split")
 
 
 def _fast_path(lay: Any, d: int) -> bool:

@@ -1,9 +1,11 @@
 """Swapped split-K decode attention for 2/4/8-bit codes: tokens fill the MMA's M, codes go to it raw.
 
-The formats of the hot path (``bits`` in 2, 4, 8, the head dim a power of two; keys per channel in groups of
-``G >= 16`` tokens or per token, values per token with one scale (and optional zero-point) for the whole head;
-any evenly spaced code map ``scale * (code_scale * c + code_offset) + zero``) run here instead of
-:mod:`kvtune.kernels.decode_attention`'s general kernel. Per program (one split of one sequence's KV head):
+With ``KVTUNE_DECODE_KERNEL=fast`` (the split kernel measured faster on an H200 and is the default), the
+formats of the hot path (``bits`` in 2, 4, 8, the head dim a power of two; keys per channel in groups of ``G >= 32``
+tokens (any, for one scale row broadcast over the groups) or per token, values per token with one scale (and
+optional zero-point) for the whole head; any evenly spaced code map ``scale * (code_scale * c + code_offset) +
+zero``) run here instead of :mod:`kvtune.kernels.decode_attention`'s general kernel. Per program (one split of
+one sequence's KV head):
 
 * scores ``[BT, N]`` = unpacked key codes ``[BT, D]`` @ ``(q ⊙ s_g)^T [D, N]``: the per-channel key scales
   (and ``code_scale``) are folded into the query once per key group, zero-points and the codes' offset into
@@ -172,9 +174,12 @@ def _fast_split_kernel(
 
 def fast_eligible(kq: PackedKeys, vq: PackedValues, d: int) -> bool:
     """True when :func:`decode_fast` reads these operands (2/4/8-bit codes, power-of-two head dim 32..256, keys in
-    per-channel groups of >= 16 tokens or per token, one value scale per token)."""
+    per-channel groups of >= 32 tokens or per token, one value scale per token; 16-token tiles failed compiled on an
+    H200). Keys whose scale rows are one row
+    broadcast over the groups (stride 0, the ``static`` family) run in tiles of any size."""
     return (kq.bits in FAST_BITS and vq.bits in FAST_BITS and d == _p2(d) and 32 <= d <= 256
-            and (kq.axis == "token" or kq.group >= 16) and (vq.group == 0 or vq.group >= d)
+            and (kq.axis == "token" or kq.group >= 32 or (kq.group >= 16 and kq.scale.stride(2) == 0))
+            and (vq.group == 0 or vq.group >= d)
             and tuple(vq.scale.shape[3:]) == (1,))
 
 
@@ -202,8 +207,10 @@ def decode_fast(q: torch.Tensor, kq: PackedKeys, vq: PackedValues, extra_k: torc
     n_rep = hq // hkv
     scaling = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
     kax = int(kq.axis == "token")
-    cfg = config or fast_config(bsz, hkv, cap, d, q.device, 0 if kax else kq.group)
-    block_t = cfg.block_t if kax else min(cfg.block_t, kq.group)
+    fixed = not kax and kq.scale.stride(2) == 0  # one key scale row for all groups (static): any tile size
+    cfg = config or fast_config(bsz, hkv, cap, d, q.device, 0 if kax or fixed else kq.group)
+    block_t = cfg.block_t if kax or fixed else min(cfg.block_t, kq.group)
+    kgroup = block_t if fixed else max(kq.group, 1)
     nqs = max(1, min(cfg.num_splits, math.ceil(cap / block_t)))
     ek, ev, emask, stride_emb, r, mode = _extra(extra_k, extra_v, extra_len, extra_count, q)
     ns = nqs + (1 if mode else 0)
@@ -232,7 +239,7 @@ def decode_fast(q: torch.Tensor, kq: PackedKeys, vq: PackedValues, extra_k: torc
         vs, vz, vs.stride(0), vs.stride(1), vs.stride(2), ek, ev, ek.stride(0), ek.stride(1), ek.stride(2),
         emask, stride_emb, extra_start if extra_start is not None else m, st, t_dev if t_dev is not None else m,
         m, lse, o, cap, r, nqs, hkv, scaling * LOG2E, kq.code_scale, kq.code_offset, vq.code_scale, vq.code_offset,
-        D=d, NREP=n_rep, N=max(8, _p2(n_rep)), BITS_K=int(kq.bits), BITS_V=int(vq.bits), G=max(kq.group, 1),
+        D=d, NREP=n_rep, N=max(8, _p2(n_rep)), BITS_K=int(kq.bits), BITS_V=int(vq.bits), G=kgroup,
         KAX=kax, BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None,
         T_DEV=t_dev is not None, USE_ASM=_use_asm(q), HAS_KZ=kq.zero is not None, AFF_K=kq.affine,
         HAS_VZ=vq.zero is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -1,10 +1,12 @@
-"""``torch.ops.kvtune.decode_static``: the swapped decode kernel over static-capacity buffers, as a custom op.
+"""``torch.ops.kvtune.decode_static``: decode attention over static-capacity buffers, as a custom op.
 
 Registered with ``torch.library.triton_op`` (kernels launched through ``wrap_triton``), so ``torch.compile`` traces
 it into its graph and CUDA graphs capture it like any op. Its lengths are device tensors: the quantized tokens in
 use ``n_quant`` int32 ``[1]`` (the packed tensors are a capacity), the extra (window) tokens
 ``extra_start[b] <= r < n_extra`` (int32 ``[B]`` and ``[1]``) and the quantized tokens' left padding ``start``
-int32 ``[B]``; the grid depends on the capacity only. Under ``TRITON_INTERPRET=1`` it calls the kernel directly.
+int32 ``[B]``; the grid depends on the capacity only. The kernel is
+:func:`kvtune.kernels.decode_attention.decode_attention`'s (split kernel by default, ``KVTUNE_DECODE_KERNEL=fast``
+for the swapped one). Under ``TRITON_INTERPRET=1`` it calls the kernel directly.
 """
 
 from __future__ import annotations
@@ -13,17 +15,18 @@ import os
 
 import torch
 
-from kvtune.kernels.decode_fast import decode_fast
+from kvtune.kernels.decode_attention import decode_attention
 from kvtune.kernels.packed import PackedKeys, PackedValues
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _operands(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits_k, bits_v, key_group, k_code_scale,
-              k_code_offset, v_code_scale, v_code_offset):
+def _operands(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits_k, bits_v, key_group, value_group,
+              k_code_scale, k_code_offset, v_code_scale, v_code_offset):
+    """key_group 0: per-token key scales."""
     kq = PackedKeys(k_codes, k_scale, k_zero, bits_k, key_group, k_code_scale, k_code_offset,
                     axis="channel" if key_group else "token")
-    return kq, PackedValues(v_codes, v_scale, v_zero, bits_v, 0, v_code_scale, v_code_offset)
+    return kq, PackedValues(v_codes, v_scale, v_zero, bits_v, value_group, v_code_scale, v_code_offset)
 
 
 if not _INTERPRET:
@@ -33,13 +36,13 @@ if not _INTERPRET:
     def _decode_static_op(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor | None,
                           v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor | None,
                           extra_k: torch.Tensor, extra_v: torch.Tensor, n_quant: torch.Tensor,
-                          n_extra: torch.Tensor, extra_start: torch.Tensor, start: torch.Tensor, bits_k: int,
-                          bits_v: int, key_group: int, k_code_scale: float, k_code_offset: float,
+                          n_extra: torch.Tensor, extra_start: torch.Tensor, start: torch.Tensor, bits_k: float,
+                          bits_v: float, key_group: int, value_group: int, k_code_scale: float, k_code_offset: float,
                           v_code_scale: float, v_code_offset: float, scaling: float) -> torch.Tensor:
         kq, vq = _operands(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits_k, bits_v, key_group,
-                           k_code_scale, k_code_offset, v_code_scale, v_code_offset)
-        return decode_fast(q, kq, vq, extra_k, extra_v, None, start, scaling, t_dev=n_quant, extra_count=n_extra,
-                           extra_start=extra_start, launch=wrap_triton)
+                           value_group, k_code_scale, k_code_offset, v_code_scale, v_code_offset)
+        return decode_attention(q, kq, vq, extra_k, extra_v, None, start, scaling, t_dev=n_quant,
+                                extra_count=n_extra, extra_start=extra_start, launch=wrap_triton)
 
 
 def decode_static(q: torch.Tensor, kq: PackedKeys, vq: PackedValues, extra_k: torch.Tensor, extra_v: torch.Tensor,
@@ -47,11 +50,10 @@ def decode_static(q: torch.Tensor, kq: PackedKeys, vq: PackedValues, extra_k: to
                   scaling: float) -> torch.Tensor:
     """``q [B, Hq, 1, D]`` over capacity operands ``kq``/``vq`` (``T_cap`` tokens, ``n_quant`` in use) and the extra
     segment ``[B, Hkv, R_cap, D]``; returns ``[B, Hq, 1, D]`` (see module docstring)."""
-    args = (q, kq.packed, kq.scale, kq.zero, vq.packed, vq.scale, vq.zero, extra_k, extra_v, n_quant, n_extra,
-            extra_start, start, int(kq.bits), int(vq.bits), kq.group if kq.axis == "channel" else 0,
-            float(kq.code_scale), float(kq.code_offset), float(vq.code_scale), float(vq.code_offset), float(scaling))
     if _INTERPRET:
-        kq2, vq2 = _operands(*args[1:7], *args[13:20])
-        return decode_fast(q, kq2, vq2, extra_k, extra_v, None, start, scaling, t_dev=n_quant, extra_count=n_extra,
-                           extra_start=extra_start)
-    return torch.ops.kvtune.decode_static(*args)
+        return decode_attention(q, kq, vq, extra_k, extra_v, None, start, scaling, t_dev=n_quant,
+                                extra_count=n_extra, extra_start=extra_start)
+    return torch.ops.kvtune.decode_static(
+        q, kq.packed, kq.scale, kq.zero, vq.packed, vq.scale, vq.zero, extra_k, extra_v, n_quant, n_extra,
+        extra_start, start, float(kq.bits), float(vq.bits), kq.group if kq.axis == "channel" else 0, vq.group,
+        float(kq.code_scale), float(kq.code_offset), float(vq.code_scale), float(vq.code_offset), float(scaling))

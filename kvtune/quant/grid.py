@@ -98,9 +98,15 @@ def _params(xg: torch.Tensor, g: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(scale > 0, scale, torch.ones_like(scale)), zero
 
 
+def capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s device is recording a CUDA graph (host syncs such as finiteness checks are not allowed)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def quantize(x: torch.Tensor, g: Grid) -> Quantized:
-    """Quantize ``x`` ``[..., T, D]`` on grid ``g``. Codes are uint8 ``[..., T, D]``."""
-    if not torch.isfinite(x).all():
+    """Quantize ``x`` ``[..., T, D]`` on grid ``g``. Codes are uint8 ``[..., T, D]`` (the finiteness check, a
+    host sync, is skipped while a CUDA graph is captured)."""
+    if not capturing(x) and not torch.isfinite(x).all():
         raise KVTuneError("non-finite values (NaN/inf) in a tensor to quantize", "check the model's activations")
     xg = grouped(x.float(), g)
     scale, zero = _params(xg, g)

@@ -55,14 +55,19 @@ def _orthogonal_matrix(d: int) -> torch.Tensor:
         return (q * torch.sign(torch.diagonal(r))).float()
 
 
+@lru_cache(maxsize=16)
+def _orthogonal_on(d: int, device: torch.device) -> torch.Tensor:
+    """:func:`_orthogonal_matrix` on ``device``, copied once (a copy inside a CUDA-graph capture is not allowed)."""
+    with torch.inference_mode(False):
+        return _orthogonal_matrix(d).to(device)
+
+
 def _orthogonal(x: torch.Tensor) -> torch.Tensor:
-    m = _orthogonal_matrix(x.shape[-1]).to(x.device)
-    return (x.float() @ m).to(x.dtype)
+    return (x.float() @ _orthogonal_on(x.shape[-1], x.device)).to(x.dtype)
 
 
 def _orthogonal_inverse(x: torch.Tensor) -> torch.Tensor:
-    m = _orthogonal_matrix(x.shape[-1]).to(x.device)
-    return (x.float() @ m.T).to(x.dtype)
+    return (x.float() @ _orthogonal_on(x.shape[-1], x.device).T).to(x.dtype)
 
 
 ROTATIONS: dict[str, Rotation] = {

@@ -39,8 +39,14 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     if d <= 0 or d & (d - 1):
         raise KVTuneError(f"Walsh-Hadamard rotation needs a power-of-two head_dim, got {d}",
                           "turn hadamard off for this model")
-    h = _hadamard_matrix(d).to(device=x.device, dtype=torch.float32)
-    return (x.float() @ h).to(x.dtype)
+    return (x.float() @ _hadamard_on(d, x.device)).to(x.dtype)
+
+
+@lru_cache(maxsize=16)
+def _hadamard_on(d: int, device: torch.device) -> torch.Tensor:
+    """:func:`_hadamard_matrix` on ``device``, copied once (a copy inside a CUDA-graph capture is not allowed)."""
+    with torch.inference_mode(False):
+        return _hadamard_matrix(d).to(device)
 
 
 def _blocks(x: torch.Tensor, group: int) -> torch.Tensor:

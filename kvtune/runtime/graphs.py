@@ -22,6 +22,8 @@ import torch
 
 from kvtune.models import cache_kwargs
 
+COUNTERS = ("nq", "nw", "wstart", "cumulative_length")
+
 
 class GraphDecoder:
     """Greedy-decoding helper over a static cache (see module docstring); ``graphs=False`` runs steps eagerly."""
@@ -36,21 +38,25 @@ class GraphDecoder:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the prompt ``input_ids [B, L]`` (left-padded rows: ``attention_mask [B, L]``); returns the last
-        position's logits ``[B, V]`` and sets up the static step inputs."""
+        """Run the prompt ``input_ids [B, L]`` (left-padded rows: ``attention_mask [B, L]``) in one call; returns the
+        last position's logits ``[B, V]`` and sets up the static step inputs."""
         if hasattr(self.cache, "set_padding"):
             self.cache.set_padding(attention_mask)
         pos = None
         if attention_mask is not None:  # as generate() does: padding-aware positions
             pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1, **self.kw)
-        bsz, length = input_ids.shape
-        dev = input_ids.device
+        return self.start(out.logits[:, -1], input_ids.shape[1], attention_mask)
+
+    def start(self, logits: torch.Tensor, length: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Set up the static step inputs after a prompt of ``length`` positions was stored some other way (chunked
+        prefill of a cache that allows it); ``logits [B, V]``: its last position's. Returns the logits buffer."""
+        bsz, dev = logits.shape[0], logits.device
         self.ids = torch.zeros(bsz, 1, dtype=torch.long, device=dev)
         real = attention_mask.sum(-1) if attention_mask is not None else torch.full((bsz,), length, device=dev)
         self.pos = real.view(bsz, 1).long().clone()  # next position id of each row
         self.cpos = torch.tensor([length], dtype=torch.long, device=dev)
-        self.out = out.logits[:, -1].clone()
+        self.out = logits.clone()
         return self.out
 
     def _forward(self) -> None:
@@ -77,16 +83,20 @@ class GraphDecoder:
         """What a warm-up or capture changes outside the buffers a later step rewrites: host mirrors and counters."""
         layers = getattr(self.cache, "layers", [])
         host = [(ly.n_quant, ly.n_win, ly.length) for ly in layers if hasattr(ly, "n_win")]
-        dev = [t.clone() for ly in layers if hasattr(ly, "nq") for t in (ly.nq, ly.nw, ly.wstart)]
+        dev = [t.clone() for t in self._counters()]
         return host, dev, self.pos.clone(), self.cpos.clone()
+
+    def _counters(self) -> list[torch.Tensor]:
+        """The device counters a step moves: kvtune's ``nq``/``nw``/``wstart``, transformers' ``cumulative_length``."""
+        return [t for ly in getattr(self.cache, "layers", []) for name in COUNTERS
+                if isinstance(t := getattr(ly, name, None), torch.Tensor)]
 
     def _restore(self, saved: Any) -> None:
         host, dev, pos, cpos = saved
         layers = [ly for ly in getattr(self.cache, "layers", []) if hasattr(ly, "n_win")]
         for ly, (nq, nw, length) in zip(layers, host):
             ly.n_quant, ly.n_win, ly.length = nq, nw, length
-        live = [t for ly in layers for t in (ly.nq, ly.nw, ly.wstart)]
-        for t, v in zip(live, dev):
+        for t, v in zip(self._counters(), dev):
             t.copy_(v)
         self.pos.copy_(pos)
         self.cpos.copy_(cpos)

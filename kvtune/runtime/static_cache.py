@@ -12,8 +12,8 @@ which step flushes (:meth:`StaticKVTuneCache.next_flush`) and a graph decoder re
 without it. Host-side counters mirror the device ones for ``get_seq_length`` and that schedule.
 
 Restrictions (checked when the cache is made, :func:`check_static`): one spec pair per layer, no salient tokens, no
-sinks, no merging, the same residual window and flush block in every layer, formats the swapped kernel reads
-(:func:`kvtune.kernels.decode_fast.fast_eligible`), one prompt (prefill) then single tokens. Attention runs through
+sinks, no merging, the same residual window and flush block in every layer, formats the fused kernel reads
+(:func:`kvtune.quant.codec.kernel_ok`), one prompt (prefill) then single tokens. Attention runs through
 the ``"kvtune-static"`` implementation (:mod:`kvtune.runtime.static_attention`).
 """
 
@@ -39,8 +39,6 @@ FP = torch.float16
 
 def check_static(plan: Plan, head_dim: int) -> None:
     """Raise :class:`KVTuneError` naming the first layer the static (CUDA-graph) path cannot serve, and why."""
-    from kvtune.kernels.decode_fast import fast_eligible
-
     shapes = {(lp.residual, lp.flush) for lp in plan.layers}
     if len(shapes) > 1:
         raise KVTuneError(f"the static cache needs one residual window and flush block for all layers, got {shapes}",
@@ -53,18 +51,10 @@ def check_static(plan: Plan, head_dim: int) -> None:
             why.append("salient or sink tokens")
         if lp.merge.method != "none":
             why.append(f"merge policy {lp.merge.method!r}")
-        ops = {}
         for role in ROLES:
             spec = lp.key if role == "key" else lp.value
             if not codec.kernel_ok(spec, role):
                 why.append(f"{role} spec {spec.label()} is not read by the fused kernel")
-                continue
-            empty = {f.name: torch.zeros(1, 1, 0, f.width, dtype=f.torch_dtype)
-                     for f in codec.stored_fields(spec, head_dim, lp.flush)}
-            ops[role] = codec.kernel_operands(spec, role, empty)
-        if len(ops) == 2 and not fast_eligible(ops["key"], ops["value"], head_dim):
-            why.append("the swapped kernel reads only 2/4/8-bit codes, key groups >= 16 tokens or per-token keys, one "
-                       "value scale per token, power-of-two head dims 32..256")
         if why:
             raise KVTuneError(f"layer {i} cannot use the static (CUDA-graph) cache: {'; '.join(why)}",
                               "use plan.cache(model) (dynamic cache) or a plan whose every layer the kernel reads")

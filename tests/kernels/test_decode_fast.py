@@ -60,7 +60,7 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize(("bk", "bv", "d", "g", "nrep"), [(2, 2, 64, 64, 3), (2, 2, 128, 128, 4), (4, 2, 64, 32, 2),
-                                                          (8, 4, 64, 16, 1), (4, 8, 128, 64, 8), (2, 4, 32, 64, 3)])
+                                                          (8, 4, 64, 32, 1), (4, 8, 128, 64, 8), (2, 4, 32, 64, 3)])
 @pytest.mark.parametrize("extra", ["len", "mask", "all", "none"])
 def test_fast_matches_reference(bk: int, bv: int, d: int, g: int, nrep: int, extra: str) -> None:
     q, kq, vq, ek, ev = _case(bk, bv, d=d, g=g, nrep=nrep, seed=bk * 10 + bv)
@@ -99,3 +99,19 @@ def test_fast_device_lengths(t: int, splits: int, block_t: int) -> None:
     used_v = dataclasses.replace(vq, packed=vq.packed[:, :, :t], scale=vq.scale[:, :, :t], zero=vq.zero[:, :, :t])
     mask = (torch.arange(9)[None, :] < 6) & (torch.arange(9)[None, :] >= estart[:, None])
     _close(out, decode_attention_reference(q, used_k, used_v, ek, ev, mask))
+
+
+def test_fast_static_key_rows() -> None:
+    """``static``-family keys: one step row per head broadcast over the groups (stride 0), no zero-point, centred
+    codes (code_offset); the kernel then tiles freely (tiles larger than the nominal 16-token group)."""
+    import dataclasses
+
+    q, kq, vq, ek, ev = _case(2, 2, d=64, t=256, g=16, kzero=False, off=-1.5)
+    row = kq.scale[:, :, :1]                                     # [B, Hkv, 1, D]
+    kq = dataclasses.replace(kq, scale=row.expand(-1, -1, 256 // 16, -1), code_scale=1.0, code_offset=-1.5)
+    vq = dataclasses.replace(vq, code_scale=1.0, code_offset=0.0)
+    assert kq.scale.stride(2) == 0 and df.fast_eligible(kq, vq, 64)
+    start = torch.tensor([0, 21], dtype=torch.int32)
+    kd = dataclasses.replace(_dev(kq), scale=row.to(DEV).expand(-1, -1, 256 // 16, -1))  # keep stride 0 on a GPU
+    out = df.decode_fast(q.to(DEV), kd, *map(_dev, (vq, ek, ev, None, start)), config=df.DecodeConfig(64, 2, 4, 1))
+    _close(out, decode_attention_reference(q, kq, vq, ek, ev, None, start))

@@ -6,6 +6,7 @@ is set here before the kernel modules are imported, as in tests/kernels).
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -55,7 +56,7 @@ def _decode(model: Any, plan_name: str, backend: str, ids: torch.Tensor,
 @pytest.mark.parametrize("plan_name", ["kv2", "k4v2", "normq", "static-normq"])
 def test_kernel_decode_equals_reference(tiny_llama: tuple[Any, Any], plan_name: str) -> None:
     model, _ = tiny_llama
-    model = model.to(DEV)
+    model = copy.deepcopy(model).to(DEV)  # the session fixture stays on the CPU for the tests that follow
     ids = torch.randint(1, 128, (2, 70), generator=torch.Generator().manual_seed(0)).to(DEV)
     ref_tok, ref_logits = _decode(model, plan_name, "reference", ids, 10)
     ker_tok, ker_logits = _decode(model, plan_name, "triton", ids, 10)

@@ -141,7 +141,7 @@ class NormQ(QuantFamily):
         return {RANGE: torch.stack([log.amin(-1) - MARGIN, log.amax(-1) + MARGIN], -1).half()}
 
     def encode(self, p: NormQParams, x: torch.Tensor, flush: int, state: Mapping[str, torch.Tensor]) -> Fields:
-        if not torch.isfinite(x).all():
+        if not grid.capturing(x) and not torch.isfinite(x).all():  # the check syncs: skipped inside a CUDA graph
             raise KVTuneError("non-finite values (NaN/inf) in a tensor to quantize", "check the model's activations")
         codes, scale = _codes_and_scale(p, x)
         if p.scale_dtype == LOG8:
@@ -188,12 +188,20 @@ class NormQ(QuantFamily):
 def _codes_and_scale(p: NormQParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest codebook levels of ``x [..., T, D]`` after dividing by its RMS (uint8 ``[..., T, D]``) and the
     least-squares scale of each token float32 ``[..., T, 1]``."""
-    levels = torch.tensor(codebook(p.levels, p.codebook), dtype=torch.float32, device=x.device)
+    levels = _levels_on(p.levels, p.codebook, x.device)
     rms = x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
     codes = torch.bucketize(x / rms.clamp_min(1e-30), (levels[1:] + levels[:-1]) / 2)  # nearest level
     y = levels[codes]
     scale = (x * y).sum(-1, keepdim=True) / (y * y).sum(-1, keepdim=True).clamp_min(1e-30)
     return codes.to(torch.uint8), scale
+
+
+@lru_cache(maxsize=64)
+def _levels_on(levels: int, kind: str, device: torch.device) -> torch.Tensor:
+    """The codebook as float32 on ``device``, copied once (a host-to-device copy inside a CUDA-graph capture is not
+    allowed)."""
+    with torch.inference_mode(False):
+        return torch.tensor(codebook(levels, kind), dtype=torch.float32, device=device)
 
 
 def _range(state: Mapping[str, torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

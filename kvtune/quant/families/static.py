@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kvtune.errors import KVTuneError
+from kvtune.quant import grid
 from kvtune.quant.codes import code_format, pack, packed_width, unpack
 from kvtune.quant.family import FieldDecl, Fields, QuantFamily
 from kvtune.quant.formats import QuantSpec
@@ -95,7 +96,7 @@ class Static(QuantFamily):
         return {STATE: (torch.cat([step, step], -1) if p.pairs else step).half()}
 
     def encode(self, p: StaticParams, x: torch.Tensor, flush: int, state: Mapping[str, torch.Tensor]) -> Fields:
-        if not torch.isfinite(x).all():
+        if not grid.capturing(x) and not torch.isfinite(x).all():
             raise KVTuneError("non-finite values (NaN/inf) in a tensor to quantize", "check the model's activations")
         step = _step(state, x)
         return {"codes": pack(_codes(x, step, p.levels).to(torch.uint8), p.bits)}
