@@ -22,32 +22,49 @@ SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 3
            "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "rms_norm_eps": 1e-5,
            "tie_word_embeddings": True, "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2}
 ROPE_THETA = 100000.0
+# Llama-3-8B's architecture (32 layers, 32 q / 8 kv heads, d=128), random weights
+LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+             "tie_word_embeddings": False, "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2}
+SHAPES = {"smollm2-135m": (SMOLLM2, ROPE_THETA), "llama3-8b": (LLAMA3_8B, 500000.0)}
 
 
-def build_model(layers: int = 30, max_positions: int = 8192, device: str = "cuda",
-                dtype: torch.dtype = torch.float16) -> Any:
-    """SmolLM2-135M's architecture with random weights (seed 0), eval mode, SDPA attention."""
+def build_model(layers: int | None = None, max_positions: int = 8192, device: str = "cuda",
+                dtype: torch.dtype = torch.float16, shape: str = "smollm2-135m") -> Any:
+    """``shape``'s architecture (SmolLM2-135M or Llama-3-8B) with random weights (seed 0), eval mode, SDPA
+    attention; built on ``device`` in ``dtype`` directly (an 8B model initialised on the CPU takes minutes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(SMOLLM2, num_hidden_layers=layers, max_position_embeddings=max(max_positions, 8192))
+    base, theta = SHAPES[shape]
+    cfg = dict(base, num_hidden_layers=layers or base["num_hidden_layers"],
+               max_position_embeddings=max(max_positions, 8192))
     try:  # transformers 5 keeps rope settings in rope_parameters
-        config = LlamaConfig(**cfg, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
+        config = LlamaConfig(**cfg, rope_parameters={"rope_type": "default", "rope_theta": theta})
     except TypeError:
-        config = LlamaConfig(**cfg, rope_theta=ROPE_THETA)
+        config = LlamaConfig(**cfg, rope_theta=theta)
     config.architectures = ["LlamaForCausalLM"]
     config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
+    config.kvtune_shape = shape
+    with torch.random.fork_rng(devices=[torch.device(device)] if device != "cpu" else []):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(old)
     return model.to(device=device, dtype=dtype).eval()
 
 
 def model_info(model: Any) -> dict[str, Any]:
     c = model.config
-    return {"architecture": "LlamaForCausalLM, SmolLM2-135M shape, random weights (seed 0)",
+    shape = getattr(c, "kvtune_shape", "smollm2-135m")
+    theta = SHAPES.get(shape, (None, ROPE_THETA))[1]
+    return {"architecture": f"LlamaForCausalLM, {shape} shape, random weights (seed 0)", "shape": shape,
             "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "num_attention_heads":
             c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
-            "vocab_size": c.vocab_size, "rope_theta": ROPE_THETA, "dtype": str(next(model.parameters()).dtype),
+            "vocab_size": c.vocab_size, "rope_theta": theta, "dtype": str(next(model.parameters()).dtype),
             "max_position_embeddings": c.max_position_embeddings}
 
 

@@ -49,12 +49,28 @@ def kv2_g128_plan() -> Any:
     from kvtune.plan_types import LayerPlan
     from kvtune.quant.formats import affine
 
-    layer = LayerPlan(key=affine(bits=2, axis="channel", group=128), value=affine(bits=2, axis="token", group=64))
-    return Plan(layers=(layer,), name="kv2-g128", description="2-bit: K per-channel g128, V per-token g64 (= D), "
-                "asymmetric, fp16 scale+zero, no residual window")
+    layer = LayerPlan(key=affine(bits=2, axis="channel", group=128), value=affine(bits=2, axis="token", group=0))
+    return Plan(layers=(layer,), name="kv2-g128", description="2-bit: K per-channel g128, V per-token one group per "
+                "head, asymmetric, fp16 scale+zero, no residual window (flushes of 128 tokens)")
+
+
+GRAPH_METHODS = {  # name -> (description, kvtune plan maker or None for fp16)
+    "fp16-static-graph": ("transformers StaticCache (fp16) for prompt + steps; decode: GQA folded into the query "
+                          "(no repeat_kv), SDPA with the length mask (cuDNN off: memory-efficient kernel); steps "
+                          "replayed as CUDA graphs (kvtune.runtime.graphs)", None),
+    "kv2-g128-static-graph": ("kv2-g128 in kvtune's StaticKVTuneCache (capacity prompt + steps, device-side "
+                              "lengths, the split decode kernel as torch.ops.kvtune.decode_static), decode steps "
+                              "replayed as CUDA graphs", kv2_g128_plan),
+}
 
 
 def get_method(name: str) -> Any:
+    if name in GRAPH_METHODS:
+        from _common import Method
+
+        desc, plan = GRAPH_METHODS[name]
+        return Method(name, desc, lambda m: None, lambda c: int(c.nbytes()) if plan else _hf_bytes(c),
+                      "kvtune-graph" if plan else "fp16-graph", plan() if plan else None, no_cudnn_sdpa=True)
     if name == "kv2-g128":
         from dataclasses import replace
 
@@ -102,14 +118,18 @@ def prepare(model: Any, meth: Any, length: int, batch: int, chunk: int,
 
 
 @torch.no_grad()
-def run_one(model: Any, meth: Any, length: int, batch: int, new_tokens: int, warmup: int, chunk: int) -> dict:
+def run_one(model: Any, meth: Any, length: int, batch: int, new_tokens: int, warmup: int, chunk: int,
+            keep_tokens: int = 32) -> dict:
     cache, nxt, row = prepare(model, meth, length, batch, chunk)
     _reset_peak()
+    toks = []
     for _ in range(warmup):
+        toks.append(nxt)
         nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     _sync()
     t1 = time.perf_counter()
     for _ in range(new_tokens):
+        toks.append(nxt)
         nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     _sync()
     decode = time.perf_counter() - t1
@@ -117,6 +137,12 @@ def run_one(model: Any, meth: Any, length: int, batch: int, new_tokens: int, war
     tokens = length + warmup + new_tokens
     fp16 = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * tokens * c.head_dim * 2
     held = meth.nbytes(cache)
+    if torch.cuda.is_available():
+        row["gpu_ms_per_step"] = _gpu_ms_per_step(
+            lambda c=cache, n=nxt: model(n, past_key_values=c, use_cache=True).logits[:, -1:].argmax(-1))
+        row["host_bound"] = bool(row["gpu_ms_per_step"] is not None
+                                 and row["gpu_ms_per_step"] < 0.8 * 1000 * decode / new_tokens)
+    row["greedy_tokens"] = torch.cat(toks[:keep_tokens], 1)[:2].tolist()
     row.update({"decode_s": decode, "ms_per_step": 1000 * decode / new_tokens,
                 "tokens_per_s": batch * new_tokens / decode, "prefill_tokens_per_s": batch * length / row["prefill_s"],
                 "peak_decode_bytes": _peak(), "cache_tokens": tokens, "cache_bytes": held,
@@ -139,6 +165,179 @@ def _kernel_path(cache: Any) -> bool:
              for layer in cache.layers for g in layer.groups)
     sal = any(layer.plan.salient.ratio > 0 for layer in cache.layers)
     return bool(ok and not sal and torch.cuda.is_available() and kernels.available())
+
+
+# --------------------------------------------------------------------------------------- CUDA-graph paths
+def _hf_bytes(cache: Any) -> int:
+    from _common import _hf_layer_bytes
+
+    return _hf_layer_bytes(cache)
+
+
+def _static_cache(model: Any, meth: Any, batch: int, capacity: int) -> Any:
+    if meth.plan is not None:
+        return meth.plan.cache(model, static=True, batch=batch, max_length=capacity)
+    from transformers import AttentionInterface, StaticCache
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_STATIC, _gqa_static_attention)
+    AttentionMaskInterface.register(GQA_STATIC, sdpa_mask)
+    model.set_attn_implementation(GQA_STATIC)
+    return StaticCache(config=model.config, max_cache_len=capacity)
+
+
+GQA_STATIC = "fp16-static-gqa"
+
+
+def _gqa_static_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """fp16 StaticCache decode without transformers' ``repeat_kv`` copy of the whole cache (it repeats K/V when a
+    mask is given): the query heads of a KV head are folded into the query length, ``q [B, Hkv, n_rep, D]``
+    against ``k, v [B, Hkv, L_cap, D]`` with the length mask ``[B, 1, 1, L_cap]``; prompts use transformers' SDPA."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    out = F.scaled_dot_product_attention(query.reshape(b, hkv, hq // hkv, d), key, value, attn_mask=attention_mask,
+                                         scale=scaling)  # [B, Hkv, n_rep, D]
+    return out.reshape(b, 1, hq, d), None
+
+
+def _fill_synthetic(cache: Any, length: int, gen: torch.Generator) -> None:
+    """Make a (prefilled-with-16-tokens) static cache hold ``length`` tokens of random content: fp16 K/V, or
+    random codes, plausible scales and a random fp16 window with kvtune's counters moved; decode time does not
+    depend on the values, and a real prefill of ~200 sequences of 32k tokens would cost minutes of device time."""
+    for layer in cache.layers:
+        if hasattr(layer, "bufs"):  # kvtune StaticLayer
+            n = max(0, length - layer.residual) // layer.flush * layer.flush
+            for bufs in layer.bufs.values():
+                for buf in bufs.values():
+                    if buf.dtype == torch.uint8:
+                        buf.random_(0, 256, generator=gen)
+                    else:
+                        buf.uniform_(0.01, 0.1, generator=gen)
+            layer.win_k.normal_(generator=gen)
+            layer.win_v.normal_(generator=gen)
+            layer.nq.fill_(n)
+            layer.nw.fill_(length - n)
+            layer.wstart.zero_()
+            layer.n_quant, layer.n_win, layer.length = n, length - n, length
+        else:  # transformers StaticLayer
+            layer.keys[:, :, :length].normal_(generator=gen)
+            layer.values[:, :, :length].normal_(generator=gen)
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length.fill_(length)
+
+
+def _gpu_ms_per_step(step: Any, steps: int = 8) -> float | None:
+    """Sum of the GPU kernels' durations (torch.profiler, CUDA graph replays included) per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        _sync()
+    total = sum(_dev_us(e) for e in prof.key_averages() if _dev_us(e) > 0)
+    return total / 1000 / steps if total else None
+
+
+@torch.no_grad()
+def run_graph(model: Any, meth: Any, length: int, batch: int, new_tokens: int, warmup: int, chunk: int,
+              synthetic: bool = False, keep_tokens: int = 32) -> dict:
+    """A static cache of ``length + warmup + new_tokens + 16`` tokens: prompt (one call for kvtune's static cache,
+    ``chunk``-token pieces for fp16 StaticCache; ``synthetic``: 16 real tokens then random content), then decode
+    steps replayed as CUDA graphs (:class:`kvtune.runtime.graphs.GraphDecoder`): wall ms per step, the GPU
+    kernels' ms per step (profiler), capture seconds, the first ``keep_tokens`` greedy tokens."""
+    from kvtune.runtime.graphs import GraphDecoder
+
+    dev = next(model.parameters()).device
+    if meth.plan is not None:  # both graphs (append, append + flush) captured before the timed steps
+        warmup = max(warmup, max(lp.residual + lp.flush for lp in meth.plan.layers) + 1)
+    gen = torch.Generator().manual_seed(0)
+    real = 16 if synthetic else length
+    prompt = torch.randint(0, model.config.vocab_size, (batch, real), generator=gen).to(dev)
+    base = int(torch.cuda.memory_allocated()) if dev.type == "cuda" else None
+    cache = _static_cache(model, meth, batch, length + warmup + new_tokens + 16)  # + 16: the profiled steps
+    dec = GraphDecoder(model, cache)
+    _reset_peak()
+    t0 = time.perf_counter()
+    if meth.plan is not None:
+        logits = dec.prefill(prompt)
+    else:
+        for s in range(0, real, chunk):
+            out = model(prompt[:, s:s + chunk], logits_to_keep=1, **dec.kw)
+        logits = dec.start(out.logits[:, -1], real)
+    if synthetic:
+        _fill_synthetic(cache, length, torch.Generator(device=dev).manual_seed(1))
+        dec.start(logits, length)
+    _sync()
+    row = {"prefill_s": time.perf_counter() - t0, "peak_prefill_bytes": _peak(), "allocated_before_bytes": base,
+           "prefill": "synthetic (16 real tokens, then random cache content)" if synthetic else "real"}
+    _reset_peak()
+    tok = logits.argmax(-1)
+    toks = []
+    for _ in range(warmup):  # captures both graphs (append, append + flush) within one flush cycle
+        toks.append(tok)
+        tok = dec.step(tok).argmax(-1)
+    _sync()
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        toks.append(tok)
+        tok = dec.step(tok).argmax(-1)
+    _sync()
+    decode = time.perf_counter() - t1
+    gpu_ms = _gpu_ms_per_step(lambda d=dec: d.step(d.out.argmax(-1))) if dev.type == "cuda" else None
+    c = model.config
+    tokens = length + warmup + new_tokens
+    fp16 = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * tokens * c.head_dim * 2
+    held = meth.nbytes(cache)
+    row.update({"decode_s": decode, "ms_per_step": 1000 * decode / new_tokens, "gpu_ms_per_step": gpu_ms,
+                "host_bound": bool(gpu_ms is not None and gpu_ms < 0.8 * 1000 * decode / new_tokens),
+                "tokens_per_s": batch * new_tokens / decode, "peak_decode_bytes": _peak(), "cache_tokens": tokens,
+                "cache_bytes": held, "fp16_cache_bytes": fp16, "compression_vs_fp16": fp16 / held if held else None,
+                "bits_per_element_held": 8 * held / (fp16 / 2), "capture_s": dec.capture_s,
+                "graphs": len(dec.graphs),
+                "greedy_tokens": torch.stack(toks[:keep_tokens], 1)[:2].tolist() if keep_tokens else []})
+    if meth.plan is not None:
+        row["effective_bits_accountant"] = float(cache.plan.effective_bits(tokens))
+    model.set_attn_implementation("sdpa")
+    del dec, cache
+    return row
+
+
+def max_batch(model: Any, meth: Any, length: int, new_tokens: int, warmup: int) -> dict:
+    """The largest batch whose static cache for ``length + warmup + new_tokens + 16`` tokens fits in the free
+    memory (estimated from the cache's bytes per sequence, 8% and 4 GB kept for activations; lowered by 10% after
+    an out-of-memory error), run with synthetic content: its ms per step and tokens/s."""
+    c = model.config
+    cap = length + warmup + new_tokens + 16
+    if meth.plan is not None:
+        probe = _static_cache(model, meth, 1, cap)
+        per_seq = int(probe.nbytes())
+        del probe
+        model.set_attn_implementation("sdpa")
+    else:
+        per_seq = 2 * c.num_hidden_layers * c.num_key_value_heads * cap * c.head_dim * 2
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info()[0]
+    batch = int((free * 0.92 - 4e9) // per_seq)
+    tries = []
+    while batch > 0 and len(tries) < 4:
+        try:
+            row = run_graph(model, meth, length, batch, new_tokens, warmup, 4096, synthetic=True, keep_tokens=0)
+            row.pop("greedy_tokens", None)
+            return {"batch": batch, "cache_bytes_per_sequence": per_seq, "free_bytes_before": free,
+                    "oom_tries": tries, **row}
+        except torch.cuda.OutOfMemoryError:
+            tries.append(batch)
+            torch.cuda.empty_cache()
+            batch = int(batch * 0.9)
+    return {"error": f"out of memory at batches {tries}", "cache_bytes_per_sequence": per_seq}
 
 
 # ---------------------------------------------------------------------------------------------- profile
@@ -264,11 +463,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="profile decode steps instead of the table")
     p.add_argument("--out", type=Path, default=None, help="JSON path; rows already there for other cases are kept")
+    p.add_argument("--shape", choices=["smollm2-135m", "llama3-8b"], default="smollm2-135m",
+                   help="model architecture (random weights)")
+    p.add_argument("--max-batch", action="store_true",
+                   help="for the *-static-graph methods: the largest batch whose static cache fits at each length "
+                        "(synthetic cache content), and its tokens/s")
     a = p.parse_args(argv)
     a.lengths = a.lengths or ([256] if a.quick else [8192, 32768])
     a.batches = a.batches or ([1, 2] if a.quick else [1, 8])
     a.new_tokens = a.new_tokens or (8 if a.quick else 256)
-    a.layers = a.layers or (2 if a.quick else 30)
+    a.layers = a.layers or (2 if a.quick else None)
     if a.quick:
         a.warmup, a.prefill_chunk = min(a.warmup, 2), min(a.prefill_chunk, 128)
     return a
@@ -287,20 +491,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if dev == "cuda" else torch.float32
-    model = build_model(args.layers, max(args.lengths) + args.new_tokens + args.warmup + 64, dev, dtype)
+    model = build_model(args.layers, max(args.lengths) + args.new_tokens + args.warmup + 64, dev, dtype, args.shape)
     slug = "".join(ch if ch.isalnum() else "_" for ch in device_name().lower()).strip("_")
-    out = args.out or RESULTS / f"e2e_{slug}{'_quick' if args.quick else ''}.json"
+    shape = "" if args.shape == "smollm2-135m" else f"_{args.shape}"
+    out = args.out or RESULTS / f"e2e{shape}_{slug}{'_quick' if args.quick else ''}.json"
     result = _load(out)
     result.update({"schema_version": 1, "benchmark": "e2e_decode", "device": device_name(), "versions": versions(),
                    "model": model_info(model), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     result.setdefault("settings", {}).update({"new_tokens": args.new_tokens, "warmup": args.warmup,
                                               "prefill_chunk": args.prefill_chunk})
     key = ("method", "prompt_tokens", "batch")
-    section = "profiles" if args.profile else "rows"
+    section = "max_batch" if args.max_batch else "profiles" if args.profile else "rows"
+    if args.max_batch:
+        key = ("method", "prompt_tokens")
     rows = result.setdefault(section, [])
+    if args.max_batch:
+        args.methods = [m for m in args.methods if m in GRAPH_METHODS]
     probes = {b: probe_hf_backend(b) for b in ("quanto", "hqq") if any(m.startswith(f"hf-{b}") for m in args.methods)}
     for length in args.lengths:
-        for batch in args.batches:
+        for batch in ([0] if args.max_batch else args.batches):
             for name in args.methods:
                 entry: dict[str, Any] = {"method": name, "prompt_tokens": length, "batch": batch,
                                          "new_tokens": args.new_tokens}
@@ -315,9 +524,16 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         torch.backends.cuda.enable_cudnn_sdp(cudnn and not meth.no_cudnn_sdpa)
                         entry["cudnn_sdpa"] = torch.backends.cuda.cudnn_sdp_enabled()
-                        entry.update(profile_one(model, meth, length, batch, args.prefill_chunk) if args.profile
-                                     else run_one(model, meth, length, batch, args.new_tokens, args.warmup,
-                                                  args.prefill_chunk))
+                        if args.max_batch:
+                            entry.update(max_batch(model, meth, length, args.new_tokens, args.warmup))
+                        elif args.profile:
+                            entry.update(profile_one(model, meth, length, batch, args.prefill_chunk))
+                        elif name in GRAPH_METHODS:
+                            entry.update(run_graph(model, meth, length, batch, args.new_tokens, args.warmup,
+                                                   args.prefill_chunk))
+                        else:
+                            entry.update(run_one(model, meth, length, batch, args.new_tokens, args.warmup,
+                                                 args.prefill_chunk))
                     except Exception as exc:  # one failing method must not lose the others
                         entry["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
                     finally:

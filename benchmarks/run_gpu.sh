@@ -9,6 +9,9 @@
 #   bash benchmarks/run_gpu.sh kernel      # decode kernel table -> decode_kernel_$DEV.json
 #   bash benchmarks/run_gpu.sh e2e LENGTHS [METHODS]   # end to end -> e2e_$DEV.json (rows merge)
 #   bash benchmarks/run_gpu.sh profile LENGTH BATCH METHODS
+#   bash benchmarks/run_gpu.sh kernel-fast  # swapped vs split kernel vs SDPA -> decode_kernel_fast_$DEV.json
+#   bash benchmarks/run_gpu.sh graphs SHAPE LENGTHS BATCHES  # eager vs CUDA-graph steps -> e2e_graphs_SHAPE_$DEV.json
+#   bash benchmarks/run_gpu.sh maxbatch SHAPE LENGTH  # largest static batch, fp16 vs kvtune -> same file
 set -uo pipefail
 OUTDIR=${OUT:-benchmarks/results}
 DEV=${DEV:-h200}
@@ -38,5 +41,15 @@ case "$stage" in
     python3 benchmarks/bench_e2e.py --lengths "$1" ${2:+--methods "$2"} ${3:+--batches "$3"} --out "$OUTDIR/e2e_$DEV.json" ;;
   profile)
     python3 benchmarks/bench_e2e.py --profile --lengths "$1" --batches "$2" --methods "$3" --out "$OUTDIR/e2e_$DEV.json" ;;
+  kernel-fast)
+    python3 benchmarks/bench_decode_kernel.py --shapes llama3-8b smollm2-135m --batch 1 8 --ctx 8192 32768 \
+      --key-group 128 --split --out "$OUTDIR/decode_kernel_fast_$DEV.json" ;;
+  graphs)
+    python3 benchmarks/bench_e2e.py --shape "$1" --lengths "$2" --batches "$3" --new-tokens 128 --warmup 130 \
+      --prefill-chunk "$2" --methods hf-dynamic-flash,fp16-static-graph,kv2-g128,kv2-g128-static-graph \
+      --out "$OUTDIR/e2e_graphs_$1_$DEV.json" ;;
+  maxbatch)
+    python3 benchmarks/bench_e2e.py --shape "$1" --lengths "$2" --max-batch --new-tokens 64 --warmup 130 \
+      --methods fp16-static-graph,kv2-g128-static-graph --out "$OUTDIR/e2e_graphs_$1_$DEV.json" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
