@@ -110,3 +110,21 @@ def test_fp8_saturates() -> None:
     state = {"fp8_scale": torch.tensor([[0.01]])}
     out = codec.decode(codec.encode(x, spec, 1, state), spec, 1, D, state)
     torch.testing.assert_close(out, torch.full_like(x, 4.48))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_normq_norm_correction_is_turboquant(bits: int) -> None:
+    """vLLM TurboQuant keys: nearest Lloyd-Max centroid (for N(0, 1/d)) of each coordinate of the unit vector,
+    fp16 norm, decode ``norm * c / |c|`` (turboquant/config.py, centroids.py)."""
+    from kvtune.quant.families.normq import codebook, normq
+
+    spec = normq(bits, "lloyd", rotation="none", scale_fit="norm")
+    x = _x(4)
+    fields = codec.encode(x, spec, 1)
+    centroids = torch.tensor(codebook(2 ** bits, "lloyd")) / D ** 0.5
+    norm = x.norm(dim=-1, keepdim=True)
+    idx = ((x / norm).unsqueeze(-1) - centroids).abs().argmin(-1)
+    c = centroids[idx]
+    expect = norm.half().float() * c / c.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(codec.decode(fields, spec, 1, D), expect, rtol=1e-5, atol=1e-5)
+    assert spec_bits(spec, 10, D, 1).total == 10 * (D * bits + 16)
