@@ -160,8 +160,8 @@ def nearest(target: Target, layers: Sequence[LayerPlan], identity: ModelIdentity
         top = max(max(k, v) for k, v in need)
         raise KVTuneError(f"{target.name} cannot store this plan: it keeps {top:g}-bit K/V in some layer and "
                           f"{target.name} offers at most {max(c.key.bits for c in target.choices):g} bits")
-    best = min(cands, key=lambda c: layers_bits(target.layers(c), identity.num_kv_heads, identity.head_dim,
-                                                length).total)
+    bits = [layers_bits(target.layers(c), identity.num_kv_heads, identity.head_dim, length).effective for c in cands]
+    best = cands[min(range(len(cands)), key=lambda j: (round(bits[j], 3), j))]  # calibrated state alone: a tie
     return _with_options(target, best), False
 
 
