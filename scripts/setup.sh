@@ -49,7 +49,8 @@ _kvtune_install() (
     #    (on Linux, PyPI's is the CUDA build: several GB).
     if ! "$py" -c 'import sys, torch; v = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 sys.exit(v < (2, 4))' 2>/dev/null; then
-        "$py" -m pip install --no-index "torch>=2.4" 2>/dev/null || "$py" -m pip install "torch>=2.4"
+        "$py" -m pip install --no-index --no-deps "torch>=2.4" 2>/dev/null || true  # a wheel on disk, if any
+        "$py" -m pip install "torch>=2.4"  # torch's own dependencies (keeps the one just installed)
     fi
     # 2. kvtune itself (editable) with the test tools (pytest, compressed-tensors for the export tests, ...).
     "$py" -m pip install -e '.[dev]'
