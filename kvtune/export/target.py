@@ -157,9 +157,12 @@ def nearest(target: Target, layers: Sequence[LayerPlan], identity: ModelIdentity
     if not cands:
         from kvtune.errors import KVTuneError
 
-        top = max(max(k, v) for k, v in need)
+        top = max(max(k, v) for k, v in need)  # only uniform targets without the model dtype get here
         raise KVTuneError(f"{target.name} cannot store this plan: it keeps {top:g}-bit K/V in some layer and "
-                          f"{target.name} offers at most {max(c.key.bits for c in target.choices):g} bits")
+                          f"{target.name} offers at most {max(c.key.bits for c in target.choices):g} bits; the "
+                          f"nearest expressible configuration is no KV-cache quantization (the model dtype in "
+                          f"every layer)", f"serve the model as it is, export to vllm, modelopt or llama.cpp "
+                          f"(they keep layers at the model dtype), or search with --target {target.name}")
     bits = [layers_bits(target.layers(c), identity.num_kv_heads, identity.head_dim, length).effective for c in cands]
     best = cands[min(range(len(cands)), key=lambda j: (round(bits[j], 3), j))]  # calibrated state alone: a tie
     return _with_options(target, best), False
