@@ -42,9 +42,12 @@ TARGETS = ("compressed-tensors", "modelopt", "vllm", "sglang", "llama.cpp")
 QUALITY = ("ppl", "delta_ppl_pct", "kl", "top1", "effective_bits", "effective_bits_ref", "cache_bytes")
 
 
-def cli(args: list[str], log: list[str]) -> str:
-    """Run ``kvtune ARGS`` (this checkout, at the caller's nice level); its stdout; a failure is one line."""
-    log.append(shlex.join(["kvtune", *args]))
+def cli(args: list[str], log: list[str], run: bool = True) -> str:
+    """Run ``kvtune ARGS`` (this checkout, at the caller's nice level); its stdout; a failure is one line.
+    ``run=False`` only records the command, marked as reused from an earlier run (``--reuse``)."""
+    log.append(shlex.join(["kvtune", *args]) + ("" if run else "  # output reused (--reuse)"))
+    if not run:
+        return ""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"}
     r = subprocess.run([sys.executable, "-m", "kvtune.cli", *args], capture_output=True, text=True, env=env,
                        cwd=ROOT)
@@ -55,10 +58,9 @@ def cli(args: list[str], log: list[str]) -> str:
 
 def eval_row(plan: str, json_path: Path, a: argparse.Namespace, log: list[str]) -> dict[str, Any]:
     """``kvtune eval`` of one plan (quality only); its row (reused from ``json_path`` with ``--reuse``)."""
-    if not (a.reuse and json_path.is_file()):
-        cli(["eval", "--plan", plan, "--baselines", "", "--ctx", str(a.ctx), "--sequences", str(a.sequences),
-             "--gen-tokens", "0", "--passkey-lengths", "", "--threads", "1", "--jobs", "1", "--no-progress",
-             "--json", str(json_path)], log)
+    cli(["eval", "--plan", plan, "--baselines", "", "--ctx", str(a.ctx), "--sequences", str(a.sequences),
+         "--gen-tokens", "0", "--passkey-lengths", "", "--threads", "1", "--jobs", "1", "--no-progress",
+         "--json", str(json_path)], log, run=not (a.reuse and json_path.is_file()))
     (row,) = json.loads(json_path.read_text())["rows"]
     if row.get("error"):
         raise RuntimeError(f"eval of {plan}: {row['error']}")
@@ -78,9 +80,10 @@ def export_one(plan: Path, target: str, out: Path, a: argparse.Namespace, round_
     from kvtune.export import export, read_back
 
     args = [str(plan), "--to", target, "--calib", str(a.work / "calib"), "--out", str(out)]
-    log.append(shlex.join(["kvtune", "export", *args, *(["--round-up"] if round_up else [])]))
     if out.exists() and not a.reuse:
         shutil.rmtree(out)
+    log.append(shlex.join(["kvtune", "export", *args, *(["--round-up"] if round_up else [])])
+               + ("  # output reused (--reuse)" if out.exists() else ""))
     if not out.exists():
         res = export(plan, target, out, calib=a.work / "calib", round_up=round_up)
         info = {"engine": res.description, "exact": res.exact, "rounded_up": list(res.changes),
@@ -95,9 +98,8 @@ def engine_search(target: str, budget: float, a: argparse.Namespace, log: list[s
     out = a.work / f"search-{target}"
     if out.exists() and not a.reuse:
         shutil.rmtree(out)
-    if not (out / "plan.yaml").is_file():
-        cli(["search", "--target", target, "--budget", f"{budget:.4f}", "--calib", str(a.work / "calib"),
-             "--out", str(out), "--no-progress"], log)
+    cli(["search", "--target", target, "--budget", f"{budget:.4f}", "--calib", str(a.work / "calib"),
+         "--out", str(out), "--no-progress"], log, run=not (out / "plan.yaml").is_file())
     return out
 
 
@@ -111,13 +113,12 @@ def calibrate_and_search(a: argparse.Namespace, log: list[str]) -> dict[str, Any
     plan = a.work / "plan"
     if plan.exists() and not a.reuse:
         shutil.rmtree(plan)  # a rerun would continue the old study
-    if not (plan / "plan.yaml").is_file():
-        cli(["search", "--budget", f"{a.budget}bit", "--calib", str(a.work / "calib"), "--out", str(plan),
-             "--seed", "0", "--no-progress"], log)
+    cli(["search", "--budget", f"{a.budget}bit", "--calib", str(a.work / "calib"), "--out", str(plan),
+         "--seed", "0", "--no-progress"], log, run=not (plan / "plan.yaml").is_file())
     calib = read_yaml(a.work / "calib" / "calib.yaml", "calibration")
     return {"calibrate_s": round(t1 - t0, 1), "calibration_reused": "reused" in said,
             "search_s": round(time.perf_counter() - t1, 1),
-            "calibration": {k: calib.get(k) for k in ("settings", "data", "fingerprint") if k in calib}}
+            "calibration": {k: calib.get(k) for k in ("settings", "data", "timing") if k in calib}}
 
 
 def plans_to_score(a: argparse.Namespace, log: list[str]) -> list[dict[str, Any]]:
