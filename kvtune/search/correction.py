@@ -4,7 +4,7 @@ The proxy predicts a plan's KL as ``key part + value part (+ merge part)`` (:met
 Its per-layer KL weights come from one end-to-end measurement per layer and role, so the balance of key and
 value damage is the part most often off. Validated plans fit it: ``KL ~ a_k * key + a_v * (value + merge)``,
 non-negative, least relative squared error (plans near the budget have similar KL; relative errors weigh them
-alike). A two-parameter fit can reorder plans (a key-heavy and a value-heavy plan swap), unlike a monotone
+alike), each weight at least :data:`BALANCE` of the other. A two-parameter fit can reorder plans (a key-heavy and a value-heavy plan swap), unlike a monotone
 rescaling. Its **held-out Spearman** is measured by leaving each validated plan out of the fit in turn.
 """
 
@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from kvtune.search.validate import spearman
+
+BALANCE = 0.25  # neither role weighs less than this share of the other: a fit on a few noisy points can zero one
 
 
 def fit(parts: Sequence[Sequence[float]], kls: Sequence[float]) -> tuple[float, float]:
@@ -34,7 +36,9 @@ def fit(parts: Sequence[Sequence[float]], kls: Sequence[float]) -> tuple[float, 
             fits.append((float(((z[:, j] * c - 1) ** 2).sum()), j, c))
         _, j, c = min(fits)
         a = np.array([c, 0.0]) if j == 0 else np.array([0.0, c])
-    return float(max(a[0], 0.0)), float(max(a[1], 0.0))
+    a_k, a_v = float(max(a[0], 0.0)), float(max(a[1], 0.0))
+    top = max(a_k, a_v)
+    return max(a_k, BALANCE * top), max(a_v, BALANCE * top)
 
 
 def predict(part: Sequence[float], coef: tuple[float, float]) -> float:

@@ -26,11 +26,12 @@ from kvtune.search import correction
 from kvtune.search.baselines import all_baselines
 from kvtune.search.halving import Schedule, held_out_ids
 from kvtune.search.judge import EXTRA, Entry, Judgement, judge
-from kvtune.search.objective import Evaluator
+from kvtune.search.objective import Evaluator, greedy_descent, greedy_path
 from kvtune.search.results import SearchProgress, SearchResult
 from kvtune.search.select import candidates, pareto_front, plan_for, points_of, validation_model, write_outputs
 from kvtune.search.space import SearchSpace
 from kvtune.search.storage import ATTR
+from kvtune.search.worker import add_point
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def choose(study: Any, attrs: Mapping[str, Any], budget: float, out: str | Path 
     if validate:
         pool = _entries(space, candidates(done, budget, POOL), attrs, budget, study.study_name, ev) if ev else []
         baselines = _baseline_entries(ev, budget, space.identity)
-        j, info = _judge(searched, pool, baselines, attrs, model, schedule, space.identity, progress)
+        propose = None if ev is None else (lambda coef: _corrected(study, space, attrs, budget, ev, coef))
+        j, info = _judge(searched, pool, baselines, attrs, model, schedule, space.identity, progress, propose)
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))  # with proposals
     entry = searched[0] if j is None else j.entries[j.winner]
     kl = None if j is None else j.latest[j.winner].get("kl")
     plan = _final_plan(entry, space, attrs, budget, study.study_name, kl)
@@ -93,6 +96,32 @@ def _entries(space: SearchSpace, trials: Sequence[Any], attrs: Mapping[str, Any]
     return out
 
 
+def _corrected(study: Any, space: SearchSpace, attrs: Mapping[str, Any], budget: float, ev: Evaluator,
+               coef: tuple[float, float]) -> list[Entry]:
+    """The proxy refitted on what validation measured, searched again: the greedy points (descent and path) of
+    the evaluator with corrected key/value errors, added to the study as trials (or found there), as entries.
+    """
+    import optuna
+
+    if not max(coef) > 0:
+        return []
+    scaled = ev.scaled(*coef)
+    have = {tuple(sorted(t.params.items())): t
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    choices = {name: list(c) for name, c in space.params().items()}
+    trials = []
+    for params in (greedy_descent(scaled, budget)[0], greedy_path(scaled, budget)[-1][0]):
+        score = ev(params)
+        key = tuple(sorted(params.items()))
+        if score.bits > budget:
+            continue
+        if key not in have:
+            have[key] = add_point(study, choices, dict(params), score.proxy, score.bits, budget, "corrected greedy")
+        if have[key] not in trials:
+            trials.append(have[key])
+    return _entries(space, trials, attrs, budget, study.study_name, ev)
+
+
 def _baseline_entries(ev: Evaluator | None, budget: float, identity: ModelIdentity) -> list[Entry]:
     """Baselines within ``budget``: presets, the best KIVI and uniform pairs (presets only without the calibration)."""
     presets = {name: load_plan(name) for name in preset_names()}
@@ -105,8 +134,9 @@ def _baseline_entries(ev: Evaluator | None, budget: float, identity: ModelIdenti
 
 
 def _judge(searched: list[Entry], pool: list[Entry], baselines: list[Entry], attrs: Mapping[str, Any],
-           model: str | None, schedule: Schedule, identity: ModelIdentity,
-           progress: Callable[[Any], None] | None) -> tuple[Judgement | None, dict[str, Any]]:
+           model: str | None, schedule: Schedule, identity: ModelIdentity, progress: Callable[[Any], None] | None,
+           propose: Callable[[tuple[float, float]], list[Entry]] | None = None,
+           ) -> tuple[Judgement | None, dict[str, Any]]:
     """Validate on held-out calibration text; ``(None, {"skipped": why})`` without a model."""
     from kvtune.models import load_model
 
@@ -115,7 +145,8 @@ def _judge(searched: list[Entry], pool: list[Entry], baselines: list[Entry], att
         log.warning("end-to-end validation skipped: %s", reason)
         return None, {"skipped": reason}
     net, tokenizer = load_model(name)
-    schedule = schedule.capped(int(attrs.get(f"{ATTR}max_positions") or schedule.fidelities[-1].length))
+    limit = int(attrs.get(f"{ATTR}max_positions") or getattr(net.config, "max_position_embeddings", 0) or 0)
+    schedule = schedule.for_model(limit or None, sliding_window(net.config))
     longest, seqs = schedule.fidelities[-1].length, max(f.sequences for f in schedule.fidelities)
     source = str(attrs.get(f"{ATTR}data_source") or "pydoc:calib")
     try:
@@ -124,7 +155,7 @@ def _judge(searched: list[Entry], pool: list[Entry], baselines: list[Entry], att
         log.warning("calibration text %s unusable for validation (%s): using pydoc:calib", source, exc)
         ids, where = held_out_ids(tokenizer, "pydoc:calib", 32768, longest, seqs)
     done = [0]
-    total = len(searched) + len(baselines) + EXTRA + sum(schedule.keep) + 2 * len(schedule.keep)
+    total = len(searched) + len(baselines) + EXTRA + 2 + sum(schedule.keep) + 2 * len(schedule.keep)
 
     def tick() -> None:
         done[0] += 1
@@ -133,10 +164,21 @@ def _judge(searched: list[Entry], pool: list[Entry], baselines: list[Entry], att
 
     start = time.perf_counter()
     with torch.inference_mode():
-        j = judge(net, searched + baselines, pool, ids, schedule, tick)
+        j = judge(net, searched + baselines, pool, ids, schedule, tick, propose)
     return j, {"model": name, "text": where, "path": "kvtune.runtime (bit-packed cache, stepwise)",
                "fidelities": [f.length for f in schedule.fidelities],
                "seconds": round(time.perf_counter() - start, 2)}
+
+
+def sliding_window(config: Any) -> int | None:
+    """The widest sliding (or chunked) attention window of a model's layers, None when every layer is global."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    sizes = [getattr(text, name, None) for name in ("sliding_window", "attention_chunk_size")]
+    sizes = [int(s) for s in sizes if isinstance(s, int) and s > 0]
+    types = getattr(text, "layer_types", None)
+    if types is not None and all(t == "full_attention" for t in types):
+        return None
+    return max(sizes) if sizes and getattr(text, "use_sliding_window", True) is not False else None
 
 
 def _final_plan(entry: Entry, space: SearchSpace, attrs: Mapping[str, Any], budget: float, study: str,

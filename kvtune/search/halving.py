@@ -51,6 +51,17 @@ class Schedule:
         if not self.fidelities or len(self.keep) != len(self.fidelities) - 1 or any(k < 1 for k in self.keep):
             raise ValueError("a schedule needs one keep count (>= 1) between each pair of fidelities")
 
+    def for_model(self, limit: int | None, window: int | None) -> Schedule:
+        """The schedule for a model with position ``limit`` (None: unknown) whose sliding-window layers see
+        ``window`` tokens (None: none): the last fidelity reaches at least ``4 * window`` tokens, then nothing
+        is longer than ``limit``."""
+        out = self
+        if window:
+            last = self.fidelities[-1]
+            if last.length < 4 * window:
+                out = Schedule((*self.fidelities[:-1], Fidelity(4 * window, last.sequences, last.chunk)), self.keep)
+        return out.capped(limit) if limit else out
+
     def capped(self, length: int) -> Schedule:
         """The schedule with no sequence longer than ``length`` tokens (stages of one length merge)."""
         fids = [Fidelity(min(f.length, length), f.sequences, min(f.chunk, length)) for f in self.fidelities]

@@ -3,7 +3,8 @@
 1. Every candidate (the searched plans and the baselines within the budget) runs at the first fidelity of the
    schedule (:mod:`kvtune.search.halving`) on held-out text.
 2. The proxy's correction (:mod:`kvtune.search.correction`) is fitted on those points; the completed trials the
-   corrected proxy now ranks best, not yet run, join the first fidelity (the proxy refitted as points arrive).
+   corrected proxy now ranks best, not yet run, and the points a search with the corrected proxy finds (added
+   to the study), join the first fidelity (the proxy refitted as points arrive).
 3. Successive halving up to the reference length; the best baseline and the best searched plan always reach
    the last fidelity. The plan with the least KL there wins, whichever kind it is.
 """
@@ -67,21 +68,27 @@ def _best(entries: Sequence[Entry], latest: Sequence[dict[str, float]], searched
 
 
 def judge(model: Any, entries: list[Entry], pool: Sequence[Entry], ids: torch.Tensor, schedule: Schedule,
-          on_plan: Callable[[], None] | None = None) -> Judgement:
-    """Steps 1-3 of the module doc; ``pool``: more searched entries the corrected proxy may add."""
+          on_plan: Callable[[], None] | None = None,
+          propose: Callable[[tuple[float, float]], list[Entry]] | None = None) -> Judgement:
+    """Steps 1-3 of the module doc; ``pool``: more searched entries the corrected proxy may add; ``propose``:
+    new searched entries from the corrected proxy (its coefficients in, entries out)."""
     tick = (lambda *_: on_plan()) if on_plan is not None else None
     first = schedule.fidelities[0]
     x = ids[: first.sequences, : first.length]
     j = Judgement(list(entries))
-    _, res = validate_plans(model, [e.plan for e in j.entries], x, first.chunk, tick)
+    info, res = validate_plans(model, [e.plan for e in j.entries], x, first.chunk, tick)
+    seconds = info["seconds"]
     j.latest = [{**r, "length": first.length} for r in res]
     fit_on = [i for i, e in enumerate(j.entries) if e.parts is not None]
     j.coef = correction.fit([j.entries[i].parts for i in fit_on], [_kl(j.latest[i]) for i in fit_on])
     taken = {e.name for e in j.entries}
     extra = sorted((e for e in pool if e.parts is not None and e.name not in taken),
                    key=lambda e: correction.predict(e.parts, j.coef))[:EXTRA]
+    if propose is not None:
+        extra += [e for e in propose(j.coef) if e.name not in taken and all(e.name != x.name for x in extra)]
     if extra:
-        _, res = validate_plans(model, [e.plan for e in extra], x, first.chunk, tick)
+        info, res = validate_plans(model, [e.plan for e in extra], x, first.chunk, tick)
+        seconds += info["seconds"]
         j.entries += extra
         j.latest += [{**r, "length": first.length} for r in res]
     fit_on = [i for i, e in enumerate(j.entries) if e.parts is not None]
@@ -89,7 +96,7 @@ def judge(model: Any, entries: list[Entry], pool: Sequence[Entry], ids: torch.Te
     j.spearman_raw = spearman([sum(p) for p in parts], kls)
     j.spearman_heldout = correction.held_out_spearman(parts, kls)
     j.stages.append({"fidelity": first.length, "entries": list(range(len(j.entries))),
-                     "kl": [_kl(r) for r in j.latest]})
+                     "kl": [_kl(r) for r in j.latest], "seconds": round(seconds, 2)})
     if len(schedule.fidelities) > 1:
         _halve(model, j, ids, schedule, tick)
     j.best_baseline = _best(j.entries, j.latest, searched=False)
@@ -115,4 +122,4 @@ def _halve(model: Any, j: Judgement, ids: torch.Tensor, schedule: Schedule, tick
         for local, r in zip(stage["plans"], stage["results"]):
             j.latest[alive[local]] = {**r, "length": stage["fidelity"]["length"]}
         j.stages.append({"fidelity": stage["fidelity"]["length"], "entries": [alive[p] for p in stage["plans"]],
-                         "kl": [_kl(r) for r in stage["results"]]})
+                         "kl": [_kl(r) for r in stage["results"]], "seconds": round(stage["seconds"], 2)})

@@ -20,6 +20,7 @@ best proxy gain per added bit: the points it passes seed the first generation of
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,14 @@ class Evaluator:
         self.merged = np.array([merged_share(p, space.reference_length) for p in space.token_policies])  # [P]
         # [L]: proxy of a layer's tokens all at its most lossy key and value candidates (what merged tokens cost)
         self.merge_err = self.e_key.sum(axis=1).max(axis=1) + self.e_value.sum(axis=1).max(axis=1)
+
+    def scaled(self, key: float, value: float) -> Evaluator:
+        """This evaluator with key errors times ``key`` and value errors times ``value`` (a proxy correction
+        fitted on validated plans, :mod:`kvtune.search.correction`); bits are unchanged."""
+        out = copy.copy(self)
+        out.e_key, out.e_value = self.e_key * key, self.e_value * value
+        out.merge_err = out.e_key.sum(axis=1).max(axis=1) + out.e_value.sum(axis=1).max(axis=1)
+        return out
 
     def _head(self, key: int, value: int, residual: int, tokens: int, flush: int) -> float:
         """Stored bits of one head's K and V in a layer whose flush block is ``flush`` (memoised).

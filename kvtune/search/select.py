@@ -37,16 +37,22 @@ def pareto_front(trials: Sequence[Any], budget: float | None = None) -> list[Any
 
 
 NEAR_BUDGET = 0.05  # validation candidates come first from trials within 5% of the budget
+PROXY_SLACK = 2.0  # ... and none predicted more than twice as lossy as the best trial within the budget
 
 
 def candidates(trials: Sequence[Any], budget: float, n: int) -> list[Any]:
     """The ``n`` distinct completed trials within ``budget`` to check end to end, lowest proxy first: first those
     within :data:`NEAR_BUDGET` of it (alternatives at about the same bits: where the proxy's ranking matters),
-    then the rest (ties: more bits first, then the earlier trial). The first is the proxy's choice."""
+    then the rest (ties: more bits first, then the earlier trial); none whose proxy exceeds :data:`PROXY_SLACK`
+    times the least (validation time goes to plans that can win). The first is the proxy's choice."""
     seen: set[tuple] = set()
-    out = []
+    out: list[Any] = []
     near = budget * (1 - NEAR_BUDGET)
-    for t in sorted((t for t in trials if t.values[1] <= budget),
+    fitting = [t for t in trials if t.values[1] <= budget]
+    if not fitting:
+        return out
+    cap = PROXY_SLACK * min(t.values[0] for t in fitting)
+    for t in sorted((t for t in fitting if t.values[0] <= cap),
                     key=lambda t: (t.values[1] < near, t.values[0], -t.values[1], t.number)):
         key = tuple(sorted(t.params.items()))
         if key not in seen:
