@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 _REGISTERED = False
 
 
-COMMANDS = ("inspect", "calibrate", "search", "eval", "bench", "demo")
+COMMANDS = ("inspect", "calibrate", "search", "export", "eval", "bench", "demo")
 
 
 def _register_commands() -> None:

@@ -1,7 +1,9 @@
 """Plan: the deployable artifact (``plan.yaml`` + ``plan.safetensors``), and presets by name.
 
 A plan holds one :class:`~kvtune.plan_types.LayerPlan` per model layer, or exactly one *template*
-layer (presets) that :meth:`Plan.bind` expands for a given model. Tensors -- the quantizers' calibrated
+layer (presets) that :meth:`Plan.bind` expands for a given model, optionally with overrides of its first and last
+layers (:class:`~kvtune.plan_types.EdgeLayers`; YAML ``layers: {all: ..., first: {count: 2, layer: ...},
+last: ...}``). Tensors -- the quantizers' calibrated
 ``layer``-scope state, named ``layers.{i}.{key|value}.{field}`` ``[Hkv, width]`` (e.g. outlier channel indices
 ``outlier_idx`` int16 ``[Hkv, o]``), checked against what the layer's specs declare -- live in the safetensors
 file whose sha256 is recorded in the YAML. Loading validates strictly and fails with one clear line.
@@ -20,7 +22,7 @@ import torch
 
 from kvtune.errors import KVTuneError, strict_mapping
 from kvtune.io import atomic_path, read_yaml, sha256_file, write_yaml_atomic
-from kvtune.plan_types import LayerPlan, ModelIdentity, Provenance
+from kvtune.plan_types import EDGES, EdgeLayers, LayerPlan, ModelIdentity, Provenance
 from kvtune.quant import codec
 from kvtune.quant.bits import REFERENCE_LENGTH, BitBreakdown, layers_bits
 from kvtune.quant.outliers import INDEX_FIELD
@@ -42,10 +44,15 @@ class Plan:
     reference_length: int = REFERENCE_LENGTH
     provenance: Provenance = Provenance()
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False, hash=False)
+    edges: tuple[EdgeLayers, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise ValueError("a plan needs at least one layer")
+        if self.edges and (self.model is not None or len(self.layers) != 1):
+            raise ValueError("first/last layer overrides belong to a template (one 'all' layer, no model)")
+        if len({e.edge for e in self.edges}) != len(self.edges):
+            raise ValueError("at most one 'first' and one 'last' override")
         if self.model is not None and len(self.layers) not in (1, self.model.num_layers):
             raise ValueError(f"plan has {len(self.layers)} layers but its model has {self.model.num_layers}")
         if self.reference_length <= 0:
@@ -66,13 +73,16 @@ class Plan:
                                   "calibrate and search for this model, or load the right plan")
             if len(self.layers) == identity.num_layers:
                 return self
-        layers = self.layers * identity.num_layers if len(self.layers) == 1 else self.layers
+        layers = list(self.layers * identity.num_layers if len(self.layers) == 1 else self.layers)
+        for edge in self.edges:
+            for i in edge.indices(identity.num_layers):
+                layers[i] = edge.layer
         for i, layer in enumerate(layers):
             for spec in (s for h in layer.head_plans(identity.num_kv_heads) for s in (h.key, h.value)):
                 if spec.outliers >= identity.head_dim:
                     raise KVTuneError(f"layer {i}: {spec.outliers} outlier channels >= head_dim {identity.head_dim}")
                 rotation(spec.rotation).check(identity.head_dim)
-        return replace(self, layers=tuple(layers), model=identity)
+        return replace(self, layers=tuple(layers), model=identity, edges=())
 
     def layer_state(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
         """Layer ``i``'s calibrated quantizer state from the plan's tensors: ``{role: {field: [Hkv, width]}}``."""
@@ -116,7 +126,7 @@ class Plan:
         prov["extra"] = dict(self.provenance.extra)
         d["provenance"] = prov
         if len(self.layers) == 1 and self.model is None:
-            d["layers"] = {"all": self.layers[0].to_dict()}
+            d["layers"] = {"all": self.layers[0].to_dict(), **{e.edge: e.to_dict() for e in self.edges}}
         else:
             d["layers"] = {i: layer.to_dict() for i, layer in enumerate(self.layers)}
         return d
@@ -135,7 +145,7 @@ class Plan:
         if version > SCHEMA_VERSION:
             raise KVTuneError(f"{where}: schema_version {version} is newer than this kvtune's {SCHEMA_VERSION}",
                               "upgrade kvtune")
-        layers = _layers_from(data.get("layers"), where)
+        layers, edges = _layers_from(data.get("layers"), where)
         model = ModelIdentity.from_dict(data["model"], f"{where}.model") if "model" in data else None
         prov_d = dict(strict_mapping(Provenance, data.get("provenance", {}), f"{where}.provenance"))
         prov_d["extra"] = tuple((str(k), str(v)) for k, v in dict(prov_d.get("extra", {})).items())
@@ -143,7 +153,7 @@ class Plan:
             plan = cls(layers=layers, model=model, name=str(data.get("name", "")),
                        description=str(data.get("description", "")), budget=data.get("budget"),
                        reference_length=int(data.get("reference_length", REFERENCE_LENGTH)),
-                       provenance=Provenance(**prov_d), tensors=dict(tensors or {}))
+                       provenance=Provenance(**prov_d), tensors=dict(tensors or {}), edges=edges)
         except KVTuneError as exc:
             raise KVTuneError(str(exc).replace("plan:", f"{where}:", 1)) from None
         except (TypeError, ValueError) as exc:
@@ -151,11 +161,17 @@ class Plan:
         return plan
 
 
-def _layers_from(raw: Any, where: str) -> tuple[LayerPlan, ...]:
+def _layers_from(raw: Any, where: str) -> tuple[tuple[LayerPlan, ...], tuple[EdgeLayers, ...]]:
+    """The layers (one template layer, or one per model layer) and a template's edge overrides."""
     if not isinstance(raw, Mapping) or not raw:
         raise KVTuneError(f"{where}: 'layers' must be a non-empty mapping", "see configs/ for examples")
-    if set(raw) == {"all"}:
-        return (LayerPlan.from_dict(raw["all"], f"{where}.layers.all"),)
+    if "all" in raw:
+        extra = sorted(set(raw) - {"all", *EDGES}, key=str)
+        if extra:
+            raise KVTuneError(f"{where}: a template's layers take 'all', 'first' and 'last', not {extra}",
+                              "number every layer, or use a template")
+        edges = tuple(EdgeLayers.from_dict(e, raw[e], f"{where}.layers.{e}") for e in EDGES if e in raw)
+        return (LayerPlan.from_dict(raw["all"], f"{where}.layers.all"),), edges
     try:
         keys = sorted(int(k) for k in raw)
     except (TypeError, ValueError):
@@ -163,7 +179,7 @@ def _layers_from(raw: Any, where: str) -> tuple[LayerPlan, ...]:
     if keys != list(range(len(keys))):
         raise KVTuneError(f"{where}: layers must be numbered 0..{len(keys) - 1} without gaps", "fix the YAML")
     by_int = {int(k): v for k, v in raw.items()}
-    return tuple(LayerPlan.from_dict(by_int[i], f"{where}.layers.{i}") for i in keys)
+    return tuple(LayerPlan.from_dict(by_int[i], f"{where}.layers.{i}") for i in keys), ()
 
 
 def _check_tensors(plan: Plan, where: str) -> None:

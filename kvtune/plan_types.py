@@ -205,6 +205,42 @@ class LayerPlan:
         return _build(cls, kw, where)
 
 
+EDGES = ("first", "last")
+
+
+@dataclass(frozen=True)
+class EdgeLayers:
+    """A template's override of its ``first`` or ``last`` ``count`` layers (e.g. vLLM's TurboQuant keeps the first
+    and last 2 layers at the model dtype). Bound to a model of ``L`` layers it covers ``min(count, L // 2)`` layers,
+    vLLM's cap, so the two edges never overlap. YAML: ``first: {count: 2, layer: {key: ..., value: ...}}``."""
+
+    edge: str
+    count: int
+    layer: LayerPlan
+
+    def __post_init__(self) -> None:
+        if self.edge not in EDGES:
+            raise ValueError(f"edge must be one of {EDGES}, got {self.edge!r}")
+        if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
+            raise ValueError(f"{self.edge}.count must be an integer >= 1, got {self.count!r}")
+
+    def indices(self, num_layers: int) -> range:
+        """The layers it overrides in a model of ``num_layers`` layers."""
+        n = min(self.count, num_layers // 2)
+        return range(n) if self.edge == "first" else range(num_layers - n, num_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "layer": self.layer.to_dict()}
+
+    @classmethod
+    def from_dict(cls, edge: str, data: Any, where: str) -> EdgeLayers:
+        if not isinstance(data, Mapping) or set(data) != {"count", "layer"}:
+            raise KVTuneError(f"{where}: expected a mapping with 'count' and 'layer'",
+                              "e.g. first: {count: 2, layer: {key: {bits: 16}, value: {bits: 16}}}")
+        return _build(cls, {"edge": edge, "count": data["count"],
+                            "layer": LayerPlan.from_dict(data["layer"], f"{where}.layer")}, where)
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     """What a plan was made for; a plan refuses to bind to a model with another identity."""

@@ -169,9 +169,12 @@ def register(cli: click.Group) -> None:
                   help="torch intra-op CPU threads for validation (default: torch's choice, or 1 when the load "
                        "average is already at the CPU count: oversubscribed threads made it 5x slower).")
     @click.option("--no-progress", is_flag=True, help="No progress bar.")
+    @click.option("--target", type=click.Choice(_targets()), default=None,
+                  help="Only what this serving engine expresses (vllm: one cache dtype + skipped layers; llama.cpp: "
+                       "one K and one V type; modelopt: a format per layer); export the plan with kvtune export.")
     def search(budget: str, calib: str, out: str, trials: int, granularity: str, sampler: str,
                storage: str | None, study: str | None, seed: int, validate: int, groups: int | None,
-               tokens: str, model: str | None, threads: int | None, no_progress: bool) -> None:
+               tokens: str, model: str | None, threads: int | None, no_progress: bool, target: str | None) -> None:
         """Find a per-layer (or per-head) K/V quantization plan within --budget effective bits.
 
         Scores trials from the calibration tables (no model forward), validates the best candidates end
@@ -183,6 +186,9 @@ def register(cli: click.Group) -> None:
         _set_threads(threads)
         if Path(out).exists() and not Path(out).is_dir():
             raise KVTuneError(f"--out {out} is a file, not a directory", "pass a new or existing directory")
+        if target is not None:
+            _engine_search(calib, budget, target, out)
+            return
         with trial_bar(not no_progress) as bar:
             if trials == 0:
                 result = api.resolve(storage or out, study or api.DEFAULT_STUDY, budget, out=out,
@@ -198,3 +204,34 @@ def register(cli: click.Group) -> None:
         con.print(summary_table(result))
         for line in _notes(result):
             con.print(line)
+
+
+def _targets() -> list[str]:
+    from kvtune.export import TARGETS
+
+    return list(TARGETS)
+
+
+def _engine_search(calib: str, budget: str, target: str, out: str) -> None:
+    """``--target``: the engine-constrained search (:mod:`kvtune.search.engine`) and its summary."""
+    from rich.table import Table
+
+    from kvtune.search.budget import parse_budget
+    from kvtune.search.engine import engine_search
+
+    if not Path(calib).exists():
+        raise KVTuneError(f"calibration not found: {calib}", "run kvtune calibrate first or pass --calib DIR")
+    result = engine_search(calib, parse_budget(budget), target, out)
+    table = Table(title=f"kvtune search --target {target}: {parse_budget(budget):g}-bit budget",
+                  caption="predicted KL (nats/token) from the calibration's reservoir attention error x layer KL "
+                          "weights; effective bits at 4096 tokens, everything stored")
+    for col in ("engine configuration", "bits", "predicted KL"):
+        table.add_column(col, justify="left" if col.startswith("engine") else "right")
+    for t in sorted(result.tried, key=lambda t: t["bits"]):
+        chosen = t["engine"] == result.description and abs(t["bits"] - result.effective_bits) < 1e-9
+        table.add_row(t["engine"], f"{t['bits']:.4f}", f"{t['predicted_kl']:.4g}",
+                      style="bold" if chosen else ("dim" if t["bits"] > parse_budget(budget) else None))
+    con = console()
+    con.print(table)
+    con.print(f"wrote {out}/plan.yaml ({result.description}); deploy it: kvtune export {out} --to {target} "
+              f"--out DIR --calib {calib}")

@@ -143,6 +143,8 @@ BUILTIN: dict[str, str] = {
     "affine": "kvtune.quant.families.affine",
     "normq": "kvtune.quant.families.normq",
     "static": "kvtune.quant.families.static",
+    "fp8": "kvtune.quant.families.fp8",
+    "ggml": "kvtune.quant.families.ggml",
 }
 _REGISTRY: dict[str, QuantFamily] = {}
 

@@ -13,6 +13,10 @@ on 256 steps between a per-head range ``scale_range`` ``[2]`` (fp16, calibrated 
 octave of margin each side; values outside clamp). 1 and 1.58 bits: the Lloyd-Max and uniform codebooks are the
 same (``±0.798``; ``0, ±1.224``). The decode kernel reads uniform codebooks with fp16 scales:
 ``x^ = s * step * (c - (L-1)/2)``.
+
+``scale_fit: norm`` stores the vector's L2 norm instead and decodes ``x^ = |x| * u / |u|`` (the chosen levels
+renormalised to unit length, then scaled by the norm): vLLM's TurboQuant keys with norm correction (the ``_nc``
+cache dtypes, ``vllm/model_executor/layers/quantization/turboquant/config.py``); PyTorch path only.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from kvtune.quant.family import FieldDecl, Fields, QuantFamily
 from kvtune.quant.formats import QuantSpec
 
 CODEBOOKS = ("lloyd", "uniform")
+SCALE_FITS = ("lsq", "norm")  # least-squares scale, or the vector norm with norm-corrected levels (TurboQuant)
 BITS = (1, 1.58, 2, 3, 4)
 KERNEL_BITS = (1, 1.58, 2, 3, 4)
 LOG8 = "log8"  # one byte a token: log2 of the scale over a calibrated per-head range
@@ -91,6 +96,7 @@ class NormQParams:
     bits: float = 2
     codebook: str = "lloyd"
     scale_dtype: str = "float16"
+    scale_fit: str = "lsq"
 
     def __post_init__(self) -> None:
         fmt = code_format(self.bits)
@@ -101,6 +107,8 @@ class NormQParams:
             raise ValueError(f"codebook must be one of {CODEBOOKS}, got {self.codebook!r}")
         if self.scale_dtype not in (*grid.SCALE_DTYPES, LOG8):
             raise ValueError(f"scale_dtype must be one of {(*grid.SCALE_DTYPES, LOG8)}, got {self.scale_dtype!r}")
+        if self.scale_fit not in SCALE_FITS:
+            raise ValueError(f"scale_fit must be one of {SCALE_FITS}, got {self.scale_fit!r}")
 
     @property
     def levels(self) -> int:
@@ -121,10 +129,11 @@ class NormQ(QuantFamily):
 
     def label(self, p: NormQParams, short: bool = False) -> str:
         kind = "" if p.uniform and p.levels <= 3 else ("L" if p.codebook == "lloyd" else "U")
-        log8 = p.scale_dtype == LOG8
+        log8, nc = p.scale_dtype == LOG8, p.scale_fit == "norm"
         if short:
-            return f"{p.bits:g}n{kind}" + ("8" if log8 else "")
-        return f"{p.bits:g}b/norm/{'uniform' if p.uniform else 'lloyd'}" + ("/s8" if log8 else "")
+            return f"{p.bits:g}n{kind}" + ("8" if log8 else "") + ("c" if nc else "")
+        text = f"{p.bits:g}b/norm/{'uniform' if p.uniform else 'lloyd'}"
+        return text + ("/s8" if log8 else "") + ("/nc" if nc else "")
 
     def fields(self, p: NormQParams, d: int, flush: int) -> tuple[FieldDecl, ...]:
         codes = FieldDecl("codes", "token", packed_width(d, p.bits), "uint8", "codes")
@@ -157,7 +166,10 @@ class NormQ(QuantFamily):
         if p.scale_dtype == LOG8:
             lo, span = _range(state, scale)
             scale = torch.exp2(lo + scale * span / 255)
-        return levels[unpack(fields["codes"], p.bits, d).long()] * scale
+        u = levels[unpack(fields["codes"], p.bits, d).long()]
+        if p.scale_fit == "norm":  # the stored norm over the levels' own norm
+            scale = scale / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        return u * scale
 
     def candidates(self, role: str, head_dim: int | None = None) -> tuple[Any, ...]:
         """Rotated uniform codes -- keys at 2/3/4 bits, values at 1/1.58/2/3 bits --, Lloyd-Max at 2 bits, and the
@@ -171,7 +183,8 @@ class NormQ(QuantFamily):
 
     # -- kernel hooks: evenly spaced codes, fp16 scales; x^ = scale * (step * c - step * (L - 1) / 2)
     def kernel_ok(self, p: NormQParams, role: str) -> bool:
-        return p.uniform and p.bits in KERNEL_BITS and p.scale_dtype == "float16"  # log8: PyTorch path
+        plain = p.scale_dtype == "float16" and p.scale_fit == "lsq"  # log8 and norm-corrected: PyTorch path
+        return p.uniform and p.bits in KERNEL_BITS and plain
 
     def kernel_operands(self, p: NormQParams, role: str, fields: Mapping[str, torch.Tensor],
                         state: Mapping[str, torch.Tensor]) -> Any:
@@ -187,11 +200,13 @@ class NormQ(QuantFamily):
 
 def _codes_and_scale(p: NormQParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest codebook levels of ``x [..., T, D]`` after dividing by its RMS (uint8 ``[..., T, D]``) and the
-    least-squares scale of each token float32 ``[..., T, 1]``."""
+    least-squares scale (``scale_fit: norm``: the L2 norm) of each token float32 ``[..., T, 1]``."""
     levels = torch.tensor(codebook(p.levels, p.codebook), dtype=torch.float32, device=x.device)
     rms = x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
     codes = torch.bucketize(x / rms.clamp_min(1e-30), (levels[1:] + levels[:-1]) / 2)  # nearest level
     y = levels[codes]
+    if p.scale_fit == "norm":
+        return codes.to(torch.uint8), x.norm(dim=-1, keepdim=True)
     scale = (x * y).sum(-1, keepdim=True) / (y * y).sum(-1, keepdim=True).clamp_min(1e-30)
     return codes.to(torch.uint8), scale
 
@@ -207,11 +222,11 @@ def _range(state: Mapping[str, torch.Tensor], like: torch.Tensor) -> tuple[torch
 
 
 def normq(bits: float, codebook: str = "lloyd", rotation: str = "hadamard", scale_dtype: str = "float16",
-          **wrappers: Any) -> QuantSpec:
+          scale_fit: str = "lsq", **wrappers: Any) -> QuantSpec:
     """A ``normq`` spec (rotated by default): ``normq(2)``, ``normq(1.58, rotation="orthogonal")``,
     ``normq(1.58, scale_dtype="log8")``."""
-    return QuantSpec("normq", NormQParams(bits=bits, codebook=codebook, scale_dtype=scale_dtype), rotation,
-                     **wrappers)
+    params = NormQParams(bits=bits, codebook=codebook, scale_dtype=scale_dtype, scale_fit=scale_fit)
+    return QuantSpec("normq", params, rotation, **wrappers)
 
 
 FAMILY = NormQ()
