@@ -14,18 +14,22 @@ Every baseline is priced by the bit accountant; the proxy only picks which gener
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from kvtune.errors import KVTuneError
 from kvtune.plan import Plan
-from kvtune.plan_types import LayerPlan
+from kvtune.plan_types import LayerPlan, ModelIdentity
 from kvtune.quant.bits import layer_bits
 from kvtune.quant.formats import kivi_key, kivi_value
 from kvtune.search.objective import Evaluator
 from kvtune.search.token_policies import TokenPolicy
+
+log = logging.getLogger(__name__)
 
 KIVI_GROUPS = (32, 64, 128)
 KIVI_BITS = (2, 3, 4)
@@ -104,19 +108,36 @@ def uniform_baselines(ev: Evaluator, budget: float, keep: int = UNIFORM_KEEP) ->
     return out
 
 
+def bound_presets(identity: ModelIdentity) -> dict[str, Plan]:
+    """Every preset bound to the model, without those it cannot take (a format needing another head dim, more
+    outlier channels than it has, ...)."""
+    from kvtune.plan import load_plan, preset_names
+
+    out = {}
+    for name in sorted(preset_names()):
+        try:
+            plan = load_plan(name).bind(identity)
+            plan.effective_bits()
+        except KVTuneError as exc:
+            log.info("preset %s skipped: %s", name, exc)
+            continue
+        out[name] = plan
+    return out
+
+
 def preset_baselines(ev: Evaluator, budget: float, presets: Mapping[str, Plan]) -> list[Baseline]:
-    """The presets within ``budget``, bound to the model."""
+    """The presets (bound to the model) within ``budget``."""
     out = []
     for name, plan in sorted(presets.items()):
-        bound = plan.bind(ev.space.identity)
-        bits = bound.effective_bits()
+        bits = plan.effective_bits()
         if bits <= budget:
-            out.append(Baseline(f"preset:{name}", "preset", bound.layers, bits, ev.plan_proxy(bound.layers)))
+            out.append(Baseline(f"preset:{name}", "preset", plan.layers, bits, ev.plan_proxy(plan.layers)))
     return out
 
 
 def all_baselines(ev: Evaluator, budget: float, presets: Mapping[str, Plan]) -> list[Baseline]:
-    """Presets, the best KIVI and the best uniform pairs within ``budget`` (distinct layer plans)."""
+    """Presets (bound to the model), the best KIVI and the best uniform pairs within ``budget`` (distinct layer
+    plans)."""
     seen: set[tuple[LayerPlan, ...]] = set()
     out = []
     for b in [*preset_baselines(ev, budget, presets), *kivi_baselines(ev, budget), *uniform_baselines(ev, budget)]:

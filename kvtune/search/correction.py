@@ -4,7 +4,8 @@ The proxy predicts a plan's KL as ``key part + value part (+ merge part)`` (:met
 Its per-layer KL weights come from one end-to-end measurement per layer and role, so the balance of key and
 value damage is the part most often off. Validated plans fit it: ``KL ~ a_k * key + a_v * (value + merge)``,
 non-negative, least relative squared error (plans near the budget have similar KL; relative errors weigh them
-alike), each weight at least :data:`BALANCE` of the other. A two-parameter fit can reorder plans (a key-heavy and a value-heavy plan swap), unlike a monotone
+alike), each weight at least :data:`BALANCE` of the other.
+A two-parameter fit can reorder plans (a key-heavy and a value-heavy plan swap), unlike a monotone
 rescaling. Its **held-out Spearman** is measured by leaving each validated plan out of the fit in turn.
 """
 

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from kvtune.errors import KVTuneError
-from kvtune.plan import Plan, load_plan, preset_names
+from kvtune.plan import Plan
 from kvtune.plan_types import ModelIdentity, Provenance
 from kvtune.search import correction
-from kvtune.search.baselines import all_baselines
+from kvtune.search.baselines import all_baselines, bound_presets
 from kvtune.search.halving import Schedule, held_out_ids
 from kvtune.search.judge import EXTRA, Entry, Judgement, judge
 from kvtune.search.objective import Evaluator, greedy_descent, greedy_path
@@ -124,11 +124,10 @@ def _corrected(study: Any, space: SearchSpace, attrs: Mapping[str, Any], budget:
 
 def _baseline_entries(ev: Evaluator | None, budget: float, identity: ModelIdentity) -> list[Entry]:
     """Baselines within ``budget``: presets, the best KIVI and uniform pairs (presets only without the calibration)."""
-    presets = {name: load_plan(name) for name in preset_names()}
+    presets = bound_presets(identity)
     if ev is None:
-        bound = {name: p.bind(identity) for name, p in sorted(presets.items())}
         return [Entry(f"preset:{n}", "preset", p, p.effective_bits(), None, None)
-                for n, p in bound.items() if p.effective_bits() <= budget]
+                for n, p in presets.items() if p.effective_bits() <= budget]
     return [Entry(b.name, b.kind, Plan(layers=b.layers, model=identity, name=b.name), b.bits, b.proxy,
                   ev.plan_parts(b.layers)) for b in all_baselines(ev, budget, presets)]
 

@@ -85,19 +85,12 @@ def _check_args(trials: int, sampler: str, validate: int, seed: int) -> None:
 
 
 def _preset_points(ev: Evaluator) -> list[dict[str, Any]]:
-    """Uniform presets bound to the model: name, exact effective bits, proxy (None if not expressible)."""
-    from kvtune.plan import load_plan, preset_names
+    """Uniform presets bound to the model (those it can take): name, exact effective bits, proxy (None if not
+    expressible)."""
+    from kvtune.search.baselines import bound_presets
 
-    points = []
-    for name in sorted(preset_names()):
-        try:
-            plan = load_plan(name).bind(ev.space.identity)
-        except KVTuneError as exc:  # a preset this model cannot take (e.g. more outliers than channels)
-            log.info("preset %s skipped: %s", name, exc)
-            continue
-        points.append({"name": name, "bits": plan.effective_bits(), "proxy": ev.plan_proxy(plan.layers),
-                       "layers": plan.layers})
-    return points
+    return [{"name": name, "bits": plan.effective_bits(), "proxy": ev.plan_proxy(plan.layers), "layers": plan.layers}
+            for name, plan in bound_presets(ev.space.identity).items()]
 
 
 def _outliers(tables: CalibrationTables, space: SearchSpace) -> dict[str, list]:

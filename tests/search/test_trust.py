@@ -89,7 +89,8 @@ def test_sliding_window_of_a_config() -> None:
     from kvtune.search.decide import sliding_window
 
     assert sliding_window(SimpleNamespace(sliding_window=None)) is None
-    assert sliding_window(SimpleNamespace(sliding_window=512, layer_types=["sliding_attention", "full_attention"])) == 512
+    mixed = ["sliding_attention", "full_attention"]
+    assert sliding_window(SimpleNamespace(sliding_window=512, layer_types=mixed)) == 512
     assert sliding_window(SimpleNamespace(sliding_window=512, layer_types=["full_attention"])) is None
     assert sliding_window(SimpleNamespace(sliding_window=4096, use_sliding_window=False)) is None
     assert sliding_window(SimpleNamespace(attention_chunk_size=8192)) == 8192
@@ -121,9 +122,9 @@ def test_baselines_fit_the_budget_and_are_distinct() -> None:
     for budget in (2.5, 3.0, 4.5):
         for b in kivi_baselines(ev, budget) + uniform_baselines(ev, budget):
             assert b.bits <= budget and b.proxy is not None and len(b.layers) == tables.identity.num_layers
-        found = all_baselines(ev, budget, {name: load_plan(name) for name in ("kv2", "kv4", "kivi-2bit")})
+        found = all_baselines(ev, budget, {n: load_plan(n).bind(tables.identity) for n in ("kv2", "kv4", "kivi-2bit")})
         assert len({b.layers for b in found}) == len(found) and all(b.bits <= budget for b in found)
-    assert {b.name for b in all_baselines(ev, 8.0, {"kv4": load_plan("kv4")})} >= {"preset:kv4"}
+    assert {b.name for b in all_baselines(ev, 8.0, {"kv4": load_plan("kv4").bind(tables.identity)})} >= {"preset:kv4"}
 
 
 def _identity(model: Any) -> ModelIdentity:
@@ -138,7 +139,7 @@ def _identity(model: Any) -> ModelIdentity:
 def test_never_worse_than_a_baseline(tiny_llama: tuple[Any, Any], searched_preset: str, wins: bool) -> None:
     model, _ = tiny_llama
     identity = _identity(model)
-    plan = lambda name: load_plan(name).bind(identity)  # noqa: E731
+    plan = lambda name: load_plan(name).bind(identity)
     searched = Entry("trial 0", "searched", plan(searched_preset), 1.0, 0.0, None, object())
     baselines = [Entry("preset:kv4", "preset", plan("kv4"), 1.0, None, None),
                  Entry("preset:kv2", "preset", plan("kv2"), 1.0, None, None)]
