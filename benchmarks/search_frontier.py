@@ -44,23 +44,39 @@ def licenses_text(work: Path) -> str | None:
 def run_searches(calib: str, budgets: list[float], work: Path, model: str) -> list[dict[str, Any]]:
     from kvtune.search import search
 
-    out = []
+    out: list[dict[str, Any]] = []
     for b in budgets:
+        where = work / f"search-{b:g}"
+        seconds: dict[str, Any] = {}
         t0 = time.perf_counter()
-        r = search(calib, b, out=work / f"search-{b:g}", model=model)
-        j = r.judgement or {}
-        entries = j.get("entries", [])
-        best = entries[j["best_baseline"]] if j.get("best_baseline") is not None else {}
-        won = entries[j["winner"]] if entries else {}
-        out.append({"budget": b, "plan_dir": str(work / f"search-{b:g}"), "effective_bits": r.effective_bits,
-                    "chosen": won.get("name"), "chosen_kind": won.get("kind"), "validated_kl": r.kl,
-                    "best_baseline": best.get("name"), "best_baseline_kl": best.get("kl"),
-                    "best_baseline_length": best.get("length"), "spearman_raw": j.get("spearman_raw"),
-                    "spearman_heldout": j.get("spearman_heldout"), "correction": j.get("correction"),
-                    "seconds": r.seconds, "wall_s": round(time.perf_counter() - t0, 1)})
-        print(f"search {b:g}: {out[-1]['effective_bits']:.4f} bits, {out[-1]['chosen']} ({out[-1]['chosen_kind']}),"
-              f" KL {r.kl}, best baseline {best.get('name')} KL {best.get('kl')}, {out[-1]['wall_s']} s", flush=True)
+        if not (where / "pareto.json").is_file():  # else a finished search of an earlier run: kept
+            seconds = dict(search(calib, b, out=where, model=model).seconds)
+            seconds["wall"] = round(time.perf_counter() - t0, 1)
+            (where / "seconds.json").write_text(json.dumps(seconds))
+        elif (where / "seconds.json").is_file():
+            seconds = json.loads((where / "seconds.json").read_text())
+        out.append(_summary(b, where, seconds))
+        s = out[-1]
+        print(f"search {b:g}: {s['effective_bits']:.4f} bits, {s['chosen']} ({s['chosen_kind']}), KL "
+              f"{s['validated_kl']}, best baseline {s['best_baseline']} KL {s['best_baseline_kl']}, "
+              f"{seconds.get('wall')} s", flush=True)
     return out
+
+
+def _summary(budget: float, where: Path, seconds: dict[str, Any]) -> dict[str, Any]:
+    """One search's row, from the ``pareto.json`` it wrote."""
+    d = json.loads((where / "pareto.json").read_text())
+    j = d.get("judgement") or {}
+    entries = j.get("entries", [])
+    best = entries[j["best_baseline"]] if j.get("best_baseline") is not None else {}
+    won = entries[j["winner"]] if entries else {}
+    return {"budget": budget, "plan_dir": str(where), "effective_bits": d["winner"]["bits"],
+            "chosen": won.get("name"), "chosen_kind": won.get("kind"), "validated_kl": won.get("kl"),
+            "best_baseline": best.get("name"), "best_baseline_kl": best.get("kl"),
+            "best_baseline_length": best.get("length"), "spearman_raw": j.get("spearman_raw"),
+            "spearman_heldout": j.get("spearman_heldout"), "correction": j.get("correction"),
+            "validation": d.get("validation"), "stages": j.get("stages"), "seconds": seconds,
+            "wall_s": seconds.get("wall")}
 
 
 def run_evals(searches: list[dict[str, Any]], texts: list[str], model_name: str, settings: Any, top: float,
@@ -72,8 +88,8 @@ def run_evals(searches: list[dict[str, Any]], texts: list[str], model_name: str,
 
     model, tok = load_model(model_name)
     ident = identity_of(model)
-    names = [n for n in (presets or sorted(preset_names()))
-             if load_plan(n).bind(ident).effective_bits() <= top + 1e-9]
+    names = list(presets) if presets else [n for n in sorted(preset_names())
+                                           if load_plan(n).bind(ident).effective_bits() <= top + 1e-9]
     reports = {}
     for text in texts:
         methods = [get_baseline("fp16"), *(get_baseline(n) for n in names if n != "fp16")]
@@ -109,6 +125,11 @@ def tables(data: dict[str, Any]) -> str:
                 tag = f"**{r['name']}** ({s['chosen']})" if r is mine else r["name"]
                 lines.append(f"| {b:g} | {tag} | {_f(r['effective_bits_ref'], '.3f')} | "
                              f"{_f(r['delta_ppl_pct'], '+.1f')} | {_f(r['kl'], '.4f')} | {_f(r['passkey'], '.2f')} |")
+        top = max(x["budget"] for x in data["searches"])
+        above = [r for r in rep["rows"] if r["effective_bits_ref"] is not None and r["effective_bits_ref"] > top]
+        for r in sorted(above, key=lambda r: r["effective_bits_ref"]):
+            lines.append(f"| above | {r['name']} | {_f(r['effective_bits_ref'], '.3f')} | "
+                         f"{_f(r['delta_ppl_pct'], '+.1f')} | {_f(r['kl'], '.4f')} | {_f(r['passkey'], '.2f')} |")
     lines.append("\n| budget | chosen | kind | validated KL | best baseline | its KL | Spearman raw | held-out | "
                  "search s |")
     lines.append("| ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
@@ -134,7 +155,8 @@ def main() -> None:
     ap.add_argument("--presets", default=None, help="comma-separated (default: every preset within the top budget)")
     ap.add_argument("--passkey-lengths", default="1024,2048")
     ap.add_argument("--gen-tokens", type=int, default=0)
-    ap.add_argument("--work", default=None, help="where the searched plans go (default: a temporary directory)")
+    ap.add_argument("--work", default=None, help="where the searched plans go (default: a temporary directory); "
+                    "a rerun with the same --work keeps the searches already finished there")
     ap.add_argument("--out", default="benchmarks/results/search_frontier_cpu.json")
     ap.add_argument("--render", default=None, help="print the tables of an existing JSON and exit")
     a = ap.parse_args()
@@ -148,7 +170,7 @@ def main() -> None:
     texts = a.texts.split(",") if a.texts else ["pydoc:eval", *(t for t in [licenses_text(work)] if t)]
     budgets = [float(b) for b in a.budgets.split(",")]
     t0 = time.perf_counter()
-    searches = run_searches(a.calib, budgets, work, a.model)
+    searches = run_searches(a.calib, budgets, work, a.model)  # resumes: searches with a pareto.json are kept
     from kvtune.eval import EvalSettings
 
     settings = EvalSettings(ctx=a.ctx, sequences=a.sequences, gen_tokens=a.gen_tokens,
