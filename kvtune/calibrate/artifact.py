@@ -18,6 +18,8 @@ Tensors (float32 unless noted; the search reads these names):
   ``attention.sink_rate`` ``[L, T]`` (share of sequences in which a position is a sink),
   ``attention.sink_tokens`` int64 ``[L, 4]`` (-1 = none);
 * ``samples.query`` ``[L, Hq, n, D]``, ``samples.key``/``samples.value`` ``[L, Hkv, n, D]``: reservoir rows;
+* ``recency.{key,value}`` ``[L, Hkv, len(WINDOWS), 2]``: the error left by the reference 2-bit key / value
+  quantizer when the last ``R`` tokens (and the sink) stay fp16, relative to none (:mod:`kvtune.calibrate.recency`);
 * ``fitted.{key|value}.{c}.{field}`` ``[L, Hkv, width]``: candidate ``c``'s calibrated ``layer``-scope state
   (e.g. a ``static`` spec's per-channel steps), fitted on the sensitivity sample; plans copy the chosen ones.
 """
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 
 from kvtune.calibrate.attention import MAX_SINKS, PATTERN_LABELS
+from kvtune.calibrate.recency import WINDOWS
 from kvtune.calibrate.settings import CalibSettings
 from kvtune.errors import KVTuneError
 from kvtune.io import atomic_path, read_yaml, sha256_file, write_yaml_atomic
@@ -146,6 +149,7 @@ def expected_shapes(c: Calibration) -> dict[str, tuple[int | None, ...]]:
     for kind in ("key", "key_pre_rope", "value"):
         shapes.update({f"outliers.{kind}_scores": (n_l, hkv, d), f"outliers.{kind}_rank": (n_l, hkv, d)})
     shapes.update({f"attention.{st}": (n_l, hq) for st in _ATTN_FLOAT})
+    shapes.update({f"recency.{role}": (n_l, hkv, len(WINDOWS), 2) for role in ("key", "value")})
     for role, cands in (("key", c.key_candidates), ("value", c.value_candidates)):
         for i, spec in enumerate(cands):
             shapes.update({f"fitted.{role}.{i}.{name}": (n_l, hkv, f.width)

@@ -19,12 +19,14 @@ from kvtune.calibrate.artifact import Calibration
 from kvtune.calibrate.attention import MAX_SINKS, PATTERN_LABELS, pattern_labels, probe_positions, sink_tokens
 from kvtune.calibrate.collect import Collector
 from kvtune.calibrate.hooks import capture
+from kvtune.calibrate.recency import recency_errors
 from kvtune.calibrate.sensitivity import (
     default_candidates,
     default_kl_candidates,
     fitted_states,
     layer_kl,
     layer_sensitivity,
+    quantize_tokens,
 )
 from kvtune.calibrate.settings import CalibSettings, Progress, ProgressEvent
 from kvtune.models import check_supported, model_identity
@@ -104,10 +106,11 @@ def _sensitivity(collector: Collector, tensors: dict[str, torch.Tensor], keys: t
                  values: tuple[QuantSpec, ...], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention-output error of every candidate, per layer: ``[L, Hkv, Ck]``, ``[L, Hkv, Cv]``. The candidates'
     fitted state (a family's calibrated ``layer`` fields) goes into ``tensors`` as ``fitted.{key|value}.{c}.{field}``
-    ``[L, Hkv, width]``."""
+    ``[L, Hkv, width]``, and the value of the fp16 window and sink as ``recency.{key,value}``
+    (:mod:`kvtune.calibrate.recency`)."""
     s = collector.options
     k_rows, v_rows = [], []
-    fitted: dict[str, list[torch.Tensor]] = {}
+    extra: dict[str, list[torch.Tensor]] = {}  # fitted.* and recency.* rows per layer
     n_layers = len(collector.held)
     for layer in range(n_layers):
         q, k, v = collector.held_sample(layer)
@@ -116,14 +119,19 @@ def _sensitivity(collector: Collector, tensors: dict[str, torch.Tensor], keys: t
         k_states, v_states = fitted_states(keys, k, k_rank), fitted_states(values, v, v_rank)
         sk, sv = layer_sensitivity(q, k, v, positions, collector.scaling[layer], keys, values, k_rank, v_rank,
                                    collector.window[layer], k_states, v_states)
+        (ck,), (cv,) = default_kl_candidates(keys, values)  # the reference quantizers of the recency table
+        rk, rv = recency_errors(q, k, v, quantize_tokens(k, keys[ck]), quantize_tokens(v, values[cv]), positions,
+                                collector.scaling[layer], collector.window[layer])
+        extra.setdefault("recency.key", []).append(rk)
+        extra.setdefault("recency.value", []).append(rv)
         for role, states in (("key", k_states), ("value", v_states)):
             for c, state in enumerate(states):
                 for name, t in state.items():
-                    fitted.setdefault(f"fitted.{role}.{c}.{name}", []).append(t.float().cpu())
+                    extra.setdefault(f"fitted.{role}.{c}.{name}", []).append(t.float().cpu())
         k_rows.append(sk)
         v_rows.append(sv)
         _emit(progress, "sensitivity", layer + 1, n_layers, layer=layer)
-    tensors.update({name: torch.stack(rows) for name, rows in fitted.items()})
+    tensors.update({name: torch.stack(rows) for name, rows in extra.items()})
     return torch.stack(k_rows), torch.stack(v_rows)
 
 

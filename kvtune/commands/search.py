@@ -73,37 +73,52 @@ def summary_table(result: Any) -> Any:
     v = result.validation or {}
     picked = next((p for p in result.front if p["trial"] == result.trial), {})
     caption = (f"effective bits at {result.plan.reference_length} tokens, everything stored; proxy = predicted KL "
-               f"from calibration tables; KL (nats/token) and ppl vs fp16 on {v.get('text', '-')} "
-               f"({v.get('sequences', 0)} x {v.get('length', 0)} tokens, {v.get('path', 'not validated')})")
+               f"from calibration tables; KL (nats/token) and ppl vs fp16 on {v.get('text', '-')}, each plan at "
+               f"the longest fidelity it reached (tokens; successive halving over {v.get('fidelities', '-')}), "
+               f"{v.get('path', 'not validated')}")
     if not v:
         caption = "not validated (--validate 0): chosen by the proxy (predicted KL from calibration tables)"
     elif "skipped" in v:
         caption = f"not validated: {v['skipped']}"
     table = Table(title=f"kvtune search: {result.budget:g}-bit budget, study {result.study!r} "
                         f"({result.trials_run} trials run, {result.trials_total} in the study)", caption=caption)
-    for col in ("plan", "bits", "proxy", "KL", "ppl", "top-1"):
-        table.add_column(col, justify="left" if col == "plan" else "right")
-    table.add_row(f"searched (trial {result.trial})", f"{result.effective_bits:.4f}", _fmt(result.proxy, ".4g"),
-                  _fmt(result.kl, ".4f"), _fmt(picked.get("ppl"), ".3f"), _fmt(picked.get("top1"), ".3f"),
-                  style="bold")
-    for p in sorted((p for p in result.presets if p["bits"] <= result.budget), key=lambda p: p["bits"]):
-        table.add_row(f"preset {p['name']}", f"{p['bits']:.4f}", _fmt(p.get("proxy"), ".4g"),
-                      _fmt(p.get("kl"), ".4f"), _fmt(p.get("ppl"), ".3f"), "-", style="dim")
+    for col in ("plan", "kind", "bits", "proxy", "KL", "ppl", "tokens"):
+        table.add_column(col, justify="left" if col in ("plan", "kind") else "right")
+    j = result.judgement
+    if not j:
+        table.add_row(f"trial {result.trial}", "searched", f"{result.effective_bits:.4f}", _fmt(result.proxy, ".4g"),
+                      _fmt(result.kl, ".4f"), _fmt(picked.get("ppl"), ".3f"), "-", style="bold")
+        return table
+    rows = sorted(enumerate(j["entries"]), key=lambda r: (-r[1].get("length", 0), _key(r[1].get("kl"))))
+    for i, e in rows:
+        style = "bold" if i == j["winner"] else "cyan" if i == j["best_baseline"] else "dim"
+        name = e["name"] + (" (chosen)" if i == j["winner"] else " (best baseline)" if i == j["best_baseline"] else "")
+        table.add_row(name, e["kind"], f"{e['bits']:.4f}", _fmt(e.get("proxy"), ".4g"), _fmt(e.get("kl"), ".4f"),
+                      _fmt(e.get("ppl"), ".3f"), str(e.get("length", "-")), style=style)
     return table
+
+
+def _key(kl: float | None) -> float:
+    return float("inf") if kl is None or kl != kl else kl
 
 
 def _notes(result: Any) -> list[str]:
     """Lines printed under the table: proxy quality, reference, timing, files."""
-    v = result.validation or {}
     lines = []
     if result.kl is not None and result.kl > POOR_KL:
         lines.append(f"[bold yellow]warning:[/] at {result.budget:g} bits the best plan found has validated KL "
                      f"{result.kl:.2f} nats/token to fp16: expect a large loss of quality (try a larger --budget)")
-    if result.spearman is not None:
-        lines.append(f"Spearman(proxy, validated KL) over {v.get('spearman_points', 0)} validated plans "
-                     f"(candidates and presets within the budget): {result.spearman:.3f}")
-    if v.get("reference_ppl") is not None:
-        lines.append(f"fp16 reference ppl {v['reference_ppl']:.3f}")
+    j = result.judgement
+    if j:
+        won = j["entries"][j["winner"]]
+        if won["kind"] != "searched":
+            lines.append(f"[bold]no searched plan beat the baseline {won['name']}: wrote it[/] (a baseline within the "
+                         "budget validated best)")
+        held = j.get("spearman_heldout")
+        raw = j.get("spearman_raw")
+        lines.append(f"Spearman(proxy, KL at the first fidelity): {_fmt(raw, '.3f')}; corrected proxy on held-out "
+                     f"plans (leave one out): {_fmt(held, '.3f')}; correction: keys x{j['correction']['key']:.3g}, "
+                     f"values x{j['correction']['value']:.3g}")
     secs = result.seconds
     if secs:
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
@@ -169,6 +184,8 @@ def register(cli: click.Group) -> None:
         from kvtune import search as api
 
         _set_threads(threads)
+        if Path(out).exists() and not Path(out).is_dir():
+            raise KVTuneError(f"--out {out} is a file, not a directory", "pass a new or existing directory")
         if target is not None:
             _engine_search(calib, budget, target, out)
             return

@@ -19,14 +19,15 @@ _EXPORTS = {
     "parse_budget": "kvtune.search.budget",
     "CalibrationTables": "kvtune.search.tables",
     "load_tables": "kvtune.search.tables",
-    "ValidationSettings": "kvtune.search.validate",
+    "Schedule": "kvtune.search.halving",
+    "Fidelity": "kvtune.search.halving",
     "GRANULARITIES": "kvtune.search.space",
     "DEFAULT_GROUPS": "kvtune.search.space",
     "DEFAULT_STUDY": "kvtune.search.storage",
 }
 
-__all__ = ["DEFAULT_GROUPS", "DEFAULT_STUDY", "GRANULARITIES", "SAMPLERS", "CalibrationTables", "SearchProgress",
-           "SearchResult", "ValidationSettings", "load_tables", "parse_budget", "resolve", "search"]
+__all__ = ["DEFAULT_GROUPS", "DEFAULT_STUDY", "GRANULARITIES", "SAMPLERS", "CalibrationTables", "Fidelity",
+           "Schedule", "SearchProgress", "SearchResult", "load_tables", "parse_budget", "resolve", "search"]
 
 
 def __getattr__(name: str) -> Any:

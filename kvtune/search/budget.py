@@ -12,11 +12,9 @@ MAX_BUDGET = 16.0  # fp16 stores 16 bits an element: a larger budget compresses 
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:bits?|b)?\s*$", re.IGNORECASE)
 
 
-def parse_budget(text: str | float, minimum: float | None = None) -> float:
-    """The budget in effective bits; anything unparsable, <= 0, > 16 or below ``minimum`` is a KVTuneError.
-
-    ``minimum`` is the least a plan can store (every K/V at its cheapest candidate, no fp16 window).
-    """
+def parse_budget(text: str | float) -> float:
+    """The budget in effective bits (parsed once, where a user gave it); anything unparsable, <= 0 or > 16 is a
+    KVTuneError."""
     if isinstance(text, bool):
         raise KVTuneError(f"invalid budget {text!r}", "write it like 2.0bit, 2bit or 2.0")
     if isinstance(text, (int, float)):
@@ -32,9 +30,14 @@ def parse_budget(text: str | float, minimum: float | None = None) -> float:
     if value > MAX_BUDGET:
         raise KVTuneError(f"budget {value:g} bits is above {MAX_BUDGET:g} (fp16 stores 16 bits an element)",
                           "pick a budget <= 16bit")
-    if minimum is not None and value < minimum:
+    return value
+
+
+def check_minimum(budget: float, minimum: float) -> None:
+    """A KVTuneError when ``budget`` is below ``minimum``, the least a plan can store (every K/V at its cheapest
+    candidate, no fp16 window)."""
+    if budget < minimum:
         least = math.ceil(minimum * 1000) / 1000
-        raise KVTuneError(f"budget {value:g} bits is below the minimum achievable {minimum:.4g} bits "
+        raise KVTuneError(f"budget {budget:g} bits is below the minimum achievable {minimum:.4g} bits "
                           f"(every K/V at its cheapest candidate, at {REFERENCE_LENGTH} tokens)",
                           f"use --budget {least:g}bit or more")
-    return value

@@ -20,6 +20,7 @@ best proxy gain per added bit: the points it passes seed the first generation of
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import numpy as np
 
 from kvtune.plan_types import LayerPlan
 from kvtune.quant.bits import layer_bits, token_counts
+from kvtune.search.recency import expected_window, factors
 from kvtune.search.space import SearchSpace, spec_cost
 from kvtune.search.tables import CalibrationTables
 from kvtune.search.token_policies import SALIENT_RATIOS, TokenPolicy, kept_share, merged_share, policy_of
@@ -55,10 +57,21 @@ class Evaluator:
         self.value_group = [s.token_group for s in space.value_candidates]
         self.key_cost = [spec_cost(s, ident.head_dim) for s in space.key_candidates]
         self.value_cost = [spec_cost(s, ident.head_dim) for s in space.value_candidates]
-        self.kept = _kept_shares(space, tables)  # [L, P]: error share each token policy removes
+        self.recency = None if tables.recency_key is None or tables.recency_value is None else (
+            tables.recency_key.double().numpy(), tables.recency_value.double().numpy())  # [L, H, W, 2] each
+        self.kept = _kept_shares(space, tables, sinks=self.recency is None)  # [L, P]: error share a policy removes
+        self._factors: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.merged = np.array([merged_share(p, space.reference_length) for p in space.token_policies])  # [P]
         # [L]: proxy of a layer's tokens all at its most lossy key and value candidates (what merged tokens cost)
         self.merge_err = self.e_key.sum(axis=1).max(axis=1) + self.e_value.sum(axis=1).max(axis=1)
+
+    def scaled(self, key: float, value: float) -> Evaluator:
+        """This evaluator with key errors times ``key`` and value errors times ``value`` (a proxy correction
+        fitted on validated plans, :mod:`kvtune.search.correction`); bits are unchanged."""
+        out = copy.copy(self)
+        out.e_key, out.e_value = self.e_key * key, self.e_value * value
+        out.merge_err = out.e_key.sum(axis=1).max(axis=1) + out.e_value.sum(axis=1).max(axis=1)
+        return out
 
     def _head(self, key: int, value: int, residual: int, tokens: int, flush: int) -> float:
         """Stored bits of one head's K and V in a layer whose flush block is ``flush`` (memoised).
@@ -71,7 +84,8 @@ class Evaluator:
         if hit is None:
             policy = self.space.token_policies[tokens]
             plan = LayerPlan(key=self.space.key_candidates[key], value=self.space.value_candidates[value],
-                             residual=residual, block=flush, salient=policy.salient(), merge=policy.merge_policy())
+                             residual=policy.window(residual), block=flush, salient=policy.salient(),
+                             merge=policy.merge_policy())
             hit = layer_bits(plan, 1, self.space.identity.head_dim, self.space.reference_length).total
             self._heads[memo_key] = hit
         return hit
@@ -83,22 +97,47 @@ class Evaluator:
         if hit is None:
             length = self.space.reference_length
             policy = self.space.token_policies[tokens]
-            plan = LayerPlan(residual=residual, block=flush, salient=policy.salient(), merge=policy.merge_policy())
+            plan = LayerPlan(residual=policy.window(residual), block=flush, salient=policy.salient(),
+                             merge=policy.merge_policy())
             hit = token_counts(plan, length)["quantized"] / length
             self._shares[(residual, tokens, flush)] = hit
         return hit
 
+    def factors(self, residual: int, tokens: int, flush: int) -> tuple[np.ndarray, np.ndarray]:
+        """``[L, H]`` key and value error factors of a layer keeping ``residual`` recent tokens fp16 (sinks
+        included) under token policy ``tokens``, flushing blocks of ``flush`` (memoised): the measured recency
+        tables (:mod:`kvtune.search.recency`) times what salient tokens remove; without the tables (older
+        calibrations), the share of tokens quantized times what the policy (sinks included) removes."""
+        hit = self._factors.get((residual, tokens, flush))
+        if hit is None:
+            kept = 1.0 - self.kept[:, tokens, None]  # [L, 1]
+            if self.recency is None:
+                share = self._share(residual, tokens, flush) * kept
+                hit = (np.broadcast_to(share, self.e_key.shape[:2]),) * 2
+            else:
+                policy = self.space.token_policies[tokens]
+                window = expected_window(policy.window(residual), flush)
+                hit = tuple(factors(table, window, policy.sinks) * kept for table in self.recency)
+            self._factors[(residual, tokens, flush)] = hit
+        return hit
+
+    def layer_parts(self, a: Mapping[str, np.ndarray], i: int) -> tuple[float, float, float, float]:
+        """(stored bits, key proxy, value proxy, merge proxy) of layer ``i`` under an assignment ``a``."""
+        heads = np.arange(a["key"].shape[1])
+        k, v, r, t = a["key"][i].tolist(), a["value"][i].tolist(), int(a["residual"][i]), int(a["tokens"][i])
+        flush = math.lcm(*(self.key_group[c] for c in k), *(self.value_group[c] for c in v))
+        fk, fv = self.factors(r, t, flush)
+        bits = sum(self._head(b, c, r, t, flush) for b, c in zip(k, v))
+        pk = float((self.e_key[i, heads, a["key"][i]] * fk[i]).sum())
+        pv = float((self.e_value[i, heads, a["value"][i]] * fv[i]).sum())
+        return bits, pk, pv, float(self.merged[t] * self.merge_err[i])
+
     def layer_terms(self, a: Mapping[str, np.ndarray], layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(stored bits, proxy) of ``layers`` under an assignment ``a`` (:meth:`SearchSpace.assignment`)."""
-        heads = np.arange(a["key"].shape[1])
         bits, proxy = np.empty(len(layers)), np.empty(len(layers))
         for j, i in enumerate(layers):
-            k, v, r, t = a["key"][i].tolist(), a["value"][i].tolist(), int(a["residual"][i]), int(a["tokens"][i])
-            flush = math.lcm(*(self.key_group[c] for c in k), *(self.value_group[c] for c in v))
-            bits[j] = sum(self._head(b, c, r, t, flush) for b, c in zip(k, v))
-            err = self.e_key[i, heads, a["key"][i]].sum() + self.e_value[i, heads, a["value"][i]].sum()
-            proxy[j] = self._share(r, t, flush) * (1.0 - self.kept[i, t]) * float(err)
-            proxy[j] += self.merged[t] * self.merge_err[i]
+            b, pk, pv, pm = self.layer_parts(a, i)
+            bits[j], proxy[j] = b, pk + pv + pm
         return bits, proxy
 
     def __call__(self, params: Mapping[str, int]) -> Score:
@@ -118,38 +157,46 @@ class Evaluator:
                 p[name] = min(range(len(policies)), key=lambda t: (self({**p, name: t}).bits, t != none, t))
         return p
 
-    def plan_proxy(self, layers: Sequence[LayerPlan]) -> float | None:
-        """Proxy of any bound plan whose specs and token policies are all in the space (fp16 counts as error 0)."""
-        ident, length = self.space.identity, self.space.reference_length
-        fp16 = LayerPlan().key
-        total = 0.0
+    def plan_parts(self, layers: Sequence[LayerPlan]) -> tuple[float, float, float] | None:
+        """(key, value, merge) proxy parts of any bound plan whose specs (fp16: error 0) are candidates and whose
+        token policies the space has; None otherwise."""
+        n_h = self.space.identity.num_kv_heads
+        total = np.zeros(3)
         for i, layer in enumerate(layers):
             policy = policy_of(layer.salient, layer.merge)
             if policy not in self.space.token_policies:
                 return None
-            counts = token_counts(layer, length)
-            total += counts["merged"] / length * self.merge_err[i]
-            share = counts["quantized"] / length * (1.0 - self.kept[i, self.space.token_policies.index(policy)])
-            for h, head in enumerate(layer.head_plans(ident.num_kv_heads)):
-                for spec, cands, err in ((head.key, self.space.key_candidates, self.e_key),
-                                         (head.value, self.space.value_candidates, self.e_value)):
-                    if spec == fp16:
+            t = self.space.token_policies.index(policy)
+            fk, fv = self.factors(layer.residual + policy.sinks, t, layer.flush)
+            for h, head in enumerate(layer.head_plans(n_h)):
+                for j, (spec, cands, err, f) in enumerate(((head.key, self.space.key_candidates, self.e_key, fk),
+                                                           (head.value, self.space.value_candidates, self.e_value,
+                                                            fv))):
+                    if spec.passthrough:
                         continue
                     if spec not in cands:
                         return None
-                    total += share * float(err[i, h, cands.index(spec)])
-        return total
+                    total[j] += err[i, h, cands.index(spec)] * f[i, h]
+            total[2] += self.merged[t] * self.merge_err[i]
+        return float(total[0]), float(total[1]), float(total[2])
+
+    def plan_proxy(self, layers: Sequence[LayerPlan]) -> float | None:
+        """Proxy of any bound plan :meth:`plan_parts` can price."""
+        parts = self.plan_parts(layers)
+        return None if parts is None else sum(parts)
 
 
-def _kept_shares(space: SearchSpace, tables: CalibrationTables) -> np.ndarray:
-    """``[L, P]`` float64: the error share each of the space's token policies removes in each layer."""
+def _kept_shares(space: SearchSpace, tables: CalibrationTables, sinks: bool = True) -> np.ndarray:
+    """``[L, P]`` float64: the error share each of the space's token policies removes in each layer (``sinks``:
+    counting the sink's share; without it, only salient tokens', the recency tables pricing the sink)."""
     n_layers, policies = space.identity.num_layers, space.token_policies
     kept = np.zeros((n_layers, len(policies)))
     if tables.sink_mass is None or tables.salient_mass is None:
         return kept
     for i in range(n_layers):
         salient = dict(zip(SALIENT_RATIOS, tables.salient_mass[i].tolist()))
-        kept[i] = [kept_share(p, float(tables.sink_mass[i]), salient) for p in policies]
+        sink = float(tables.sink_mass[i]) if sinks else 0.0
+        kept[i] = [kept_share(p, sink, salient) for p in policies]
     return kept
 
 

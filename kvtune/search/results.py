@@ -23,7 +23,7 @@ class SearchProgress:
 @dataclass(frozen=True)
 class SearchResult:
     """The chosen plan and how it was found (``front``: Pareto points within the budget, plus the validated
-    candidates off the front (``pareto: False``), lowest proxy first)."""
+    candidates off the front (``pareto: False``), lowest proxy first; ``trial`` -1: a baseline won)."""
 
     plan: Any
     budget: float
@@ -41,5 +41,6 @@ class SearchResult:
     validation: dict[str, Any] | None
     spearman: float | None
     out: Path | None = None
+    judgement: dict[str, Any] | None = None  # validated entries (searched and baselines), stages, correction
     files: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)

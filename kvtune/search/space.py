@@ -8,7 +8,8 @@ layer, so they are chosen per group of layers (the same groups in layer mode).
 In each group, a candidate that another beats on both the group's predicted error and its stored bits is
 dropped (:func:`prune_dominated`): with a shared choice every member pays the same bits, so this is exact.
 
-Parameters (Optuna names): ``key.{g}`` / ``value.{g}`` = candidate index, ``residual.{r}`` = window tokens,
+Parameters (Optuna names): ``key.{g}`` / ``value.{g}`` = candidate index, ``residual.{r}`` = recent tokens kept fp16
+(sinks included: a layer plan's ``residual`` is this minus its sinks, :meth:`TokenPolicy.window`),
 ``tokens.{r}`` = index into the space's token policies.
 """
 
@@ -162,8 +163,8 @@ class SearchSpace:
         key, value = Counter(pairs).most_common(1)[0][0]
         heads = () if len(set(pairs)) == 1 else tuple(HeadPlan(k, v) for k, v in pairs)
         policy = self.token_policies[int(tokens)]
-        return LayerPlan(key=key, value=value, heads=heads, residual=int(residual), salient=policy.salient(),
-                         merge=policy.merge_policy())
+        return LayerPlan(key=key, value=value, heads=heads, residual=policy.window(int(residual)),
+                         salient=policy.salient(), merge=policy.merge_policy())
 
     def layers(self, params: Mapping[str, int]) -> tuple[LayerPlan, ...]:
         a = self.assignment(params)
@@ -184,7 +185,10 @@ class SearchSpace:
         """Params giving ``layer`` (a uniform template) everywhere, each spec replaced by its group's
         dominator (no more bits, no more error); None if a spec is not a candidate or the window is not a choice."""
         policy = policy_of(layer.salient, layer.merge)
-        if layer.heads or layer.residual not in self.residuals or policy not in self.token_policies or layer != \
+        if policy is None or layer.heads or policy.window(layer.residual + policy.sinks) != layer.residual:
+            return None
+        fp16 = layer.residual + policy.sinks
+        if fp16 not in self.residuals or policy not in self.token_policies or layer != \
                 LayerPlan(key=layer.key, value=layer.value, residual=layer.residual, salient=layer.salient,
                           merge=layer.merge):
             return None
@@ -194,7 +198,7 @@ class SearchSpace:
         p = {}
         for g in range(self.n_groups):
             p[f"key.{g}"], p[f"value.{g}"] = self.key_dominator[g][k], self.value_dominator[g][v]
-        p.update({f"residual.{r}": layer.residual for r in range(self.n_residual_groups)})
+        p.update({f"residual.{r}": fp16 for r in range(self.n_residual_groups)})
         p.update({f"tokens.{r}": self.token_policies.index(policy) for r in range(self.n_residual_groups)})
         return p
 

@@ -60,9 +60,13 @@ class CalibrationTables:
     sink_mass: torch.Tensor | None = None
     salient_mass: torch.Tensor | None = None
     fitted: Mapping[str, torch.Tensor] = field(default_factory=dict)  # role.c.field -> [L, H, w] (search/state.py)
+    recency_key: torch.Tensor | None = None  # [L, H, W, 2]: error left with a fp16 window / sink (search/recency.py)
+    recency_value: torch.Tensor | None = None
     calibration_hash: str = ""
     data_hash: str = ""
     data_source: str = ""
+    data_tokens: int = 0  # tokens of the text calibration read (validation holds out the ones after them)
+    max_positions: int = 0  # the model's position limit (0: unknown)
 
     def __post_init__(self) -> None:
         n_l, h = self.identity.num_layers, self.identity.num_kv_heads
@@ -76,6 +80,10 @@ class CalibrationTables:
             rank = getattr(self, name)
             if rank is not None and tuple(rank.shape) != (n_l, h, self.identity.head_dim):
                 raise ValueError(f"{name} has shape {list(rank.shape)}, expected {[n_l, h, self.identity.head_dim]}")
+        for name in ("recency_key", "recency_value"):
+            t = getattr(self, name)
+            if t is not None and (tuple(t.shape[:2]) != (n_l, h) or t.dim() != 4 or not bool(torch.isfinite(t).all())):
+                raise ValueError(f"{name} must be finite with shape [{n_l}, {h}, W, 2], got {list(t.shape)}")
         masses = {"sink_mass": (n_l,), "salient_mass": (n_l, len(SALIENT_RATIOS))}
         for name, want in masses.items():
             t = getattr(self, name)
@@ -142,8 +150,11 @@ def tables_from_calibration(calib: Any, calibration_hash: str = "") -> Calibrati
             kl_key_candidates=tuple(calib.kl_candidates.get("key", ())),
             kl_value_candidates=tuple(calib.kl_candidates.get("value", ())),
             key_outlier_rank=t.get("outliers.key_rank"), value_outlier_rank=t.get("outliers.value_rank"),
-            sink_mass=sink, salient_mass=salient, fitted=fitted_from_tensors(t), calibration_hash=calibration_hash,
-            data_hash=str(calib.data.get("sha256", "")), data_source=str(calib.data.get("source", "")))
+            sink_mass=sink, salient_mass=salient, fitted=fitted_from_tensors(t), recency_key=t.get("recency.key"),
+            recency_value=t.get("recency.value"), calibration_hash=calibration_hash,
+            data_hash=str(calib.data.get("sha256", "")), data_source=str(calib.data.get("source", "")),
+            data_tokens=int(calib.summary.get("tokens_used", 0) or 0),
+            max_positions=int(calib.model.get("max_position_embeddings") or 0))
     except (KeyError, ValueError, TypeError) as exc:
         raise KVTuneError(f"calibration tables are unusable: {exc}", "re-run kvtune calibrate --force") from None
 

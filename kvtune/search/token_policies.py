@@ -70,6 +70,12 @@ class TokenPolicy:
         """The plan's merge policy: Elastic Cache at ``merge`` (keep_initial / keep_recent at their defaults)."""
         return MergePolicy(ratio=self.merge, method="elastic") if self.merge else MergePolicy()
 
+    def window(self, fp16_tokens: int) -> int:
+        """The plan's ``residual`` when ``fp16_tokens`` recent tokens *including the sinks* stay fp16: the sinks come
+        out of the window, so a layer with sinks stores exactly as many fp16 tokens, at every length, as one
+        without them (its quantized blocks stay aligned the same way)."""
+        return max(0, fp16_tokens - self.sinks)
+
     def label(self) -> str:
         parts = [f"sink{self.sinks}"] if self.sinks else []
         parts += [f"sal{self.ratio:g}@{self.bits:g}"] if self.ratio else []

@@ -35,6 +35,26 @@ def constrain(trial: Any, value: float) -> None:
         trial.set_user_attr(f"{ATTR}constraint", value)
 
 
+def add_point(study: Any, choices: dict[str, list[int]], params: dict[str, int], proxy: float, bits: float,
+              budget: float, label: str) -> Any:
+    """Add an already scored point to ``study`` as a completed trial (as a worker would have told it); returns
+    the stored trial, numbered."""
+    import inspect
+
+    import optuna
+
+    dists = {name: optuna.distributions.CategoricalDistribution(tuple(c)) for name, c in choices.items()}
+    attrs: dict[str, Any] = {f"{ATTR}seed": label}
+    extra: dict[str, Any] = {}
+    if "constraints" in inspect.signature(optuna.trial.create_trial).parameters:  # optuna >= 5
+        extra["constraints"] = {"bits_over_budget": bits - budget}
+    else:
+        attrs[f"{ATTR}constraint"] = bits - budget
+    study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=[proxy, bits],
+                                              user_attrs=attrs, **extra))
+    return next(t for t in reversed(study.get_trials(deepcopy=False)) if t.params == params)
+
+
 class Worker:
     """Runs trials of ``shared`` (an Optuna study on ``storage``) with samplers from ``make_sampler(seed)``."""
 

@@ -6,6 +6,7 @@ import pytest
 
 from kvtune.errors import KVTuneError
 from kvtune.search import parse_budget
+from kvtune.search.budget import check_minimum
 
 
 @pytest.mark.parametrize("text, value", [("2.0bit", 2.0), ("2bit", 2.0), ("2.0", 2.0), ("2.5 bits", 2.5),
@@ -27,6 +28,6 @@ def test_rejected(text: object, words: str) -> None:
 
 def test_below_minimum_names_the_minimum() -> None:
     with pytest.raises(KVTuneError, match=r"below the minimum achievable 2\.125 bits") as info:
-        parse_budget("2.0bit", minimum=2.125)
+        check_minimum(parse_budget("2.0bit"), 2.125)
     assert "--budget 2.125bit" in str(info.value)
-    assert parse_budget("2.125", minimum=2.125) == 2.125
+    check_minimum(parse_budget("2.125"), 2.125)

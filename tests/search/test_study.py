@@ -186,4 +186,6 @@ def test_validation_candidates_are_distinct_and_near_the_budget() -> None:
               t(5, 0.55, 2.8, 4)]
     assert [c.number for c in candidates(trials, 3.0, 3)] == [1, 3, 5]  # 2 repeats 1; 4 is over budget; 5 is
     # further than 5% below the budget: it comes after 3
+    assert [c.number for c in candidates([*trials, t(6, 1.01, 3.0, 5)], 3.0, 9)] == [1, 3, 5, 0]  # 6: proxy > 2x
+    # the least
     assert [c.number for c in pareto_front(trials, 3.0)] == [1, 5, 0]  # 3 is dominated by 1 but still a candidate

@@ -85,7 +85,8 @@ def test_policy_of_round_trips() -> None:
                            (SalientPolicy(0.05, 4, probe_recent=0.1), MergePolicy())):  # other probes
         assert policy_of(salient, merge) is None
     space = build_space(make_tables(), "layer", groups=2, tokens="all")
-    template = LayerPlan(key=KEYS[1], value=VALUES[1], residual=32, salient=MERGE.salient(), merge=MERGE.merge_policy())
+    template = LayerPlan(key=KEYS[1], value=VALUES[1], residual=MERGE.window(32), salient=MERGE.salient(),
+                         merge=MERGE.merge_policy())  # 32 fp16 recent tokens, the sink among them
     p = space.params_for(template)
     assert p is not None and {p[f"tokens.{r}"] for r in range(space.n_residual_groups)} == \
         {space.token_policies.index(MERGE)}
