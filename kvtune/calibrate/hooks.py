@@ -2,8 +2,9 @@
 
 ``with capture(model, on_attention=..., on_key_pre_rope=...):`` installs, for the duration of the block:
 
-* a forward hook on every ``self_attn.k_proj``: ``on_key_pre_rope(layer, key)`` with the keys *before*
-  RoPE, ``key`` ``[B, Hkv, T, D]`` (KVQuant quantizes keys there);
+* a forward hook on every ``self_attn.k_proj`` (or a fused ``qkv_proj``, its key slice):
+  ``on_key_pre_rope(layer, key)`` with the keys *before* RoPE, ``key`` ``[B, Hkv, T, D]``
+  (KVQuant quantizes keys there);
 * the attention implementation ``"kvtune_capture"`` (registered with transformers' ``AttentionInterface``
   and, with the SDPA mask builder, ``AttentionMaskInterface``): before running SDPA it calls
   ``on_attention(call)`` with an :class:`AttentionCall` holding the layer's post-RoPE query/key/value
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from kvtune.models import check_supported, text_config
+from kvtune.support import pre_rope_keys, projections_of
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +96,10 @@ def attention_modules(model: Any) -> list[tuple[int, torch.nn.Module]]:
             for i, layer in enumerate(decoder_layers(model))]
 
 
-def _pre_rope_hook(layer: int, head_dim: int, observer: KeyObserver) -> Callable[..., None]:
+def _pre_rope_hook(layer: int, attn: Any, shape: tuple[int, int, int], observer: KeyObserver) -> Callable[..., None]:
+    """Hook on ``attn``'s key projection module; ``shape``: (query heads, KV heads, head dim)."""
     def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        b, t, _ = output.shape
-        observer(layer, output.view(b, t, -1, head_dim).transpose(1, 2))  # [B, Hkv, T, D]
+        observer(layer, pre_rope_keys(attn, output, *shape))  # [B, Hkv, T, D]
 
     return hook
 
@@ -118,9 +120,13 @@ def capture(model: Any, on_attention: AttentionObserver | None = None,
     try:
         if on_key_pre_rope is not None:
             text = text_config(model.config)
+            hq = int(text.num_attention_heads)
+            hkv = int(getattr(text, "num_key_value_heads", None) or hq)
             for layer, attn in modules:
-                head_dim = int(getattr(attn, "head_dim", None) or text.hidden_size // text.num_attention_heads)
-                handles.append(attn.k_proj.register_forward_hook(_pre_rope_hook(layer, head_dim, on_key_pre_rope)))
+                head_dim = int(getattr(attn, "head_dim", None) or text.hidden_size // hq)
+                module = getattr(attn, projections_of(attn).key)
+                hook = _pre_rope_hook(layer, attn, (hq, hkv, head_dim), on_key_pre_rope)
+                handles.append(module.register_forward_hook(hook))
         if on_attention is not None:
             _register()
             for layer, attn in modules:

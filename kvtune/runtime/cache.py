@@ -31,11 +31,9 @@ BACKENDS = ("auto", "reference", "triton")
 
 def identity_of(model: Any) -> ModelIdentity:
     """The :class:`ModelIdentity` of a loaded model."""
-    from kvtune.models import model_identity
+    from kvtune.models import identity, model_identity
 
-    ident = model_identity(model)
-    return ModelIdentity(**{k: ident[k] for k in ("architecture", "num_layers", "num_heads", "num_kv_heads",
-                                                  "head_dim", "fingerprint")})
+    return identity(model_identity(model))
 
 
 class KVTuneCache(Cache):

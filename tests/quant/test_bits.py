@@ -39,7 +39,7 @@ def test_ternary_symmetric_stores_no_zero() -> None:
 
 def test_partial_group_tokens_stay_fp16() -> None:
     layer = LayerPlan(key=kivi_key(2), value=kivi_value(2))
-    assert token_counts(layer, 100) == {"merged": 0, "fp16": 4, "quantized": 96, "salient": 0}
+    assert token_counts(layer, 100) == {"merged": 0, "fp16": 4, "quantized": 96, "salient": 0, "evicted": 0}
     assert token_counts(LayerPlan(key=kivi_key(2), value=kivi_value(2), residual=128), 100)["fp16"] == 100
 
 
