@@ -12,9 +12,9 @@ model's config once (:func:`layout_of`, the same reading as transformers' own ``
   with ``pad`` the row's left padding (chunks start at the first real token).
 
 A layer only ever needs the keys some *future* query can see: from :meth:`LayerSpan.keep_from` of the
-current length on. What transformers' ``DynamicCache`` holds for the layer (:meth:`LayerSpan.fp16_tokens`:
-``L``, or ``min(L, size - 1)`` for both windowed kinds) is the denominator of effective bits
-(:mod:`kvtune.quant.bits`).
+current length on. An fp16 cache keeping exactly those (:meth:`LayerSpan.fp16_tokens`: ``L``, ``min(L, W - 1)``
+for a sliding window, as transformers' ``DynamicCache`` holds, and the current chunk's tokens for a chunked
+layer, at most the ``C - 1`` transformers holds) is the denominator of effective bits (:mod:`kvtune.quant.bits`).
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ class LayerSpan:
         return self.first_visible(length, pad)
 
     def fp16_tokens(self, length: int) -> int:
-        """Tokens transformers' ``DynamicCache`` holds for this layer after ``length`` tokens."""
-        return length if not self.windowed else min(length, self.size - 1)
+        """Tokens an fp16 cache keeping only what future queries see holds after ``length`` tokens (no left
+        padding): ``length - keep_from(length)`` (sliding: ``min(length, W - 1)``, as transformers' cache)."""
+        return length - max(0, self.keep_from(length))
 
     def to_str(self) -> str:
         """``"global"``, ``"sliding:512"``, ``"chunked:8192"`` (the YAML form)."""

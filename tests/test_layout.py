@@ -28,7 +28,7 @@ def test_layout_of_tiny_models(arch: str) -> None:
 def test_span_rules() -> None:
     sliding, chunked = LayerSpan("sliding", 4), LayerSpan("chunked", 4)
     assert sliding.first_visible(10) == 7 and sliding.keep_from(10) == 7 and sliding.fp16_tokens(10) == 3
-    assert chunked.first_visible(10) == 8 and chunked.first_visible(10, pad=1) == 9
+    assert chunked.first_visible(10) == 8 and chunked.first_visible(10, pad=1) == 9 and chunked.fp16_tokens(10) == 2
     assert GLOBAL.first_visible(10) == 0 and GLOBAL.fp16_tokens(10) == 10
     pad = torch.tensor([0, 3])
     assert chunked.first_visible(10, pad).tolist() == [8, 7]

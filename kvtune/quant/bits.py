@@ -25,10 +25,11 @@ Rotations and the FFT store nothing.
 keep no sink, salient or merged tokens (:meth:`LayerPlan.windowed`); their fp16 window and flushes follow the
 same rule, and the quantized tokens no future query can see (before :meth:`~kvtune.layout.LayerSpan.keep_from`
 ``(L)``) are dropped in steps of :func:`evict_step` tokens (1 when every stored field is per token, else whole
-flushed blocks). Their elements are those of an fp16 cache keeping only the windows, as transformers'
-``DynamicCache`` does (``min(L, W - 1)`` tokens a head). So **effective bits = stored bits / K and V elements of
-that windowed fp16 cache at the same length**: the fp16 plan is 16 bits on every model, and a global layer's
-long history weighs what it really holds. Without windowed layers nothing changes.
+flushed blocks). Their elements are those of an fp16 cache keeping only the windows
+(:meth:`~kvtune.layout.LayerSpan.fp16_tokens`: ``min(L, W - 1)`` tokens a head for a sliding window, as
+transformers' ``DynamicCache`` holds; the current chunk's tokens for a chunked layer). So **effective bits =
+stored bits / K and V elements of that windowed fp16 cache at the same length**: the fp16 plan is 16 bits on
+every model, and a global layer's long history weighs what it really holds. Without windowed layers nothing changes.
 """
 
 from __future__ import annotations

@@ -53,6 +53,9 @@ class ScoreMods:
         return (s if heads is None else s[heads])[..., None, None]
 
 
+PLAIN = ScoreMods()  # plain softmax(q k^T * scaling)
+
+
 def softmax(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over the last axis of float32 ``scores [..., N]`` (-inf = masked; a fully masked row gives 0),
     with an extra denominator term ``exp(sinks)`` broadcast to ``[..., 1]`` when given."""
