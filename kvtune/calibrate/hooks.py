@@ -13,7 +13,8 @@
 
 On exit -- normal or by exception -- every hook handle is removed and the model's previous attention
 implementation is restored (``model.set_attn_implementation``). While capturing, attention runs through
-transformers' SDPA path whatever the model used before (same maths as eager/flash, within rounding).
+the model's own maths (:func:`kvtune.runtime.scores.model_attention`: transformers' SDPA, or eager float32 where
+the model soft-caps scores or has sinks) whatever the model used before (within rounding).
 The registrations in transformers' global interfaces happen on first use, never on import, and are
 inert for models that do not select ``"kvtune_capture"``.
 """
@@ -60,8 +61,9 @@ _REGISTERED = False
 
 def _capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """The registered attention function: route to the observer, then SDPA (transformers' own)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    """The registered attention function: route to the observer, then the model's own attention maths (SDPA, or
+    eager float32 where it soft-caps scores or has sinks: :func:`kvtune.runtime.scores.model_attention`)."""
+    from kvtune.runtime.scores import model_attention
 
     route = _ROUTES.get(id(module))
     if route is not None:
@@ -73,7 +75,7 @@ def _capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         replaced = observer(call)
         if replaced is not None:
             key, value = replaced
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return model_attention(module, query, key, value, attention_mask, **kwargs)
 
 
 def _register() -> None:
