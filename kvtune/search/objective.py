@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvtune.layout import GLOBAL, LayerSpan
 from kvtune.plan_types import LayerPlan
 from kvtune.quant.bits import layer_bits, token_counts
 from kvtune.search.space import SearchSpace, spec_cost
@@ -48,9 +49,11 @@ class Evaluator:
         self.space = space
         self.e_key, self.e_value = tables.head_errors()  # [L, H, Ck], [L, H, Cv] float64
         ident = space.identity
-        self.elements = 2 * space.reference_length * ident.head_dim * ident.num_kv_heads * ident.num_layers
-        self._heads: dict[tuple[int, int, int, int, int], float] = {}
-        self._shares: dict[tuple[int, int, int], float] = {}
+        self.spans = ident.spans  # windowed layers are priced by what they hold (kvtune.quant.bits)
+        self.elements = sum(2 * s.fp16_tokens(space.reference_length) * ident.head_dim * ident.num_kv_heads
+                            for s in self.spans)
+        self._heads: dict[tuple[int, int, int, int, int, LayerSpan], float] = {}
+        self._shares: dict[tuple[int, int, int, LayerSpan], float] = {}
         self.key_group = [s.token_group for s in space.key_candidates]
         self.value_group = [s.token_group for s in space.value_candidates]
         self.key_cost = [spec_cost(s, ident.head_dim) for s in space.key_candidates]
@@ -60,32 +63,33 @@ class Evaluator:
         # [L]: proxy of a layer's tokens all at its most lossy key and value candidates (what merged tokens cost)
         self.merge_err = self.e_key.sum(axis=1).max(axis=1) + self.e_value.sum(axis=1).max(axis=1)
 
-    def _head(self, key: int, value: int, residual: int, tokens: int, flush: int) -> float:
+    def _head(self, key: int, value: int, residual: int, tokens: int, flush: int, span: LayerSpan = GLOBAL) -> float:
         """Stored bits of one head's K and V in a layer whose flush block is ``flush`` (memoised).
 
         A layer's bits are the sum over its heads of this (the token counts depend only on the window, the
         token policy and the flush block, all per layer), so ``layer_bits`` on a one-head layer is exact.
         """
-        memo_key = (key, value, residual, tokens, flush)
+        memo_key = (key, value, residual, tokens, flush, span)
         hit = self._heads.get(memo_key)
         if hit is None:
             policy = self.space.token_policies[tokens]
             plan = LayerPlan(key=self.space.key_candidates[key], value=self.space.value_candidates[value],
                              residual=residual, block=flush, salient=policy.salient(), merge=policy.merge_policy())
-            hit = layer_bits(plan, 1, self.space.identity.head_dim, self.space.reference_length).total
+            hit = layer_bits(plan, 1, self.space.identity.head_dim, self.space.reference_length, span).total
             self._heads[memo_key] = hit
         return hit
 
-    def _share(self, residual: int, tokens: int, flush: int) -> float:
-        """Share of a layer's tokens quantized (not merged, not sinks, not in the window) at the reference length
-        (memoised)."""
-        hit = self._shares.get((residual, tokens, flush))
+    def _share(self, residual: int, tokens: int, flush: int, span: LayerSpan = GLOBAL) -> float:
+        """Share of a layer's tokens quantized and held (not merged, not sinks, not in the window, not evicted
+        from a windowed layer, whole blocks assumed) at the reference length (memoised)."""
+        hit = self._shares.get((residual, tokens, flush, span))
         if hit is None:
             length = self.space.reference_length
             policy = self.space.token_policies[tokens]
             plan = LayerPlan(residual=residual, block=flush, salient=policy.salient(), merge=policy.merge_policy())
-            hit = token_counts(plan, length)["quantized"] / length
-            self._shares[(residual, tokens, flush)] = hit
+            plan = plan.windowed() if span.windowed else plan
+            hit = token_counts(plan, length, span, flush)["quantized"] / length
+            self._shares[(residual, tokens, flush, span)] = hit
         return hit
 
     def layer_terms(self, a: Mapping[str, np.ndarray], layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -95,8 +99,12 @@ class Evaluator:
         for j, i in enumerate(layers):
             k, v, r, t = a["key"][i].tolist(), a["value"][i].tolist(), int(a["residual"][i]), int(a["tokens"][i])
             flush = math.lcm(*(self.key_group[c] for c in k), *(self.value_group[c] for c in v))
-            bits[j] = sum(self._head(b, c, r, t, flush) for b, c in zip(k, v))
+            span = self.spans[i]
+            bits[j] = sum(self._head(b, c, r, t, flush, span) for b, c in zip(k, v))
             err = self.e_key[i, heads, a["key"][i]].sum() + self.e_value[i, heads, a["value"][i]].sum()
+            if span.windowed:  # no token policies in a window (LayerPlan.windowed)
+                proxy[j] = self._share(r, t, flush, span) * float(err)
+                continue
             proxy[j] = self._share(r, t, flush) * (1.0 - self.kept[i, t]) * float(err)
             proxy[j] += self.merged[t] * self.merge_err[i]
         return bits, proxy
