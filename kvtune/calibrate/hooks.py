@@ -8,7 +8,8 @@
 * the attention implementation ``"kvtune_capture"`` (registered with transformers' ``AttentionInterface``
   and, with the SDPA mask builder, ``AttentionMaskInterface``): before running SDPA it calls
   ``on_attention(call)`` with an :class:`AttentionCall` holding the layer's post-RoPE query/key/value
-  exactly as the attention function receives them (after any cache update). If the observer returns a
+  exactly as the attention function receives them (after any cache update) and what the layer attends (its
+  :class:`~kvtune.layout.LayerSpan`). If the observer returns a
   ``(key, value)`` pair, SDPA runs on those instead: that is how a layer's K or V is fake-quantized.
 
 On exit -- normal or by exception -- every hook handle is removed and the model's previous attention
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from kvtune.layout import GLOBAL, LayerSpan, layout_of
 from kvtune.models import check_supported, text_config
 from kvtune.support import pre_rope_keys, projections_of
 
@@ -41,7 +43,8 @@ CAPTURE_IMPL = "kvtune_capture"
 class AttentionCall:
     """One call of one attention layer: ``query`` ``[B, Hq, T, D]``, ``key``/``value`` ``[B, Hkv, S, D]``.
 
-    ``scaling`` is the softmax scale (``1/sqrt(D)`` for Llama); ``window`` the sliding-window size or None.
+    ``scaling`` is the softmax scale (``1/sqrt(D)`` for Llama); ``span`` what the layer attends (global, a sliding
+    window, a chunk: :mod:`kvtune.layout`, from the config).
     """
 
     layer: int
@@ -49,13 +52,13 @@ class AttentionCall:
     key: torch.Tensor
     value: torch.Tensor
     scaling: float
-    window: int | None = None
+    span: LayerSpan = GLOBAL
 
 
 AttentionObserver = Callable[[AttentionCall], "tuple[torch.Tensor, torch.Tensor] | None"]
 KeyObserver = Callable[[int, torch.Tensor], None]
 
-_ROUTES: dict[int, tuple[int, AttentionObserver]] = {}  # id(attention module) -> (layer, observer)
+_ROUTES: dict[int, tuple[int, AttentionObserver, LayerSpan]] = {}  # id(attention module) -> (layer, observer, span)
 _REGISTERED = False
 
 
@@ -67,11 +70,10 @@ def _capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
 
     route = _ROUTES.get(id(module))
     if route is not None:
-        layer, observer = route
+        layer, observer, span = route
         scaling = kwargs.get("scaling")
         call = AttentionCall(layer, query, key, value,
-                             float(scaling if scaling is not None else query.shape[-1] ** -0.5),
-                             kwargs.get("sliding_window"))
+                             float(scaling if scaling is not None else query.shape[-1] ** -0.5), span)
         replaced = observer(call)
         if replaced is not None:
             key, value = replaced
@@ -131,9 +133,10 @@ def capture(model: Any, on_attention: AttentionObserver | None = None,
                 handles.append(module.register_forward_hook(hook))
         if on_attention is not None:
             _register()
+            spans = layout_of(model.config).spans
             for layer, attn in modules:
                 previous[id(attn)] = _ROUTES.get(id(attn))
-                _ROUTES[id(attn)] = (layer, on_attention)
+                _ROUTES[id(attn)] = (layer, on_attention, spans[layer])
             model.set_attn_implementation(CAPTURE_IMPL)
         yield
     finally:

@@ -115,7 +115,7 @@ def _sensitivity(collector: Collector, tensors: dict[str, torch.Tensor], keys: t
         k_rank, v_rank = tensors["outliers.key_rank"][layer], tensors["outliers.value_rank"][layer]
         k_states, v_states = fitted_states(keys, k, k_rank), fitted_states(values, v, v_rank)
         sk, sv = layer_sensitivity(q, k, v, positions, collector.scaling[layer], keys, values, k_rank, v_rank,
-                                   collector.window[layer], k_states, v_states)
+                                   collector.span[layer], k_states, v_states)
         for role, states in (("key", k_states), ("value", v_states)):
             for c, state in enumerate(states):
                 for name, t in state.items():
