@@ -74,7 +74,7 @@ def test_fp16_plan_equals_the_model(arch: str) -> None:
 def test_kv8_greedy_equals_fp16(arch: str) -> None:
     model, ids = _model(arch), _ids(length=T - W)
     gen = {name: model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                                past_key_values=load_plan(name).cache(model)) for name in ("fp16", "kv8")}
+                                **cache_kwargs(model, load_plan(name).cache(model))) for name in ("fp16", "kv8")}
     assert torch.equal(gen["kv8"], gen["fp16"])
 
 
@@ -109,13 +109,13 @@ def test_left_padding_and_beams_in_windowed_layers(arch: str) -> None:
     batch = torch.cat([a, torch.cat([torch.zeros(1, 11, dtype=torch.long), b], 1)])
     mask = torch.ones_like(batch)
     mask[1, :11] = 0
-    padded = model.generate(batch, attention_mask=mask, max_new_tokens=W, do_sample=False, pad_token_id=0,
-                            past_key_values=load_plan("fp16").cache(model))
+    padded = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                            **cache_kwargs(model, load_plan("fp16").cache(model)))
     for row, alone in ((0, a), (1, b)):
-        single = model.generate(alone, max_new_tokens=W, do_sample=False, pad_token_id=0,
-                                past_key_values=load_plan("fp16").cache(model))
+        single = model.generate(alone, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                **cache_kwargs(model, load_plan("fp16").cache(model)))
         assert torch.equal(padded[row, 40:], single[0, alone.shape[1]:])
     beams = {name: model.generate(a, max_new_tokens=8, num_beams=2, do_sample=False, pad_token_id=0,
-                                  past_key_values=cache) for name, cache in
+                                  **cache_kwargs(model, cache)) for name, cache in
              (("dynamic", DynamicCache(config=model.config)), ("fp16", load_plan("fp16").cache(model)))}
     assert torch.equal(beams["fp16"], beams["dynamic"])
