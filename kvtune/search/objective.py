@@ -135,9 +135,13 @@ class Evaluator:
             policy = policy_of(layer.salient, layer.merge)
             if policy not in self.space.token_policies:
                 return None
-            counts = token_counts(layer, length)
-            total += counts["merged"] / length * self.merge_err[i]
-            share = counts["quantized"] / length * (1.0 - self.kept[i, self.space.token_policies.index(policy)])
+            span = self.spans[i]
+            if span.windowed:  # as the layer runs: no token policies, whole blocks evicted (as in _share)
+                share = token_counts(layer.windowed(), length, span, layer.flush)["quantized"] / length
+            else:
+                counts = token_counts(layer, length)
+                total += counts["merged"] / length * self.merge_err[i]
+                share = counts["quantized"] / length * (1.0 - self.kept[i, self.space.token_policies.index(policy)])
             for h, head in enumerate(layer.head_plans(ident.num_kv_heads)):
                 for spec, cands, err in ((head.key, self.space.key_candidates, self.e_key),
                                          (head.value, self.space.value_candidates, self.e_value)):

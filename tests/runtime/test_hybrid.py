@@ -23,7 +23,7 @@ W = 16
 T = 4 * W
 ARCHS: dict[str, dict[str, Any]] = {  # tiny_model arguments beyond arch and window
     "llama": {}, "mistral": {}, "qwen2": {"layers": 4}, "qwen3": {"layers": 4}, "phi3": {},
-    "gemma2": {"layers": 4}, "gemma3": {"layers": 6, "heads": 2, "kv_heads": 1, "head_dim": 64},
+    "gemma2": {"layers": 4}, "gemma3": {"layers": 6, "heads": 2, "kv_heads": 1, "head_dim": 256},
     "gpt_oss": {"layers": 4}, "llama4": {"layers": 4},
 }
 ATOL = 2e-3  # fp16 rounding of K and V
