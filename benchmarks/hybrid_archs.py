@@ -24,7 +24,7 @@ from kvtune.plan import load_plan
 from kvtune.runtime import teacher_forced_logits
 from kvtune.tiny import TINY_ARCHS, tiny_model
 
-SHAPES: dict[str, dict[str, Any]] = {"gemma3": {"layers": 6, "heads": 2, "kv_heads": 1, "head_dim": 64}}
+SHAPES: dict[str, dict[str, Any]] = {"gemma3": {"layers": 6, "heads": 2, "kv_heads": 1, "head_dim": 256}}
 
 
 def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
