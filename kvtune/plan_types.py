@@ -154,10 +154,14 @@ class LayerPlan:
             if self.block and spec.token_group and self.block % spec.token_group:
                 raise ValueError(f"block {self.block} is not a multiple of the token group {spec.token_group}")
 
-    def windowed(self) -> LayerPlan:
-        """This plan for a sliding-window or chunked layer: no sink, salient or merged tokens (those policies act
-        on the long history of global layers; a window forgets its first tokens anyway)."""
-        return replace(self, salient=SalientPolicy(), merge=MergePolicy())
+    def windowed(self, span: LayerSpan) -> LayerPlan:
+        """This plan for a sliding-window or chunked layer ``span``: no sink, salient or merged tokens (those
+        policies act on the long history of global layers; a window forgets its first tokens anyway), and a
+        residual window no longer than what a query can see before itself (``size - 1``): a token leaving it is
+        never visible again, so the outputs are the same with fewer bytes."""
+        if not span.windowed:
+            return self
+        return replace(self, salient=SalientPolicy(), merge=MergePolicy(), residual=min(self.residual, span.size - 1))
 
     @property
     def flush(self) -> int:

@@ -22,14 +22,15 @@ Effective bits = total stored bits / (2 * L * D * heads): the logical K and V el
 Rotations and the FFT store nothing.
 
 **Sliding-window and chunked layers** (a :class:`~kvtune.layout.LayerSpan` per layer, from the model's config)
-keep no sink, salient or merged tokens (:meth:`LayerPlan.windowed`); their fp16 window and flushes follow the
-same rule, and the quantized tokens no future query can see (before :meth:`~kvtune.layout.LayerSpan.keep_from`
-``(L)``) are dropped in steps of :func:`evict_step` tokens (1 when every stored field is per token, else whole
-flushed blocks). Their elements are those of an fp16 cache keeping only the windows
-(:meth:`~kvtune.layout.LayerSpan.fp16_tokens`: ``min(L, W - 1)`` tokens a head for a sliding window, as
-transformers' ``DynamicCache`` holds; the current chunk's tokens for a chunked layer). So **effective bits =
-stored bits / K and V elements of that windowed fp16 cache at the same length**: the fp16 plan is 16 bits on
-every model, and a global layer's long history weighs what it really holds. Without windowed layers nothing changes.
+keep no sink, salient or merged tokens and a residual of at most ``W - 1`` (:meth:`LayerPlan.windowed`: a
+longer one shows nothing more); their fp16 window and flushes follow the same rule, and the quantized tokens no
+future query can see (before :meth:`~kvtune.layout.LayerSpan.keep_from` ``(L)``) are dropped in steps of
+:func:`evict_step` tokens (1 when every stored field is per token, else whole flushed blocks). Their elements
+are those of an fp16 cache keeping only the windows (:meth:`~kvtune.layout.LayerSpan.fp16_tokens`:
+``min(L, W - 1)`` tokens a head for a sliding window, as transformers' ``DynamicCache`` holds; the current
+chunk's tokens for a chunked layer). So **effective bits = stored bits / K and V elements of that windowed fp16
+cache at the same length**: the fp16 plan is 16 bits on every model, and a global layer's long history weighs
+what it really holds. Without windowed layers nothing changes.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def layer_bits(layer: LayerPlan, num_kv_heads: int, head_dim: int, length: int =
     """Stored bits of one layer's K and V, all KV heads, at ``length`` tokens (``span``: what the layer attends;
     its elements are those of an fp16 cache holding the layer's window, see the module doc)."""
     if span.windowed:
-        layer = layer.windowed()
+        layer = layer.windowed(span)
     counts = token_counts(layer, length, span, evict_step(layer, num_kv_heads, head_dim) if span.windowed else 1)
     n_q, n_sal, d = counts["quantized"], counts["salient"], head_dim
     salient_row = per_token(layer.salient.bits)

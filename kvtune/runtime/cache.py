@@ -59,7 +59,7 @@ class KVTuneCache(Cache):
         layers = [KVTuneLayer(lp, ident.num_kv_heads, ident.head_dim, self.plan.layer_state(i), headroom, span)
                   for i, (lp, span) in enumerate(zip(self.plan.layers, ident.spans))]
         dropped = [i for i, (lp, span) in enumerate(zip(self.plan.layers, ident.spans))
-                   if span.windowed and lp != lp.windowed()]
+                   if lp != lp.windowed(span)]
         if dropped:
             log.info("layers %s attend a window: their sink/salient/merge policies are off (global layers only)",
                      dropped)

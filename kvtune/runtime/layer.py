@@ -83,7 +83,7 @@ class KVTuneLayer(CacheLayerMixin):
                  span: LayerSpan = GLOBAL) -> None:
         super().__init__()
         if span.windowed:  # token policies act on global layers only (kvtune.quant.bits)
-            plan = plan.windowed()
+            plan = plan.windowed(span)
         self.plan, self.num_kv_heads, self.head_dim, self.span = plan, num_kv_heads, head_dim, span
         self.evict_step = evict_step(plan, num_kv_heads, head_dim)
         self.state = {role: dict(fields) for role, fields in (state or {}).items()}  # plan tensors [Hkv, width]

@@ -87,7 +87,7 @@ class Evaluator:
             length = self.space.reference_length
             policy = self.space.token_policies[tokens]
             plan = LayerPlan(residual=residual, block=flush, salient=policy.salient(), merge=policy.merge_policy())
-            plan = plan.windowed() if span.windowed else plan
+            plan = plan.windowed(span)
             hit = token_counts(plan, length, span, flush)["quantized"] / length
             self._shares[(residual, tokens, flush, span)] = hit
         return hit
@@ -137,7 +137,7 @@ class Evaluator:
                 return None
             span = self.spans[i]
             if span.windowed:  # as the layer runs: no token policies, whole blocks evicted (as in _share)
-                share = token_counts(layer.windowed(), length, span, layer.flush)["quantized"] / length
+                share = token_counts(layer.windowed(span), length, span, layer.flush)["quantized"] / length
             else:
                 counts = token_counts(layer, length)
                 total += counts["merged"] / length * self.merge_err[i]

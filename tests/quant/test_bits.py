@@ -89,7 +89,7 @@ def test_windowed_layers_count_what_they_hold() -> None:
                                                  "evicted": 3585}
     assert layer_bits(fp16, 2, 64, 4096, span).effective == 16.0
     kivi = LayerPlan(key=kivi_key(2), value=kivi_value(2), residual=128, salient=SalientPolicy(sink_tokens=4))
-    counts = token_counts(kivi.windowed(), 4096, span, 32)
+    counts = token_counts(kivi.windowed(span), 4096, span, 32)
     assert (counts["evicted"], counts["quantized"], counts["fp16"]) == (3584, 384, 128)  # 512 held, 511 visible
     assert layer_bits(kivi, 2, 64, 4096, span).elements == 2 * 511 * 64 * 2
-    assert layer_bits(kivi, 2, 64, 100, span) == layer_bits(kivi.windowed(), 2, 64, 100)  # inside the window
+    assert layer_bits(kivi, 2, 64, 100, span) == layer_bits(kivi.windowed(span), 2, 64, 100)  # inside the window

@@ -132,3 +132,17 @@ def test_quantized_teacher_forcing_equals_token_by_token(arch: str) -> None:
     torch.testing.assert_close(chunked, one, atol=2e-4, rtol=0)
     with torch.no_grad():
         assert (one - model(ids, use_cache=False).logits).abs().max() > 1e-3  # the quantizer really acts
+
+
+def test_residual_longer_than_the_window_is_capped() -> None:
+    """KIVI's 128-token fp16 residual on 16-token sliding layers: every visible token is fp16 anyway, so the
+    outputs are fp16's, and the layer holds at most its window plus a flush (capped residual W - 1)."""
+    model, ids = _model("mistral"), _ids()
+    plan = load_plan("kivi-2bit").bind(identity(model_identity(model)))
+    cache = plan.cache(model)
+    kivi = teacher_forced_logits(model, cache, ids, chunk=7, prefill=W)
+    torch.testing.assert_close(kivi, teacher_forced_logits(model, load_plan("fp16"), ids, chunk=7, prefill=W),
+                               atol=1e-5, rtol=0)
+    assert cache.nbytes() * 8 == plan.bits(T).total
+    layer = cache.layers[0]
+    assert layer.plan.residual == W - 1 and layer.win_k.shape[2] < W - 1 + layer.flush
