@@ -38,6 +38,11 @@ import torch
 
 from kvtune.errors import KVTuneError
 from kvtune.io import write_text_atomic
+from kvtune.support import check_config, check_supported, decoder_layers, text_config
+from kvtune.tiny import tiny_model
+
+__all__ = ["check_config", "check_supported", "config_identity", "decoder_layers", "identity", "load_identity",
+           "load_model", "model_identity", "resolve_model_dir", "text_config", "tiny_model"]
 
 if TYPE_CHECKING:
     from kvtune.plan_types import ModelIdentity
@@ -204,12 +209,19 @@ def load_model(name_or_path: str = "smollm2-135m", device: str = "cpu",
     """``(model, tokenizer)`` for an embedded model name or a local HF directory, in eval mode on ``device``."""
     dev, torch_dtype = _check_device(device), _as_dtype(dtype)
     model_dir = resolve_model_dir(name_or_path)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise KVTuneError(f"could not read {model_dir}/config.json: {first}", "re-create the model directory") from None
+    check_config(config)  # an unsupported design is refused before any weight is read
+    try:
         with _quiet_progress():
-            model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, local_files_only=True,
+                                                         dtype=torch_dtype)
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -234,15 +246,13 @@ def _fingerprint_fields(config: Any, ident: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def text_config(config: Any) -> Any:
-    """The language model's config: ``config`` itself, or a VLM's ``text_config``."""
-    getter = getattr(config, "get_text_config", None)
-    return getter() if callable(getter) else config
-
-
 def config_identity(config: Any, fallback_arch: str = "") -> dict[str, Any]:
     """Structural identity of an HF config (of a VLM: its language model's counts): architecture, layer/head
-    counts, head dim, fingerprint."""
+    counts, head dim, fingerprint, and ``layout`` (:mod:`kvtune.layout`, as strings) when some layer is
+    sliding-window or chunked. A design kvtune cannot cache is a :class:`KVTuneError` here (nothing loaded yet)."""
+    from kvtune.layout import layout_of
+
+    check_config(config)
     top, config = config, text_config(config)
     heads = int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -257,7 +267,21 @@ def config_identity(config: Any, fallback_arch: str = "") -> dict[str, Any]:
     fields["model_type"] = getattr(top, "model_type", "")
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     ident["fingerprint"] = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    layout = layout_of(top)
+    if layout.windowed:
+        ident["layout"] = layout.to_list()
     return ident
+
+
+def identity(ident: dict[str, Any]) -> ModelIdentity:
+    """The :class:`~kvtune.plan_types.ModelIdentity` of a :func:`config_identity` dict (or a calibration's
+    ``model`` section): counts, fingerprint and, when recorded, the attention layout."""
+    from kvtune.layout import AttentionLayout
+    from kvtune.plan_types import ModelIdentity
+
+    layout = AttentionLayout.from_list(ident["layout"]) if ident.get("layout") else None
+    return ModelIdentity(**{k: ident[k] for k in ("architecture", "num_layers", "num_heads", "num_kv_heads",
+                                                  "head_dim", "fingerprint")}, layout=layout)
 
 
 def model_identity(model: Any) -> dict[str, Any]:
@@ -269,17 +293,13 @@ def load_identity(name_or_path: str) -> ModelIdentity:
     """The :class:`~kvtune.plan_types.ModelIdentity` of a model from its config alone (no weights loaded)."""
     from transformers import AutoConfig
 
-    from kvtune.plan_types import ModelIdentity
-
     model_dir = resolve_model_dir(name_or_path)
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise KVTuneError(f"could not read {model_dir}/config.json: {first}", "re-create the model directory") from None
-    ident = config_identity(config, fallback_arch=config.__class__.__name__)
-    return ModelIdentity(**{k: ident[k] for k in ("architecture", "num_layers", "num_heads", "num_kv_heads",
-                                                  "head_dim", "fingerprint")})
+    return identity(config_identity(config, fallback_arch=config.__class__.__name__))
 
 
 @lru_cache(maxsize=64)
@@ -292,63 +312,3 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """Forward keyword arguments that hand ``cache`` to ``model``: ``cache=`` where the model's forward takes it
     (transformers >= 5.2x, which deprecates ``past_key_values=``), else ``past_key_values=``."""
     return {_cache_keyword(type(model)): cache, "use_cache": True}
-
-
-def decoder_layers(model: Any) -> Any:
-    """The decoder layers of a causal LM (``model.model.layers``) or of a VLM's language model
-    (``model.model.language_model.layers``), or None."""
-    inner = getattr(model, "model", None)
-    return getattr(inner, "layers", None) or getattr(getattr(inner, "language_model", None), "layers", None)
-
-
-def check_supported(model: Any) -> None:
-    """Raise :class:`KVTuneError` naming what is missing unless kvtune can hook ``model``'s attention.
-
-    kvtune needs a decoder-only model (or a VLM's language model) in eval mode whose layers are
-    ``model.model.layers[i].self_attn`` (VLM: ``model.model.language_model.layers[i].self_attn``)
-    with ``q_proj``/``k_proj``/``v_proj`` and which dispatches attention through transformers' attention
-    interface (``config._attn_implementation`` + ``ALL_ATTENTION_FUNCTIONS``), and a ``generation_config``.
-    """
-    import sys
-
-    name = type(model).__name__
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        raise KVTuneError(f"{name} is not a decoder-only transformers model", "use a causal LM (Llama, Qwen2, ...)")
-    layers = decoder_layers(model)
-    if not layers:
-        raise KVTuneError(f"{name} has no model.model.layers", "use a Llama-style causal LM (Llama, Mistral, Qwen2)")
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None:
-            raise KVTuneError(f"{name}: model.model.layers[{i}] has no self_attn", "use a Llama-style causal LM")
-        missing = [p for p in ("q_proj", "k_proj", "v_proj") if not hasattr(attn, p)]
-        if missing:
-            raise KVTuneError(f"{name}: layers[{i}].self_attn has no {'/'.join(missing)}",
-                              "use a model with separate q/k/v projections")
-        if not hasattr(sys.modules.get(type(attn).__module__), "ALL_ATTENTION_FUNCTIONS"):
-            raise KVTuneError(f"{name}: {type(attn).__name__} does not dispatch through the transformers "
-                              "attention interface", "use a model whose attention reads config._attn_implementation")
-    if getattr(config, "_attn_implementation", None) is None:
-        raise KVTuneError(f"{name}: config._attn_implementation is not set", "load the model with from_pretrained")
-    if model.training:
-        raise KVTuneError(f"{name} is in training mode", "call model.eval() first")
-    if getattr(model, "generation_config", None) is None:
-        raise KVTuneError(f"{name} has no generation_config", "load it with AutoModelForCausalLM")
-
-
-def tiny_model(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
-               vocab: int = 128, seed: int = 0) -> Any:
-    """A tiny randomly initialised causal LM (for tests only), in eval mode; global RNG left untouched."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if arch not in ("llama", "mistral", "qwen2"):
-        raise ValueError(f"tiny_model: arch must be llama, mistral or qwen2, not {arch!r}")
-    hidden = heads * head_dim
-    config = AutoConfig.for_model(arch, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                                  vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    return model.eval()

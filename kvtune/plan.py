@@ -71,6 +71,8 @@ class Plan:
             if problem:
                 raise KVTuneError(f"plan '{self.name or 'plan'}' was made for another model ({problem})",
                                   "calibrate and search for this model, or load the right plan")
+            if self.model.layout is None and identity.layout is not None:  # a plan written before layouts
+                return replace(self, model=replace(self.model, layout=identity.layout)).bind(identity)
             if len(self.layers) == identity.num_layers:
                 return self
         layers = list(self.layers * identity.num_layers if len(self.layers) == 1 else self.layers)
@@ -94,12 +96,13 @@ class Plan:
         return state
 
     def bits(self, length: int | None = None, identity: ModelIdentity | None = None) -> BitBreakdown:
-        """Exact stored bits at ``length`` (default: the reference length)."""
+        """Exact stored bits at ``length`` (default: the reference length); sliding-window and chunked layers of
+        the model's layout are priced by what they hold, against a windowed fp16 cache (:mod:`kvtune.quant.bits`)."""
         plan = self.bind(identity) if identity is not None else self
         if plan.model is None:
             raise KVTuneError("a template plan has no model", "pass the model identity (e.g. --model)")
         return layers_bits(plan.layers, plan.model.num_kv_heads, plan.model.head_dim,
-                           length or self.reference_length)
+                           length or self.reference_length, plan.model.spans)
 
     def effective_bits(self, length: int | None = None, identity: ModelIdentity | None = None) -> float:
         return self.bits(length, identity).effective

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from kvtune.errors import KVTuneError, strict_mapping
+from kvtune.layout import AttentionLayout, LayerSpan, spans_of
 from kvtune.quant.codes import code_format
 from kvtune.quant.formats import QuantSpec
 
@@ -153,6 +154,15 @@ class LayerPlan:
             if self.block and spec.token_group and self.block % spec.token_group:
                 raise ValueError(f"block {self.block} is not a multiple of the token group {spec.token_group}")
 
+    def windowed(self, span: LayerSpan) -> LayerPlan:
+        """This plan for a sliding-window or chunked layer ``span``: no sink, salient or merged tokens (those
+        policies act on the long history of global layers; a window forgets its first tokens anyway), and a
+        residual window no longer than what a query can see before itself (``size - 1``): a token leaving it is
+        never visible again, so the outputs are the same with fewer bytes."""
+        if not span.windowed:
+            return self
+        return replace(self, salient=SalientPolicy(), merge=MergePolicy(), residual=min(self.residual, span.size - 1))
+
     @property
     def flush(self) -> int:
         """Tokens quantized together when they leave the fp16 window."""
@@ -243,7 +253,12 @@ class EdgeLayers:
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What a plan was made for; a plan refuses to bind to a model with another identity."""
+    """What a plan was made for; a plan refuses to bind to a model with another identity.
+
+    ``layout``: what each layer attends (:class:`~kvtune.layout.AttentionLayout`), read from the model's config;
+    None when unknown (plans written before it was recorded). Only a layout with a sliding or chunked layer is
+    written to YAML, so the identity of an all-global model reads as before.
+    """
 
     architecture: str
     num_layers: int
@@ -251,19 +266,47 @@ class ModelIdentity:
     num_kv_heads: int
     head_dim: int
     fingerprint: str = ""
+    layout: AttentionLayout | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout is not None and len(self.layout) != self.num_layers:
+            raise ValueError(f"layout has {len(self.layout)} layers but the model has {self.num_layers}")
+
+    @property
+    def spans(self) -> tuple[LayerSpan, ...]:
+        """One span per layer (all global when the layout is unknown)."""
+        return tuple(spans_of(self.layout, self.num_layers))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
+        if self.layout is not None and self.layout.windowed:
+            d["layout"] = self.layout.to_list()
+        return d
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "model") -> ModelIdentity:
-        return _build(cls, strict_mapping(cls, data, where), where)
+        d = dict(strict_mapping(cls, data, where))
+        if "layout" in d:
+            raw = d["layout"]
+            if not isinstance(raw, (list, tuple)):
+                raise KVTuneError(f"{where}.layout must be a list of spans (global, sliding:W, chunked:C)")
+            d["layout"] = AttentionLayout.from_list(raw)
+        return _build(cls, d, where)
 
     def mismatch(self, other: ModelIdentity) -> str | None:
-        """First field where ``other`` differs, as ``"field: mine != theirs"``, or None."""
+        """First field where ``other`` differs, as ``"field: mine != theirs"``, or None (a layout, like a
+        fingerprint, is compared only when both sides know it; an all-global layout equals an unknown one)."""
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
             if f.name == "fingerprint" and (not mine or not theirs):
+                continue
+            if f.name == "layout":
+                mine, theirs = self.spans, other.spans
+                if self.layout is None or other.layout is None:
+                    continue
+                if mine != theirs:
+                    return (f"layout: plan has {AttentionLayout(mine).describe()}, model has "
+                            f"{AttentionLayout(theirs).describe()}")
                 continue
             if mine != theirs:
                 return f"{f.name}: plan has {mine!r}, model has {theirs!r}"

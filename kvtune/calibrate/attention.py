@@ -5,7 +5,7 @@ Only their rows of the causal attention are computed, ``[B, Hq, P, T]`` with ``P
 position as a probe gives the exact statistics (the rows are processed in blocks either way).
 
 Per sequence and query head ``h`` (probe query ``i`` at position ``p_i`` sees keys ``j <= p_i``, and
-``j > p_i - window`` under a sliding window):
+``j >= first_visible(p_i)`` in a sliding-window or chunked layer, :class:`~kvtune.layout.LayerSpan`):
 
 * **normalized score** ``s[h, j] = sum_i A[h, i, j] / #{i : i sees j}`` -- the mean attention weight key
   ``j`` receives from the probes that can see it (ZipCache's fix of the accumulation bias toward early
@@ -45,6 +45,8 @@ import math
 
 import torch
 
+from kvtune.layout import GLOBAL, LayerSpan
+
 TOPK = 8
 PIVOT_MIN_MASS = 0.3
 TEXT_MIN_MASS = 0.5
@@ -73,18 +75,18 @@ def n_recent_probes(seq_len: int, recent: float = 0.05) -> int:
     return min(seq_len, max(1, math.ceil(recent * seq_len)))
 
 
-def visibility(positions: torch.Tensor, seq_len: int, window: int | None = None) -> torch.Tensor:
-    """Bool ``[P, T]``: probe ``i`` (at ``positions[i]``) may attend key ``j`` (causal, optional window)."""
+def visibility(positions: torch.Tensor, seq_len: int, span: LayerSpan = GLOBAL) -> torch.Tensor:
+    """Bool ``[P, T]``: probe ``i`` (at ``positions[i]``) may attend key ``j`` (causal, inside ``span``)."""
     j = torch.arange(seq_len, device=positions.device)[None, :]
     p = positions[:, None]
     seen = j <= p
-    if window is not None and window < seq_len:
-        seen &= j > p - window
+    if span.windowed:
+        seen &= j >= span.first_visible(p)
     return seen
 
 
 def probe_attention(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, scaling: float,
-                    window: int | None = None) -> torch.Tensor:
+                    span: LayerSpan = GLOBAL) -> torch.Tensor:
     """Causal softmax rows of the probe queries: ``[B, Hq, T, D]``, ``[B, Hkv, T, D]`` -> ``[B, Hq, P, T]`` float32.
 
     Query head ``h`` uses key head ``h // (Hq / Hkv)`` (grouped-query attention, as transformers' ``repeat_kv``).
@@ -97,7 +99,7 @@ def probe_attention(query: torch.Tensor, key: torch.Tensor, positions: torch.Ten
     for block in positions.split(_BLOCK):
         qp = query[:, :, block.to(query.device)].float().reshape(b, hkv, g, -1, d)  # [B, Hkv, G, p, D]
         scores = (qp @ kt).reshape(b, hq, -1, t) * scaling
-        seen = visibility(block.to(query.device), t, window)
+        seen = visibility(block.to(query.device), t, span)
         rows.append(scores.masked_fill(~seen, float("-inf")).softmax(dim=-1))
     return torch.cat(rows, dim=2)
 
@@ -123,7 +125,7 @@ def _entropy(probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_stats(probs: torch.Tensor, positions: torch.Tensor, margin: int,
-                   window: int | None = None) -> dict[str, torch.Tensor]:
+                   span: LayerSpan = GLOBAL) -> dict[str, torch.Tensor]:
     """Per-sequence statistics of probe attention ``probs`` ``[B, Hq, P, T]`` (see the module doc).
 
     ``margin``: the minimum query-key distance of the far score (the recent-probe count). Returns
@@ -132,7 +134,7 @@ def sequence_stats(probs: torch.Tensor, positions: torch.Tensor, margin: int,
     """
     t = probs.shape[-1]
     pos = positions.to(probs.device)
-    seen = visibility(pos, t, window)  # [P, T]
+    seen = visibility(pos, t, span)  # [P, T]
     norm = probs.sum(dim=2) / seen.sum(dim=0).clamp_min(1)  # [B, Hq, T]
     far = (seen & (pos[:, None] - torch.arange(t, device=pos.device)[None, :] >= margin)).float()  # [P, T]
     far_score = torch.einsum("bhpt,pt->bht", probs, far) / far.sum(dim=0).clamp_min(1)
@@ -157,9 +159,9 @@ class AttentionStats:
         self.count = 0
 
     def update(self, query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, scaling: float,
-               margin: int, window: int | None = None) -> None:
+               margin: int, span: LayerSpan = GLOBAL) -> None:
         """Add sequences: ``query`` ``[B, Hq, T, D]``, ``key`` ``[B, Hkv, T, D]``, probe ``positions`` ``[P]``."""
-        stats = sequence_stats(probe_attention(query, key, positions, scaling, window), positions, margin, window)
+        stats = sequence_stats(probe_attention(query, key, positions, scaling, span), positions, margin, span)
         for name in self._MEANS:
             total = stats[name].double().sum(dim=0).cpu()
             self.sums[name] = self.sums[name] + total if name in self.sums else total

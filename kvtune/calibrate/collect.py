@@ -20,6 +20,7 @@ from kvtune.calibrate.attention import AttentionStats, n_recent_probes, probe_po
 from kvtune.calibrate.hooks import AttentionCall
 from kvtune.calibrate.settings import CalibSettings
 from kvtune.calibrate.stats import HistogramSketch, MomentStats, ReservoirSampler, RowReservoir
+from kvtune.layout import GLOBAL, LayerSpan
 
 KINDS = ("keys", "keys_pre_rope", "values")
 
@@ -75,7 +76,7 @@ class Collector:
         self.held: list[dict[str, list[torch.Tensor]]] = [{"query": [], "key": [], "value": []}
                                                           for _ in range(num_layers)]
         self.scaling: list[float] = [head_dim ** -0.5] * num_layers
-        self.window: list[int | None] = [None] * num_layers
+        self.span: list[LayerSpan] = [GLOBAL] * num_layers
         self.sampler = ReservoirSampler(o.samples, o.seed)
         self.probes = probe_positions(seq_len, o.probe_recent, o.probe_random, o.seed)
         self.margin = n_recent_probes(seq_len, o.probe_recent)  # far-score distance
@@ -92,13 +93,13 @@ class Collector:
     def on_attention(self, call: AttentionCall) -> None:
         """Feed one layer's post-RoPE ``query`` ``[B, Hq, T, D]``, ``key``/``value`` ``[B, Hkv, T, D]``."""
         layer, o = call.layer, self.options
-        self.scaling[layer], self.window[layer] = call.scaling, call.window
+        self.scaling[layer], self.span[layer] = call.scaling, call.span
         self.stats["keys"][layer].update(call.key, self._plan)
         self.stats["values"][layer].update(call.value, self._plan)
         b, hq, t, d = call.query.shape
         self.query_samples[layer].update(call.query.detach().transpose(0, 1).reshape(hq, b * t, d), *self._plan)
         if self._chunk < o.attention_seqs:
-            self.attention[layer].update(call.query, call.key, self.probes, call.scaling, self.margin, call.window)
+            self.attention[layer].update(call.query, call.key, self.probes, call.scaling, self.margin, call.span)
         if self._chunk < o.held_seqs:
             n = min(o.held_len, t)
             for name, x in (("query", call.query), ("key", call.key), ("value", call.value)):

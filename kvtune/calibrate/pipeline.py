@@ -118,10 +118,10 @@ def _sensitivity(collector: Collector, tensors: dict[str, torch.Tensor], keys: t
         k_rank, v_rank = tensors["outliers.key_rank"][layer], tensors["outliers.value_rank"][layer]
         k_states, v_states = fitted_states(keys, k, k_rank), fitted_states(values, v, v_rank)
         sk, sv = layer_sensitivity(q, k, v, positions, collector.scaling[layer], keys, values, k_rank, v_rank,
-                                   collector.window[layer], k_states, v_states)
+                                   collector.span[layer], k_states, v_states)
         (ck,), (cv,) = default_kl_candidates(keys, values)  # the reference quantizers of the recency table
         rk, rv = recency_errors(q, k, v, quantize_tokens(k, keys[ck]), quantize_tokens(v, values[cv]), positions,
-                                collector.scaling[layer], collector.window[layer])
+                                collector.scaling[layer], collector.span[layer])
         extra.setdefault("recency.key", []).append(rk)
         extra.setdefault("recency.value", []).append(rv)
         for role, states in (("key", k_states), ("value", v_states)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from kvtune.calibrate.attention import visibility
+from kvtune.layout import GLOBAL, LayerSpan
 
 WINDOWS = (0, 16, 32, 64, 128, 256)
 _BLOCK = 128  # probe rows per block
@@ -37,10 +38,11 @@ def _rows(query: torch.Tensor, key: torch.Tensor, block: torch.Tensor, scaling: 
 
 def recency_errors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_q: torch.Tensor,
                    value_q: torch.Tensor, positions: torch.Tensor, scaling: float,
-                   window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   span: LayerSpan = GLOBAL) -> tuple[torch.Tensor, torch.Tensor]:
     """Relative errors ``([Hkv, W, 2], [Hkv, W, 2])`` float32 of quantized keys ``key_q`` (values exact) and of
     quantized values ``value_q`` (keys exact) when the last ``R`` keys of each probe (and the sink) stay exact,
-    divided by the error with every key quantized. ``query [B, Hq, T, D]``, the rest ``[B, Hkv, T, D]``."""
+    divided by the error with every key quantized. ``query [B, Hq, T, D]``, the rest ``[B, Hkv, T, D]``; ``span``:
+    the layer's attention span (a windowed layer's probes see only their window)."""
     b, hq, t, _ = query.shape
     hkv = key.shape[1]
     shape = (b, hkv, hq // hkv)
@@ -49,7 +51,7 @@ def recency_errors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     dv = (value.float() - value_q.float()).unsqueeze(2)  # [B, Hkv, 1, T, D]
     dv = dv.to(query.device)
     for block in positions.to(query.device).split(_BLOCK):
-        seen = visibility(block, t, window)  # [p, T]
+        seen = visibility(block, t, span)  # [p, T]: causal, inside a sliding window or chunk
         s_full, s_q = _rows(query, key, block, scaling), _rows(query, key_q, block, scaling)
         probs = s_full.masked_fill(~seen, float("-inf")).softmax(-1)  # [B, Hq, p, T]
         ref = probs.view(*shape, -1, t) @ value.float().unsqueeze(2)  # [B, Hkv, G, p, D]

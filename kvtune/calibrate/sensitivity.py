@@ -25,6 +25,7 @@ import torch
 from kvtune.calibrate.attention import probe_attention
 from kvtune.calibrate.hooks import AttentionCall, capture
 from kvtune.errors import KVTuneError
+from kvtune.layout import GLOBAL, LayerSpan
 from kvtune.quant import codec
 from kvtune.quant import family as families
 from kvtune.quant.codec import fake_quantize
@@ -112,7 +113,7 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def layer_sensitivity(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
                       scaling: float, key_specs: tuple[QuantSpec, ...], value_specs: tuple[QuantSpec, ...],
                       key_rank: torch.Tensor | None = None, value_rank: torch.Tensor | None = None,
-                      window: int | None = None, key_states: list[dict[str, torch.Tensor]] | None = None,
+                      span: LayerSpan = GLOBAL, key_states: list[dict[str, torch.Tensor]] | None = None,
                       value_states: list[dict[str, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Relative attention-output MSE of every candidate for one layer.
 
@@ -124,10 +125,10 @@ def layer_sensitivity(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     b = key.shape[0]
     key_states = key_states if key_states is not None else fitted_states(key_specs, key, key_rank)
     value_states = value_states if value_states is not None else fitted_states(value_specs, value, value_rank)
-    probs = probe_attention(query, key, positions, scaling, window)  # [B, Hq, P, T]
+    probs = probe_attention(query, key, positions, scaling, span)  # [B, Hq, P, T]
     ref = _grouped_out(probs, value)
     k_err = [_rel_error(_grouped_out(probe_attention(query, quantize_tokens(key, s, _outlier_idx(s, key_rank, b), st),
-                                                     positions, scaling, window), value), ref)
+                                                     positions, scaling, span), value), ref)
              for s, st in zip(key_specs, key_states)]
     v_err = [_rel_error(_grouped_out(probs, quantize_tokens(value, s, _outlier_idx(s, value_rank, b), st)), ref)
              for s, st in zip(value_specs, value_states)]

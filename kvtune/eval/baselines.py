@@ -219,11 +219,9 @@ def _probe_backend(backend: str, nbits: int, group: int, residual: int) -> str |
 
 def identity_of(model: Any) -> ModelIdentity:
     """:class:`ModelIdentity` of a loaded model."""
-    from kvtune.models import model_identity
+    from kvtune.models import identity, model_identity
 
-    ident = model_identity(model)
-    return ModelIdentity(**{k: ident[k] for k in ("architecture", "num_layers", "num_heads", "num_kv_heads",
-                                                  "head_dim", "fingerprint")})
+    return identity(model_identity(model))
 
 
 def _preset(name: str) -> Method:

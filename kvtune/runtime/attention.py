@@ -9,13 +9,21 @@ tensor it returns (:func:`~kvtune.runtime.layer.take_step`), and this function a
   with kernel-supported specs: the fused Triton decode kernel reads the packed
   codes (:func:`kvtune.kernels.decode_attention`), the fp16 sinks + window ride along as its extra
   segment, rotated specs rotate q (and the output) instead of the cache;
-* a prompt's first forward (nothing stored yet, not stepwise): transformers' SDPA over the prompt as stored
-  (fp16), the fastest exact path on CPU and GPU; the tokens are quantized after it, as for any call;
+* a prompt's first forward (nothing stored yet, not stepwise): the model's own attention over the prompt as
+  stored (fp16) with the model's mask (:func:`kvtune.runtime.scores.model_attention`: transformers' SDPA, the
+  fastest exact path on CPU and GPU, or eager maths for soft-capped / sink models); the tokens are quantized
+  after it, as for any call;
 * everything else: :func:`kvtune.runtime.reference.attend` (PyTorch, blockwise; the CPU path).
 
-Without a step (no cache, or another cache class) it is plain SDPA, so switching a model to
+Without a step (no cache, or another cache class) it is the model's own attention, so switching a model to
 ``"kvtune"`` never changes what it computes without a :class:`KVTuneCache`. The mask function is
 transformers' SDPA mask (boolean, True = attend).
+
+**Windows.** A sliding-window or chunked layer (``layer.span``) attends exactly the keys the model's mask allows
+in every path: the reference masks stored keys by cache position, the kernel starts each row's quantized part
+at its window (``start``) and masks the fp16 segment. Left padding of such a layer cannot be read off its mask's
+last row (the window hides it), so it is read off the diagonal (a real token always sees itself) and carried
+from call to call. Soft-capping and sinks (:class:`~kvtune.runtime.scores.ScoreMods`) keep a layer off the kernel.
 """
 
 from __future__ import annotations
@@ -31,13 +39,15 @@ from kvtune.quant import codec
 from kvtune.quant.rotation import rotation
 from kvtune.runtime import policies, reference
 from kvtune.runtime.heads import ROLES, HeadGroup
-from kvtune.runtime.layer import Step, take_step
+from kvtune.runtime.layer import KVTuneLayer, Step, take_step
+from kvtune.runtime.scores import PLAIN, ScoreMods, model_attention
 
 log = logging.getLogger(__name__)
 NAME = "kvtune"
 _REGISTERED = False
 _NO_PADDING: dict[tuple[int, torch.device], torch.Tensor] = {}
 _PAD_MEMO: tuple[torch.Tensor, torch.Tensor, bool] | None = None  # (mask, its left padding [B], any row padded)
+_WINDOW_PAD_MEMO: tuple[torch.Tensor, torch.Tensor, bool] | None = None  # the same for windowed layers' masks
 
 
 def kvtune_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -46,21 +56,22 @@ def kvtune_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     """``query [B, Hq, L, D]`` -> ``(out [B, L, Hq, D], None)`` over the cache's stored tokens."""
     step = take_step(key)
     if step is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
+        return model_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                               **kwargs)
     if step.layer.owner is not None and id(module) != step.layer.owner:
         raise KVTuneError("this KVTuneCache was created for another model instance",
                           "create one cache per model: plan.cache(model)")
+    _check_window(step.layer, kwargs.get("sliding_window"))
     scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
-    pad, padded = _left_padding(attention_mask, query)
-    if _fresh_prefill(step):  # nothing stored before this call: plain SDPA over its own (fp16-stored) tokens
+    mods = ScoreMods.from_kwargs(kwargs)
+    pad, padded = (_window_padding(attention_mask, query, step.layer) if step.layer.span.windowed
+                   else _left_padding(attention_mask, query))
+    if _fresh_prefill(step):  # nothing stored before this call: the model's attention over its own tokens
         out = _prefill_sdpa(module, step, query, attention_mask, scaling, dropout, **kwargs)
     else:
-        out = _kernel_attend(step, query, pad, scaling, padded) if kernel_eligible(step, query) else None
+        out = _kernel_attend(step, query, pad, scaling, padded) if kernel_eligible(step, query, mods) else None
         if out is None:
-            out = reference.attend(step, query, pad, scaling)
+            out = reference.attend(step, query, pad, scaling, mods=mods)
         out = out.transpose(1, 2).contiguous()
     policies.after_attention(step, query, pad, scaling)  # probes, then merge + flush, then salient
     return out, None
@@ -76,15 +87,20 @@ def _fresh_prefill(step: Step) -> bool:
 
 def _prefill_sdpa(module: Any, step: Step, query: torch.Tensor, attention_mask: torch.Tensor | None,
                   scaling: float, dropout: float, **kwargs: Any) -> torch.Tensor:
-    """transformers' SDPA over ``[sinks][window]`` (= this call's tokens as stored, fp16, in order);
-    returns ``[B, L, Hq, D]``. The model's mask (causal + left padding) already has the right size."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """The model's attention over ``[sinks][window]`` (= this call's tokens as stored, fp16, in order);
+    returns ``[B, L, Hq, D]``. The model's mask (causal + window + left padding) already has the right size."""
     layer = step.layer
     keys = torch.cat([step.sink_k, layer.win_k], 2).to(query.dtype)
     vals = torch.cat([step.sink_v, layer.win_v], 2).to(query.dtype)
-    return sdpa_attention_forward(module, query, keys, vals, attention_mask, scaling=scaling,
-                                  dropout=dropout, **kwargs)[0]
+    return model_attention(module, query, keys, vals, attention_mask, scaling=scaling, dropout=dropout,
+                           **kwargs)[0]
+
+
+def _check_window(layer: KVTuneLayer, sliding_window: int | None) -> None:
+    """A ``sliding_window`` the model attends with must be the window the layer was built with (from the config)."""
+    if sliding_window is not None and layer.span.kind == "sliding" and layer.span.size != int(sliding_window):
+        raise KVTuneError(f"the model attends with sliding_window={sliding_window} but its config gave this "
+                          f"layer {layer.span.to_str()}", "make a new cache after changing the model's config")
 
 
 def _left_padding(mask: torch.Tensor | None, query: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -103,6 +119,25 @@ def _left_padding(mask: torch.Tensor | None, query: torch.Tensor) -> tuple[torch
     return _PAD_MEMO[1], _PAD_MEMO[2]
 
 
+def _window_padding(mask: torch.Tensor | None, query: torch.Tensor,
+                    layer: KVTuneLayer) -> tuple[torch.Tensor, bool]:
+    """Left padding ``[B]`` (and whether any) for a windowed layer: this call's padded queries are the leading
+    ones that do not see their own key (the diagonal of ``mask [B, 1, q, K]``, queries at cache positions
+    ``K - q ..``); when every earlier token was padding too they extend it. Memoized on the mask."""
+    if mask is None or mask.dtype != torch.bool:
+        return _left_padding(None, query)
+    global _WINDOW_PAD_MEMO
+    if _WINDOW_PAD_MEMO is None or _WINDOW_PAD_MEMO[0] is not mask:
+        q, k = mask.shape[2], mask.shape[3]
+        rows = torch.arange(q, device=mask.device)
+        diag = mask[:, 0, rows, k - q + rows]  # [B, q]
+        lead = (~diag).long().cumprod(-1).sum(-1)  # leading padded queries
+        prev = layer.pad if layer.pad is not None else torch.zeros_like(lead)
+        pad = torch.where(prev >= k - q, k - q + lead, prev)
+        _WINDOW_PAD_MEMO = (mask, pad, bool((pad > 0).any()))
+    return _WINDOW_PAD_MEMO[1], _WINDOW_PAD_MEMO[2]
+
+
 def install(model: Any) -> None:
     """Register ``"kvtune"`` (attention + mask) once and switch ``model`` to it (idempotent)."""
     global _REGISTERED
@@ -119,10 +154,10 @@ def install(model: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------- kernels
-def kernel_eligible(step: Step, query: torch.Tensor) -> bool:
-    """True when this call can run on the fused Triton decode kernel."""
+def kernel_eligible(step: Step, query: torch.Tensor, mods: ScoreMods = PLAIN) -> bool:
+    """True when this call can run on the fused Triton decode kernel (which has no soft-capping or sinks)."""
     layer = step.layer
-    if layer.backend == "reference" or step.q_len != 1 or layer.plan.salient.ratio > 0:
+    if layer.backend == "reference" or step.q_len != 1 or layer.plan.salient.ratio > 0 or not mods.plain:
         return False
     if not query.is_cuda and layer.backend != "triton":
         return False
@@ -167,14 +202,23 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
     qk, ek, ev = krot.forward(q.to(torch.float16)), krot.forward(ek), vrot.forward(ev)
     kq, vq = _packed(g, layer)
     start = extra = None
-    if padded:
-        s, nq = step.sink_k.shape[2], layer.n_quant
-        start = (pad - s).clamp(0, nq)
+    if padded or layer.span.windowed:
+        s, nq, e = step.sink_k.shape[2], layer.n_quant, layer.evicted
+        lo = _first_key(layer, pad)  # [B] first cache position the query sees
+        start = (lo - s - e).clamp(0, nq)
         idx = torch.cat([torch.arange(s, device=q.device),
-                         nq + s + torch.arange(layer.win_k.shape[2], device=q.device)])
-        extra = idx[None, :] >= pad[:, None]  # [B, R] bool
+                         nq + s + e + torch.arange(layer.win_k.shape[2], device=q.device)])
+        extra = idx[None, :] >= lo[:, None]  # [B, R] bool
     out = decode_attention(qk, kq, vq, ek, ev, extra, start, scaling)
     return vrot.inverse(out)
+
+
+def _first_key(layer: KVTuneLayer, pad: torch.Tensor) -> torch.Tensor:
+    """``[B]`` int64: the first cache position the decode query (at ``length - 1``) sees: after the row's left
+    padding and, in a windowed layer, inside its window."""
+    if not layer.span.windowed:
+        return pad
+    return torch.maximum(pad, torch.as_tensor(layer.span.first_visible(layer.length - 1, pad), device=pad.device))
 
 
 def _packed(g: HeadGroup, layer: Any) -> tuple[Any, Any]:

@@ -31,11 +31,9 @@ BACKENDS = ("auto", "reference", "triton")
 
 def identity_of(model: Any) -> ModelIdentity:
     """The :class:`ModelIdentity` of a loaded model."""
-    from kvtune.models import model_identity
+    from kvtune.models import identity, model_identity
 
-    ident = model_identity(model)
-    return ModelIdentity(**{k: ident[k] for k in ("architecture", "num_layers", "num_heads", "num_kv_heads",
-                                                  "head_dim", "fingerprint")})
+    return identity(model_identity(model))
 
 
 class KVTuneCache(Cache):
@@ -58,8 +56,13 @@ class KVTuneCache(Cache):
         ident = identity_of(model)
         self.plan = plan.bind(ident)
         self.identity = ident
-        layers = [KVTuneLayer(lp, ident.num_kv_heads, ident.head_dim, self.plan.layer_state(i), headroom)
-                  for i, lp in enumerate(self.plan.layers)]
+        layers = [KVTuneLayer(lp, ident.num_kv_heads, ident.head_dim, self.plan.layer_state(i), headroom, span)
+                  for i, (lp, span) in enumerate(zip(self.plan.layers, ident.spans))]
+        dropped = [i for i, (lp, span) in enumerate(zip(self.plan.layers, ident.spans))
+                   if lp != lp.windowed(span)]
+        if dropped:
+            log.info("layers %s attend a window: their sink/salient/merge policies are off (global layers only)",
+                     dropped)
         super().__init__(layers=layers)
         if backend not in BACKENDS:
             raise KVTuneError(f"unknown attention backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
@@ -103,13 +106,14 @@ class KVTuneCache(Cache):
         """Bytes held by the cache's tensors (codes, scales, zeros, outliers, salient copies, fp16 tokens)."""
         return sum(layer.nbytes(used) for layer in self.layers)
 
-    def token_counts(self) -> dict[str, int]:
-        """Stored tokens of layer 0 by kind (per head): sinks, quantized, window, merged, logical length."""
-        layer = self.layers[0]
+    def token_counts(self, layer_idx: int = 0) -> dict[str, int]:
+        """Stored tokens of one layer by kind (per head): sinks, quantized (held), window, merged, evicted
+        (windowed layers), logical length."""
+        layer = self.layers[layer_idx]
         if not layer.is_initialized:
-            return {"sink": 0, "quantized": 0, "window": 0, "merged": 0, "length": 0}
+            return {"sink": 0, "quantized": 0, "window": 0, "merged": 0, "evicted": 0, "length": 0}
         return {"sink": layer.sink_k.n, "quantized": layer.n_quant, "window": layer.win_k.shape[2],
-                "merged": layer.merged, "length": layer.length}
+                "merged": layer.merged, "evicted": layer.evicted, "length": layer.length}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if self.layers else 0

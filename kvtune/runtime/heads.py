@@ -119,7 +119,10 @@ class HeadGroup:
         return k, v
 
     def nbytes(self, used: bool = False) -> int:
-        state = sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values())
+        """Bytes held; a role's layer state counts once it has quantized tokens (as the bit accountant counts a
+        ``layer``-scope field: :meth:`FieldDecl.rows`), plan-provided state held before that is the plan's."""
+        state = sum(t.numel() * t.element_size() for r, st in self.state.items() if self.stores[r]
+                    for t in st.values())
         sal = self.salient.nbytes() if self.salient is not None else 0
         return self.keys.nbytes(used) + self.values.nbytes(used) + state + sal
 

@@ -31,8 +31,10 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvtune.errors import KVTuneError
+from kvtune.layout import GLOBAL, LayerSpan
 from kvtune.plan_types import HeadPlan, LayerPlan
 from kvtune.quant import codec
+from kvtune.quant.bits import evict_step, window_size
 from kvtune.runtime.heads import HeadGroup
 from kvtune.runtime.store import TokenBuffer
 
@@ -43,7 +45,8 @@ FP = torch.float16
 class Step:
     """One forward call of one layer, as its attention needs it.
 
-    nq_before: quantized tokens (per head) during this call; sink_k/v: fp16 ``[B, Hkv, s, D]``; the window
+    nq_before: tokens (per head) flushed before this call (held quantized, or evicted from a windowed layer);
+    sink_k/v: fp16 ``[B, Hkv, s, D]``; the window
     (``layer.win_k/v``, fp16 ``[B, Hkv, w, D]``) holds the older fp16 tokens and then this call's;
     new_sinks: how many of this call's tokens went to sinks; bounds: int64 ``[q_len]``, the quantized tokens
     query ``i`` sees in stepwise mode (the first ``bounds[i] - nq_before`` window tokens read back
@@ -69,11 +72,6 @@ def take_step(key: torch.Tensor) -> Step | None:
     return entry[1] if entry is not None and entry[0] is key else None
 
 
-def window_size(rest: int, residual: int, flush: int) -> int:
-    """fp16 window of ``rest`` non-sink tokens (same rule as :func:`kvtune.quant.bits.token_counts`)."""
-    return rest if rest <= residual else residual + (rest - residual) % flush
-
-
 class KVTuneLayer(CacheLayerMixin):
     """Cache layer with per-head-group bit-packed storage (see module docstring)."""
 
@@ -81,9 +79,13 @@ class KVTuneLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, plan: LayerPlan, num_kv_heads: int, head_dim: int,
-                 state: dict[str, dict[str, torch.Tensor]] | None = None, headroom: float | None = None) -> None:
+                 state: dict[str, dict[str, torch.Tensor]] | None = None, headroom: float | None = None,
+                 span: LayerSpan = GLOBAL) -> None:
         super().__init__()
-        self.plan, self.num_kv_heads, self.head_dim = plan, num_kv_heads, head_dim
+        if span.windowed:  # token policies act on global layers only (kvtune.quant.bits)
+            plan = plan.windowed(span)
+        self.plan, self.num_kv_heads, self.head_dim, self.span = plan, num_kv_heads, head_dim, span
+        self.evict_step = evict_step(plan, num_kv_heads, head_dim)
         self.state = {role: dict(fields) for role, fields in (state or {}).items()}  # plan tensors [Hkv, width]
         self.headroom_setting = headroom
         self.stepwise = False
@@ -98,7 +100,8 @@ class KVTuneLayer(CacheLayerMixin):
         self.groups: list[HeadGroup] = []
         self.length = 0  # logical tokens seen
         self.merged = 0
-        self.n_quant = 0  # quantized tokens per head
+        self.n_quant = 0  # quantized tokens held per head
+        self.evicted = 0  # quantized tokens dropped off the front (windowed layers: no query sees them again)
         self.pad: torch.Tensor | None = None  # int64 [B] left-padding tokens per row
         self.probes: torch.Tensor | None = None  # [B, Hq, P, D] recent queries (salient / merge scores)
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first index, k, v) just quantized
@@ -145,7 +148,7 @@ class KVTuneLayer(CacheLayerMixin):
         if take:
             self.sink_k.append(key_states[:, :, :take].to(FP))
             self.sink_v.append(value_states[:, :, :take].to(FP))
-        rest0 = nq0 + self.win_k.shape[2]
+        rest0 = self.evicted + nq0 + self.win_k.shape[2]
         self.win_k = torch.cat([self.win_k, key_states[:, :, take:].to(FP)], dim=2)
         self.win_v = torch.cat([self.win_v, value_states[:, :, take:].to(FP)], dim=2)
         if self.win_types is not None:
@@ -154,7 +157,7 @@ class KVTuneLayer(CacheLayerMixin):
                 torch.zeros(b, m, dtype=torch.int8, device=self.device)
             self.win_types = torch.cat([self.win_types, new[:, None, take:].expand(b, self.num_kv_heads, m - take)], 2)
         self.length += m
-        step = Step(self, m, nq0, self._sinks(self.sink_k), self._sinks(self.sink_v), take,
+        step = Step(self, m, self.evicted + nq0, self._sinks(self.sink_k), self._sinks(self.sink_v), take,
                     self._bounds(m, take, rest0))
         _PENDING[id(key_states)] = (key_states, step)
         self.pending_key = id(key_states)
@@ -163,10 +166,12 @@ class KVTuneLayer(CacheLayerMixin):
 
     def finish(self, pad: torch.Tensor) -> None:
         """After attention (and any merging, :func:`kvtune.runtime.policies.after_attention`): remember the rows'
-        left padding, flush whole blocks."""
+        left padding ``pad [B]``, flush whole blocks and, in a windowed layer, drop what no future query sees."""
         self.awaiting_attention = False
         self.pad = pad
         self._flush()
+        if self.span.windowed:
+            self._evict(pad)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -229,7 +234,7 @@ class KVTuneLayer(CacheLayerMixin):
         n = (self.win_k.shape[2] - self.plan.residual) // f * f
         if n <= 0:
             return
-        first = self.n_quant
+        first = self.evicted + self.n_quant
         bk, bv = self.padded_block(self.win_k[:, :, :n], first), self.padded_block(self.win_v[:, :, :n], first)
         for g in self.groups:
             g.append(g.select(bk).float(), g.select(bv).float())
@@ -240,6 +245,24 @@ class KVTuneLayer(CacheLayerMixin):
         if self.win_types is not None:
             self.q_types.append(self.win_types[:, :, :n])
             self.win_types = self.win_types[:, :, n:].contiguous()
+
+    def _evict(self, pad: torch.Tensor) -> None:
+        """Drop the quantized tokens (in steps of ``evict_step``) before the first position any future query of
+        any row can see (:meth:`~kvtune.layout.LayerSpan.keep_from`); the bit accountant counts the same."""
+        keep = int(torch.as_tensor(self.span.keep_from(self.length, pad)).min())
+        drop = min(self.n_quant, max(0, keep) // self.evict_step * self.evict_step - self.evicted)
+        if drop <= 0:
+            return
+        for g in self.groups:
+            for store in g.stores.values():
+                store.drop_front(drop, self.flush)
+        self.n_quant -= drop
+        self.evicted += drop
+
+    def key_positions(self, n: int, device: torch.device) -> torch.Tensor:
+        """Cache positions ``[n]`` int64 of the first ``n`` stored keys ``[sinks][quantized][window]``."""
+        pos = torch.arange(n, device=device)
+        return pos if not self.evicted else torch.where(pos >= self.n_sinks, pos + self.evicted, pos)
 
     def padded_block(self, x: torch.Tensor, first: int) -> torch.Tensor:
         """``x [B, Hkv, F, D]`` (quantized tokens ``first..first+F``) with left-padding rows replaced by the
@@ -262,7 +285,7 @@ class KVTuneLayer(CacheLayerMixin):
         rest = rest0 + (torch.arange(m) - take).clamp_min(0)  # non-sink tokens before query i
         window = torch.tensor([window_size(int(r), self.plan.residual, self.flush) for r in rest])
         bounds = rest - window
-        return bounds.to(self.device) if int(bounds.max()) > self.n_quant else None
+        return bounds.to(self.device) if int(bounds.max()) > self.evicted + self.n_quant else None
 
 
 def _build_groups(plan: LayerPlan, num_kv_heads: int, head_dim: int, state: dict[str, dict[str, torch.Tensor]],

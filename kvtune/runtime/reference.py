@@ -9,6 +9,12 @@ In stepwise mode (``step.bounds``) the window tokens that token-by-token decodin
 quantized for some query of this call form a "transition" region: query ``i`` reads the first
 ``bounds[i] - nq_before`` of them quantized (encoded and decoded exactly as the coming flush will store
 them) and the rest in fp16, exactly as if the tokens had arrived one at a time.
+
+Keys are masked by their cache position (:meth:`~kvtune.runtime.layer.KVTuneLayer.key_positions`): left padding,
+and in a sliding-window or chunked layer everything before each query's first visible position
+(:meth:`kvtune.layout.LayerSpan.first_visible`), so the old tokens of a block straddling the window's edge are
+never read. :class:`~kvtune.runtime.scores.ScoreMods` (soft-capping, sinks) apply in the blockwise path; SDPA
+cannot express them, so such layers always take it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from kvtune.runtime.layer import Step
+from kvtune.runtime.scores import PLAIN, ScoreMods, softmax
 
 QUERY_SLICE = 256
 SDPA_SLICE = 2048  # queries per SDPA call of a chunked prefill (bounds the [B, 1, l, N] mask)
@@ -29,13 +36,14 @@ def left_padding(mask: torch.Tensor | None, batch: int, device: torch.device) ->
     return torch.where(last.any(-1), last.float().argmax(-1), torch.zeros_like(last[:, 0], dtype=torch.float)).long()
 
 
-def attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float, sdpa: bool | None = None) -> torch.Tensor:
+def attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float, sdpa: bool | None = None,
+           mods: ScoreMods = PLAIN) -> torch.Tensor:
     """Attention of ``q [B, Hq, L, D]`` over the layer's stored tokens; returns ``[B, Hq, L, D]`` in q's dtype.
 
-    sdpa: use :func:`_attend_sdpa` (default: for several queries outside stepwise mode)."""
+    sdpa: use :func:`_attend_sdpa` (default: for several queries outside stepwise mode, without ``mods``)."""
     layer = step.layer
     b, hq, lq, d = q.shape
-    if sdpa if sdpa is not None else (lq > 1 and step.bounds is None):
+    if (sdpa if sdpa is not None else (lq > 1 and step.bounds is None)) and mods.plain:
         return _attend_sdpa(step, q, pad, scaling)
     n_rep = hq // layer.num_kv_heads
     q5 = q.float().reshape(b, layer.num_kv_heads, n_rep, lq, d)
@@ -47,9 +55,10 @@ def attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float, sdpa:
         for s in range(0, lq, QUERY_SLICE):
             e = min(lq, s + QUERY_SLICE)
             qs = q5[:, heads, :, s:e]  # [B, h, r, l, D]
-            valid = _valid(pad, newidx, torch.arange(s, e, device=q.device))  # [B, 1, 1, l, N]
+            valid = _valid(step, pad, newidx, torch.arange(s, e, device=q.device))  # [B, 1, 1, l, N]
             bounds = step.bounds[s:e] if step.bounds is not None else None
-            out[:, heads, :, s:e] = _attend_slice(qs, keys, vals, valid, alt, bounds, step, scaling)
+            sinks = mods.sink_logits(layer.num_kv_heads, heads)
+            out[:, heads, :, s:e] = _attend_slice(qs, keys, vals, valid, alt, bounds, step, scaling, mods, sinks)
     return out.reshape(b, hq, lq, d).to(q.dtype)
 
 
@@ -72,7 +81,7 @@ def _attend_sdpa(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float)
         qg = q[:, qh].to(dt)
         for s in range(0, lq, SDPA_SLICE):
             e = min(lq, s + SDPA_SLICE)
-            valid = _valid(pad, newidx, torch.arange(s, e, device=q.device))[:, :, 0]  # [B, 1, l, N]
+            valid = _valid(step, pad, newidx, torch.arange(s, e, device=q.device))[:, :, 0]  # [B, 1, l, N]
             o = F.scaled_dot_product_attention(qg[:, :, s:e], keys, vals, attn_mask=valid, scale=scaling,
                                                enable_gqa=n_rep > 1)
             out[:, qh, s:e] = o.nan_to_num(0.0).to(q.dtype)  # a fully masked row (left padding) gives NaN
@@ -110,26 +119,35 @@ def _new_index(step: Step, n: int) -> torch.Tensor:
     return idx
 
 
-def _valid(pad: torch.Tensor, newidx: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, 1, l, N]`` bool: not left padding, and causal among this call's tokens."""
-    n = newidx.shape[0]
-    not_pad = torch.arange(n, device=pad.device)[None, :] >= pad[:, None]  # [B, N]
+def _valid(step: Step, pad: torch.Tensor, newidx: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, 1, l, N]`` bool: not left padding, causal among this call's tokens (``queries [l]``: their
+    indices in it) and, in a windowed layer, inside each query's window (all by cache position)."""
+    layer, n = step.layer, newidx.shape[0]
+    pos = layer.key_positions(n, pad.device)  # [N]
+    not_pad = pos[None, :] >= pad[:, None]  # [B, N]
     causal = newidx[None, :] <= queries[:, None]  # [l, N]
-    return not_pad[:, None, None, None, :] & causal[None, None, None]
+    valid = not_pad[:, None, None, None, :] & causal[None, None, None]
+    if not layer.span.windowed:
+        return valid
+    qpos = layer.length - step.q_len + queries  # [l] cache positions of the queries
+    first = layer.span.first_visible(qpos[None, :], pad[:, None])  # [B or 1, l]
+    inside = pos[None, None, :] >= first[..., None]  # [B or 1, l, N]
+    return valid & inside[:, None, None]
 
 
-def _attend_slice(qs, keys, vals, valid, alt, bounds, step, scaling) -> torch.Tensor:
-    """Softmax attention of ``qs [B, h, r, l, D]`` over ``keys/vals [B, h, N, D]`` (+ transition)."""
-    scores = (qs @ keys[:, :, None].transpose(-1, -2)) * scaling  # [B, h, r, l, N]
+def _attend_slice(qs, keys, vals, valid, alt, bounds, step, scaling, mods=PLAIN, sinks=None) -> torch.Tensor:
+    """Softmax attention of ``qs [B, h, r, l, D]`` over ``keys/vals [B, h, N, D]`` (+ transition), scores
+    soft-capped and sink logits ``[h, r, 1, 1]`` in the denominator as ``mods`` says."""
+    scores = mods.cap((qs @ keys[:, :, None].transpose(-1, -2)) * scaling)  # [B, h, r, l, N]
     use = None
     if alt is not None:
         off, ak, av, _fk, fv = alt
         a = ak.shape[2]
         use = torch.arange(a, device=qs.device)[None, :] < (bounds - step.nq_before)[:, None]  # [l, A]
-        s_alt = (qs @ ak[:, :, None].transpose(-1, -2)) * scaling
+        s_alt = mods.cap((qs @ ak[:, :, None].transpose(-1, -2)) * scaling)
         scores[..., off:off + a] = torch.where(use, s_alt, scores[..., off:off + a])
     scores = scores.masked_fill(~valid, float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    p = softmax(scores, sinks)
     out = p @ vals[:, :, None]  # [B, h, r, l, D]
     if use is not None:
         out = out + (p[..., off:off + a] * use) @ (av - fv)[:, :, None]

@@ -52,6 +52,19 @@ class TokenBuffer:
         cap = -(-max(need, math.ceil(need * (1 + self.headroom))) // 64) * 64
         return torch.empty(*like.shape[:2], cap, *like.shape[3:], dtype=like.dtype, device=like.device)
 
+    def drop_front(self, rows: int) -> None:
+        """Drop the first ``rows`` used rows along dim 2 (tokens that left every window), keeping the headroom
+        policy: an exact copy on CPU, the same capacity rule on GPU."""
+        if self.data is None or rows <= 0:
+            return
+        keep = self.data[:, :, rows: self.n]
+        if self.headroom:
+            data = self._alloc(keep, keep.shape[2])
+            data[:, :, : keep.shape[2]] = keep
+        else:
+            data = keep.clone()
+        self.data, self.n = data, self.n - rows
+
     def view(self) -> torch.Tensor:
         assert self.data is not None
         return self.data[:, :, : self.n]
@@ -88,6 +101,12 @@ class FieldStore:
             if x.dtype != f.torch_dtype or x.shape[-1] != f.width:
                 raise ValueError(f"field {name}: got {x.dtype} x {x.shape[-1]}, declared {f.dtype} x {f.width}")
             self.buffers.setdefault(name, TokenBuffer(self.headroom)).append(x)
+
+    def drop_front(self, tokens: int, flush: int) -> None:
+        """Drop the first ``tokens`` stored tokens (a multiple of ``flush`` unless every field is per token):
+        each field its rows for them (:meth:`FieldDecl.rows`); ``layer``-scope fields are never stored here."""
+        for name, buf in self.buffers.items():
+            buf.drop_front(self.decls[name].rows(tokens, flush))
 
     def fields(self) -> Fields:
         return {name: buf.view() for name, buf in self.buffers.items()}

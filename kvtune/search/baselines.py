@@ -24,7 +24,6 @@ import numpy as np
 from kvtune.errors import KVTuneError
 from kvtune.plan import Plan
 from kvtune.plan_types import LayerPlan, ModelIdentity
-from kvtune.quant.bits import layer_bits
 from kvtune.quant.formats import kivi_key, kivi_value
 from kvtune.search.objective import Evaluator
 from kvtune.search.token_policies import TokenPolicy
@@ -57,7 +56,7 @@ def _layer(key: object, value: object, fp16: int, policy: TokenPolicy) -> LayerP
 def _uniform(ev: Evaluator, name: str, kind: str, layer: LayerPlan) -> Baseline:
     ident = ev.space.identity
     layers = (layer,) * ident.num_layers
-    bits = layer_bits(layer, ident.num_kv_heads, ident.head_dim, ev.space.reference_length).effective
+    bits = Plan(layers=layers, model=ident, reference_length=ev.space.reference_length).effective_bits()
     return Baseline(name, kind, layers, bits, ev.plan_proxy(layers))
 
 
@@ -83,8 +82,8 @@ def kivi_baselines(ev: Evaluator, budget: float) -> list[Baseline]:
 def uniform_baselines(ev: Evaluator, budget: float, keep: int = UNIFORM_KEEP) -> list[Baseline]:
     """The ``keep`` best uniform pairs of calibrated candidates within ``budget``, priced in bulk: a uniform
     plan's proxy is the tables' errors summed over layers and heads times the layer factors."""
-    space, ident = ev.space, ev.space.identity
-    cells = ident.num_layers * ident.num_kv_heads
+    space, heads = ev.space, ev.space.identity.num_kv_heads
+    windowed = [i for i, span in enumerate(ev.spans) if span.windowed]
     found: list[tuple[float, float, int, int, int, int]] = []
     for fp16, policy in itertools.product(WINDOWS, SINKS):
         if policy not in space.token_policies:
@@ -92,10 +91,14 @@ def uniform_baselines(ev: Evaluator, budget: float, keep: int = UNIFORM_KEEP) ->
         t = space.token_policies.index(policy)
         for k, v in itertools.product(range(len(space.key_candidates)), range(len(space.value_candidates))):
             flush = math.lcm(ev.key_group[k], ev.value_group[v])
-            bits = ev._head(k, v, fp16, t, flush) * cells / ev.elements
+            bits = sum(ev._head(k, v, fp16, t, flush, span) for span in ev.spans) * heads / ev.elements
             if bits > budget:
                 continue
             fk, fv = ev.factors(fp16, t, flush)
+            if windowed:  # windowed layers run without token policies: the share of their tokens held quantized
+                fk, fv = fk.copy(), fv.copy()
+                for i in windowed:
+                    fk[i] = fv[i] = ev._share(fp16, t, flush, ev.spans[i])
             proxy = float((ev.e_key[:, :, k] * fk).sum() + (ev.e_value[:, :, v] * fv).sum())
             found.append((proxy, -bits, k, v, fp16, t))
     out = []

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvtune.layout import GLOBAL, LayerSpan
 from kvtune.plan_types import LayerPlan
 from kvtune.quant.bits import layer_bits, token_counts
 from kvtune.search.recency import expected_window, factors
@@ -50,9 +51,11 @@ class Evaluator:
         self.space = space
         self.e_key, self.e_value = tables.head_errors()  # [L, H, Ck], [L, H, Cv] float64
         ident = space.identity
-        self.elements = 2 * space.reference_length * ident.head_dim * ident.num_kv_heads * ident.num_layers
-        self._heads: dict[tuple[int, int, int, int, int], float] = {}
-        self._shares: dict[tuple[int, int, int], float] = {}
+        self.spans = ident.spans  # windowed layers are priced by what they hold (kvtune.quant.bits)
+        self.elements = sum(2 * s.fp16_tokens(space.reference_length) * ident.head_dim * ident.num_kv_heads
+                            for s in self.spans)
+        self._heads: dict[tuple[int, int, int, int, int, LayerSpan], float] = {}
+        self._shares: dict[tuple[int, int, int, LayerSpan], float] = {}
         self.key_group = [s.token_group for s in space.key_candidates]
         self.value_group = [s.token_group for s in space.value_candidates]
         self.key_cost = [spec_cost(s, ident.head_dim) for s in space.key_candidates]
@@ -73,34 +76,34 @@ class Evaluator:
         out.merge_err = out.e_key.sum(axis=1).max(axis=1) + out.e_value.sum(axis=1).max(axis=1)
         return out
 
-    def _head(self, key: int, value: int, residual: int, tokens: int, flush: int) -> float:
+    def _head(self, key: int, value: int, residual: int, tokens: int, flush: int, span: LayerSpan = GLOBAL) -> float:
         """Stored bits of one head's K and V in a layer whose flush block is ``flush`` (memoised).
 
         A layer's bits are the sum over its heads of this (the token counts depend only on the window, the
         token policy and the flush block, all per layer), so ``layer_bits`` on a one-head layer is exact.
         """
-        memo_key = (key, value, residual, tokens, flush)
+        memo_key = (key, value, residual, tokens, flush, span)
         hit = self._heads.get(memo_key)
         if hit is None:
             policy = self.space.token_policies[tokens]
             plan = LayerPlan(key=self.space.key_candidates[key], value=self.space.value_candidates[value],
                              residual=policy.window(residual), block=flush, salient=policy.salient(),
                              merge=policy.merge_policy())
-            hit = layer_bits(plan, 1, self.space.identity.head_dim, self.space.reference_length).total
+            hit = layer_bits(plan, 1, self.space.identity.head_dim, self.space.reference_length, span).total
             self._heads[memo_key] = hit
         return hit
 
-    def _share(self, residual: int, tokens: int, flush: int) -> float:
-        """Share of a layer's tokens quantized (not merged, not sinks, not in the window) at the reference length
-        (memoised)."""
-        hit = self._shares.get((residual, tokens, flush))
+    def _share(self, residual: int, tokens: int, flush: int, span: LayerSpan = GLOBAL) -> float:
+        """Share of a layer's tokens quantized and held (not merged, not sinks, not in the window, not evicted
+        from a windowed layer, whole blocks assumed) at the reference length (memoised)."""
+        hit = self._shares.get((residual, tokens, flush, span))
         if hit is None:
             length = self.space.reference_length
             policy = self.space.token_policies[tokens]
             plan = LayerPlan(residual=policy.window(residual), block=flush, salient=policy.salient(),
-                             merge=policy.merge_policy())
-            hit = token_counts(plan, length)["quantized"] / length
-            self._shares[(residual, tokens, flush)] = hit
+                             merge=policy.merge_policy()).windowed(span)
+            hit = token_counts(plan, length, span, flush)["quantized"] / length
+            self._shares[(residual, tokens, flush, span)] = hit
         return hit
 
     def factors(self, residual: int, tokens: int, flush: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,8 +129,13 @@ class Evaluator:
         heads = np.arange(a["key"].shape[1])
         k, v, r, t = a["key"][i].tolist(), a["value"][i].tolist(), int(a["residual"][i]), int(a["tokens"][i])
         flush = math.lcm(*(self.key_group[c] for c in k), *(self.value_group[c] for c in v))
+        span = self.spans[i]
+        bits = sum(self._head(b, c, r, t, flush, span) for b, c in zip(k, v))
+        if span.windowed:  # no token policies in a window (LayerPlan.windowed): the share of tokens held quantized
+            share = self._share(r, t, flush, span)
+            pk = share * float(self.e_key[i, heads, a["key"][i]].sum())
+            return bits, pk, share * float(self.e_value[i, heads, a["value"][i]].sum()), 0.0
         fk, fv = self.factors(r, t, flush)
-        bits = sum(self._head(b, c, r, t, flush) for b, c in zip(k, v))
         pk = float((self.e_key[i, heads, a["key"][i]] * fk[i]).sum())
         pv = float((self.e_value[i, heads, a["value"][i]] * fv[i]).sum())
         return bits, pk, pv, float(self.merged[t] * self.merge_err[i])
@@ -167,7 +175,12 @@ class Evaluator:
             if policy not in self.space.token_policies:
                 return None
             t = self.space.token_policies.index(policy)
-            fk, fv = self.factors(layer.residual + policy.sinks, t, layer.flush)
+            span = self.spans[i]
+            if span.windowed:  # as the layer runs: no token policies, whole blocks evicted (as in _share)
+                share = token_counts(layer.windowed(span), self.space.reference_length, span, layer.flush)
+                fk = fv = np.full(self.e_key.shape[:2], share["quantized"] / self.space.reference_length)
+            else:
+                fk, fv = self.factors(layer.residual + policy.sinks, t, layer.flush)
             for h, head in enumerate(layer.head_plans(n_h)):
                 for j, (spec, cands, err, f) in enumerate(((head.key, self.space.key_candidates, self.e_key, fk),
                                                            (head.value, self.space.value_candidates, self.e_value,
@@ -177,7 +190,7 @@ class Evaluator:
                     if spec not in cands:
                         return None
                     total[j] += err[i, h, cands.index(spec)] * f[i, h]
-            total[2] += self.merged[t] * self.merge_err[i]
+            total[2] += 0.0 if span.windowed else self.merged[t] * self.merge_err[i]
         return float(total[0]), float(total[1]), float(total[2])
 
     def plan_proxy(self, layers: Sequence[LayerPlan]) -> float | None:

@@ -132,7 +132,9 @@ def _kl_weights(sens: torch.Tensor, kl: torch.Tensor, columns: tuple[int, ...]) 
 
 
 def _identity(model: Mapping[str, Any]) -> ModelIdentity:
-    return ModelIdentity(**{k: model[k] for k in _IDENTITY_KEYS})
+    from kvtune.models import identity
+
+    return identity(model)
 
 
 def tables_from_calibration(calib: Any, calibration_hash: str = "") -> CalibrationTables:

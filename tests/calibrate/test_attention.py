@@ -13,6 +13,7 @@ from kvtune.calibrate.attention import (
     sequence_stats,
     sink_tokens,
 )
+from kvtune.layout import LayerSpan
 
 T, D = 128, 32
 
@@ -40,8 +41,10 @@ def test_probe_rows_equal_full_attention_gqa_and_window() -> None:
     torch.testing.assert_close(probe_attention(q, k, pos, D ** -0.5), full, rtol=1e-5, atol=1e-6)
     some = probe_positions(300)
     torch.testing.assert_close(probe_attention(q, k, some, D ** -0.5), full[:, :, some])
-    windowed = probe_attention(q, k, pos, D ** -0.5, window=16)
+    windowed = probe_attention(q, k, pos, D ** -0.5, LayerSpan("sliding", 16))
     assert (windowed[:, :, 100, :85] == 0).all() and windowed[:, :, 100, 85:101].sum(-1).allclose(torch.ones(2, 4))
+    chunked = probe_attention(q, k, pos, D ** -0.5, LayerSpan("chunked", 16))
+    assert (chunked[:, :, 100, :96] == 0).all() and chunked[:, :, 100, 96:101].sum(-1).allclose(torch.ones(2, 4))
 
 
 def _planted(kind: str) -> tuple[torch.Tensor, torch.Tensor]:

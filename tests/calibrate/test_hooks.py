@@ -72,3 +72,21 @@ def test_nested_capture_restores_outer_routes() -> None:
         assert model.config._attn_implementation == CAPTURE_IMPL
         model(torch.zeros(1, 4, dtype=torch.long))
     assert outer == [0, 1] and model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama4", "phi3"])
+def test_capture_sees_each_layers_span_and_pre_rope_keys(arch: str) -> None:
+    """Calls carry the layer's span from the config (chunked layers too); fused qkv_proj yields pre-RoPE keys."""
+    from kvtune.layout import layout_of
+
+    model = tiny_model(arch, layers=6, window=16)
+    spans: dict[int, Any] = {}
+    keys: dict[int, tuple[int, ...]] = {}
+    def seen(call: AttentionCall) -> None:
+        spans[call.layer] = call.span
+
+    with torch.no_grad(), capture(model, on_attention=seen,
+                                  on_key_pre_rope=lambda layer, k: keys.setdefault(layer, tuple(k.shape)) and None):
+        model(torch.randint(1, 128, (1, 40)), use_cache=False)
+    assert [spans[i] for i in range(6)] == list(layout_of(model.config).spans)
+    assert all(shape == (1, 2, 40, 16) for shape in keys.values()) and len(keys) == 6

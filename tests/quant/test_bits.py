@@ -39,7 +39,7 @@ def test_ternary_symmetric_stores_no_zero() -> None:
 
 def test_partial_group_tokens_stay_fp16() -> None:
     layer = LayerPlan(key=kivi_key(2), value=kivi_value(2))
-    assert token_counts(layer, 100) == {"merged": 0, "fp16": 4, "quantized": 96, "salient": 0}
+    assert token_counts(layer, 100) == {"merged": 0, "fp16": 4, "quantized": 96, "salient": 0, "evicted": 0}
     assert token_counts(LayerPlan(key=kivi_key(2), value=kivi_value(2), residual=128), 100)["fp16"] == 100
 
 
@@ -74,3 +74,22 @@ def test_per_head_mix_is_the_mean() -> None:
     heads = (HeadPlan(kivi_key(4), kivi_value(4)), HeadPlan(kivi_key(2), kivi_value(2)))
     b = layer_bits(LayerPlan(heads=heads), 2, D, L)
     assert b.effective == pytest.approx(4.0)
+
+
+def test_windowed_layers_count_what_they_hold() -> None:
+    """A sliding layer holds its window (+ what a flush needs); its elements are a windowed fp16 cache's."""
+    from kvtune.layout import LayerSpan
+    from kvtune.plan_types import SalientPolicy
+    from kvtune.quant.bits import evict_step
+
+    span = LayerSpan("sliding", 512)
+    fp16 = LayerPlan()
+    assert evict_step(fp16, 2, 64) == 1 and evict_step(LayerPlan(key=kivi_key(2), value=kivi_value(2)), 2, 64) == 32
+    assert token_counts(fp16, 4096, span, 1) == {"merged": 0, "fp16": 0, "quantized": 511, "salient": 0,
+                                                 "evicted": 3585}
+    assert layer_bits(fp16, 2, 64, 4096, span).effective == 16.0
+    kivi = LayerPlan(key=kivi_key(2), value=kivi_value(2), residual=128, salient=SalientPolicy(sink_tokens=4))
+    counts = token_counts(kivi.windowed(span), 4096, span, 32)
+    assert (counts["evicted"], counts["quantized"], counts["fp16"]) == (3584, 384, 128)  # 512 held, 511 visible
+    assert layer_bits(kivi, 2, 64, 4096, span).elements == 2 * 511 * 64 * 2
+    assert layer_bits(kivi, 2, 64, 100, span) == layer_bits(kivi.windowed(span), 2, 64, 100)  # inside the window

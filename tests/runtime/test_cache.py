@@ -174,10 +174,11 @@ def test_chunked_prefill_sdpa_equals_blockwise(tiny_llama: tuple[Any, Any], name
     seen: list[float] = []
     real = reference.attend
 
-    def both(step: Any, q: torch.Tensor, pad: torch.Tensor, scaling: float, sdpa: bool | None = None) -> torch.Tensor:
-        out = real(step, q, pad, scaling)
+    def both(step: Any, q: torch.Tensor, pad: torch.Tensor, scaling: float, sdpa: bool | None = None,
+             **kw: Any) -> torch.Tensor:
+        out = real(step, q, pad, scaling, **kw)
         if q.shape[2] > 1 and step.nq_before > 0:
-            slow = real(step, q, pad, scaling, sdpa=False)
+            slow = real(step, q, pad, scaling, sdpa=False, **kw)
             seen.append((out.float() - slow.float()).abs().max().item())
         return out
 

@@ -62,3 +62,29 @@ def test_kernel_decode_equals_reference(tiny_llama: tuple[Any, Any], plan_name: 
     ker_tok, ker_logits = _decode(model, plan_name, "triton", ids, 10)
     torch.testing.assert_close(ker_logits, ref_logits, atol=2e-3, rtol=0)
     assert torch.equal(ker_tok, ref_tok)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "llama4"])
+def test_kernel_decode_in_windowed_layers(arch: str) -> None:
+    """Sliding and chunked layers (window 16, blocks of 32) with a left-padded row: each row's quantized part
+    starts at its window in the kernel, as in the reference."""
+    from kvtune.tiny import tiny_model
+
+    model = tiny_model(arch, layers=2, window=16).to(DEV)
+    ids = torch.randint(1, 128, (2, 70), generator=torch.Generator().manual_seed(0)).to(DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    out = {}
+    for backend in ("reference", "triton"):
+        cache = KVTuneCache(_plan("kv2"), model, backend=backend)
+        logits = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:]
+        seen = []
+        for _ in range(6):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            logits = model(logits.argmax(-1), attention_mask=mask, past_key_values=cache).logits
+            seen.append(logits)
+        mask = mask[:, :70]
+        out[backend] = torch.cat(seen, 1)
+        assert cache.token_counts(0)["evicted"] > 0
+    assert all(layer.kernel_specs for layer in cache.layers)
+    torch.testing.assert_close(out["triton"], out["reference"], atol=2e-3, rtol=0)
