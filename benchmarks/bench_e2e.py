@@ -368,7 +368,7 @@ class _Timers:
         from transformers import AttentionInterface
 
         import kvtune.kernels.decode_attention as kd
-        from kvtune.runtime import attention, layer, policies, reference
+        from kvtune.runtime import attention, layer, policies, torch_attention
 
         att = self.wrap(attention, "kvtune_attention", "kvtune_attention (whole)")
         AttentionInterface.register(attention.NAME, att)
@@ -376,7 +376,7 @@ class _Timers:
         self.wrap(attention, "_kernel_attend", "_kernel_attend")
         self.wrap(kd, "decode_attention", "decode_attention (launch)")
         self.wrap(policies, "after_attention", "after_attention (flush)")
-        self.wrap(reference, "left_padding", "left_padding")
+        self.wrap(torch_attention, "left_padding", "left_padding")
 
     def remove(self) -> None:
         from transformers import AttentionInterface

@@ -162,7 +162,8 @@ def rounding_control(model: Any, plan_name: str, prompt: torch.Tensor, tokens: l
     input, so an fp16-sized difference can flip codes of the next block flushed and grow; if this control
     shows the kernel's pattern, the kernel adds nothing beyond fp16 rounding."""
     from kvtune.plan import load_plan
-    from kvtune.runtime import KVTuneCache, reference
+    from kvtune.runtime import KVTuneCache
+    from kvtune.runtime import torch_attention as reference
 
     exact = reference.attend
 

@@ -66,7 +66,7 @@ def _stats_pass(model: Any, chunks: torch.Tensor, settings: CalibSettings, progr
     return collector
 
 
-def outlier_tensors(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def outlier_ranking(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``absmax`` ``[L, H, D]`` -> (scores = absmax / the head's median channel absmax, rank by score desc)
     ``[L, H, D]``."""
     scores = absmax / absmax.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
@@ -79,7 +79,7 @@ def _stat_tensors(stats: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, 
     for kind in ("keys", "keys_pre_rope", "values"):
         tensors.update({f"{kind}.{k}": v for k, v in stats[kind].items() if k != "samples"})
     for kind, src in (("key", "keys"), ("key_pre_rope", "keys_pre_rope"), ("value", "values")):
-        scores, rank = outlier_tensors(stats[src]["absmax"])
+        scores, rank = outlier_ranking(stats[src]["absmax"])
         tensors[f"outliers.{kind}_scores"], tensors[f"outliers.{kind}_rank"] = scores, rank
     tensors.update({"samples.key": stats["keys"]["samples"], "samples.value": stats["values"]["samples"],
                     "samples.query": stats["queries"]["samples"]})

@@ -34,7 +34,7 @@ import torch
 from kvtune.errors import KVTuneError
 from kvtune.eval.baselines import Method, identity_of
 from kvtune.eval.parallel import run_forked, usable_jobs
-from kvtune.eval.quality import SequenceScorer, greedy_agreement, greedy_generate, reference_logits
+from kvtune.eval.quality import SequenceScorer, dense_logits, greedy_agreement, greedy_generate
 from kvtune.eval.report import EvalReport, EvalRow
 from kvtune.eval.retrieval import default_lengths, passkey_prompts, run_passkey
 
@@ -122,7 +122,7 @@ def _reference(model: Any, seqs: torch.Tensor, settings: EvalSettings, tick: Cal
     logits = []
     scorer = SequenceScorer(tail_start=settings.tail_start)
     for b in range(seqs.shape[0]):
-        ref = reference_logits(model, seqs[b:b + 1])
+        ref = dense_logits(model, seqs[b:b + 1])
         scorer.add(ref, ref, seqs[b:b + 1])
         logits.append(ref)
         tick("reference")

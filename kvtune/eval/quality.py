@@ -99,7 +99,7 @@ def perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reference_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+def dense_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     """fp16 reference: one dense forward without a cache. ``input_ids [B, T]`` -> logits ``[B, T, V]`` float32."""
     return model(input_ids, use_cache=False).logits.float()
 

@@ -13,7 +13,7 @@ tensor it returns (:func:`~kvtune.runtime.layer.take_step`), and this function a
   stored (fp16) with the model's mask (:func:`kvtune.runtime.scores.model_attention`: transformers' SDPA, the
   fastest exact path on CPU and GPU, or eager maths for soft-capped / sink models); the tokens are quantized
   after it, as for any call;
-* everything else: :func:`kvtune.runtime.reference.attend` (PyTorch, blockwise; the CPU path).
+* everything else: :func:`kvtune.runtime.torch_attention.attend` (PyTorch, blockwise; the CPU path).
 
 Without a step (no cache, or another cache class) it is the model's own attention, so switching a model to
 ``"kvtune"`` never changes what it computes without a :class:`KVTuneCache`. The mask function is
@@ -37,7 +37,7 @@ import torch
 from kvtune.errors import KVTuneError
 from kvtune.quant import codec
 from kvtune.quant.rotation import rotation
-from kvtune.runtime import policies, reference
+from kvtune.runtime import policies, torch_attention
 from kvtune.runtime.heads import ROLES, HeadGroup
 from kvtune.runtime.layer import KVTuneLayer, Step, take_step
 from kvtune.runtime.scores import PLAIN, ScoreMods, model_attention
@@ -71,7 +71,7 @@ def kvtune_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     else:
         out = _kernel_attend(step, query, pad, scaling, padded) if kernel_eligible(step, query, mods) else None
         if out is None:
-            out = reference.attend(step, query, pad, scaling, mods=mods)
+            out = torch_attention.attend(step, query, pad, scaling, mods=mods)
         out = out.transpose(1, 2).contiguous()
     policies.after_attention(step, query, pad, scaling)  # probes, then merge + flush, then salient
     return out, None
@@ -110,11 +110,11 @@ def _left_padding(mask: torch.Tensor | None, query: torch.Tensor) -> tuple[torch
     if mask is None or mask.dtype != torch.bool:
         key = (query.shape[0], query.device)
         if key not in _NO_PADDING:  # read-only zeros, one tensor per (batch, device): no launch per layer
-            _NO_PADDING[key] = reference.left_padding(None, query.shape[0], query.device)
+            _NO_PADDING[key] = torch_attention.left_padding(None, query.shape[0], query.device)
         return _NO_PADDING[key], False
     global _PAD_MEMO
     if _PAD_MEMO is None or _PAD_MEMO[0] is not mask:
-        pad = reference.left_padding(mask, query.shape[0], query.device)
+        pad = torch_attention.left_padding(mask, query.shape[0], query.device)
         _PAD_MEMO = (mask, pad, bool((pad > 0).any()))
     return _PAD_MEMO[1], _PAD_MEMO[2]
 

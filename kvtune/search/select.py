@@ -63,7 +63,7 @@ def candidates(trials: Sequence[Any], budget: float, n: int) -> list[Any]:
     return out
 
 
-def outlier_tensors(layers: Sequence[LayerPlan], outliers: Mapping[str, list],
+def outlier_index_tensors(layers: Sequence[LayerPlan], outliers: Mapping[str, list],
                     num_kv_heads: int) -> dict[str, torch.Tensor]:
     """``layers.{i}.{key|value}.outlier_idx`` int16 ``[Hkv, o]``: each head's calibrated channels, most outlying
     first (a head whose spec keeps fewer uses the first ones), for layers with outlier specs."""
@@ -94,7 +94,7 @@ def plan_for(space: SearchSpace, trial: Any, attrs: Mapping[str, Any], budget: f
                 description=f"kvtune search: {space.granularity} plan within {budget:g} effective bits "
                             f"at {space.reference_length} tokens (study {study}, trial {trial.number})",
                 budget=budget, reference_length=space.reference_length, provenance=prov,
-                tensors={**outlier_tensors(layers, attrs.get(f"{ATTR}outliers", {}), space.identity.num_kv_heads),
+                tensors={**outlier_index_tensors(layers, attrs.get(f"{ATTR}outliers", {}), space.identity.num_kv_heads),
                          **state_tensors(layers, {"key": space.key_candidates, "value": space.value_candidates},
                                          attrs.get(f"{ATTR}fitted", {}), space.identity.num_kv_heads,
                                          space.identity.head_dim)})

@@ -52,12 +52,12 @@ def validate_plans(model: Any, plans: Sequence[Plan], input_ids: torch.Tensor, c
     metrics and ``error`` where the runtime could not run a plan: it is logged, and the search goes on).
     ``on_plan(i)`` is called after plan ``i``.
     """
-    from kvtune.eval.quality import SequenceScorer, perplexity, reference_logits
+    from kvtune.eval.quality import SequenceScorer, dense_logits, perplexity
     from kvtune.runtime import teacher_forced_logits
 
     start = time.perf_counter()
     tail = input_ids.shape[1] // 2
-    ref = reference_logits(model, input_ids)  # [n, T, V]: all sequences in one batch
+    ref = dense_logits(model, input_ids)  # [n, T, V]: all sequences in one batch
     ref_ppl = perplexity(ref, input_ids)
     results = []
     for i, plan in enumerate(plans):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvtune.calibrate.attention import probe_positions
-from kvtune.calibrate.pipeline import outlier_tensors
+from kvtune.calibrate.pipeline import outlier_ranking
 from kvtune.calibrate.sensitivity import (
     default_candidates,
     default_kl_candidates,
@@ -51,7 +51,7 @@ def _planted_qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_planted_outlier_channel_is_ranked_first() -> None:
     _, k, _ = _planted_qkv()
-    scores, rank = outlier_tensors(k.abs().amax(dim=2))  # [1, Hkv, D]
+    scores, rank = outlier_ranking(k.abs().amax(dim=2))  # [1, Hkv, D]
     assert rank[0, 1, 0] == 5 and scores[0, 1, 5] > 10 and scores[0, 0].max() < 3
 
 
@@ -59,7 +59,7 @@ def test_sensitivity_orders_bits_and_rewards_outliers() -> None:
     q, k, v = _planted_qkv()
     keys = (affine(2, "channel", 32), affine(2, "channel", 32, outliers=1), affine(8, "channel", 32))
     values = (affine(2, "token", 32), affine(4, "token", 32), affine(8, "token", 32))
-    _, rank = outlier_tensors(k.abs().amax(dim=2))
+    _, rank = outlier_ranking(k.abs().amax(dim=2))
     sk, sv = layer_sensitivity(q, k, v, probe_positions(256), 32 ** -0.5, keys, values, key_rank=rank[0])
     assert sk.shape == (2, 3) and sv.shape == (2, 3) and sk.dtype == torch.float32
     assert (sv[:, 0] > sv[:, 1]).all() and (sv[:, 1] > sv[:, 2]).all()

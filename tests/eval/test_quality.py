@@ -11,10 +11,10 @@ import torch
 from kvtune.eval.quality import (
     MetricSums,
     SequenceScorer,
+    dense_logits,
     greedy_agreement,
     perplexity,
     position_stats,
-    reference_logits,
 )
 from kvtune.runtime import teacher_forced_logits
 
@@ -67,7 +67,7 @@ def test_cached_logits_dynamic_cache_matches_dense(tiny_llama: tuple[Any, Any]) 
 
     model, config = tiny_llama
     ids = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
-    dense = reference_logits(model, ids)
+    dense = dense_logits(model, ids)
     for chunk, prefill in ((1, 0), (7, 0), (16, 10)):
         got = teacher_forced_logits(model, DynamicCache(config=config), ids, chunk=chunk, prefill=prefill)
         torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-4)
@@ -95,7 +95,7 @@ def test_teacher_forced_chunked_equals_token_by_token(tiny_llama: tuple[Any, Any
         torch.testing.assert_close(method.teacher_forced(model, ids, chunk=chunk, prefill=0), one,
                                    atol=1e-4, rtol=1e-4)
     # and the quantized cache is really in the loop: logits differ from the dense reference
-    assert (one - reference_logits(model, ids)).abs().max() > 1e-5
+    assert (one - dense_logits(model, ids)).abs().max() > 1e-5
 
 
 def test_quantized_cache_teacher_forcing_equals_token_by_token(tiny_llama: tuple[Any, Any]) -> None:
@@ -111,4 +111,4 @@ def test_quantized_cache_teacher_forcing_equals_token_by_token(tiny_llama: tuple
         got = method.teacher_forced(model, ids, chunk=64, prefill=prefill)
         want = one if prefill == 0 else teacher_forced_logits(model, method.new_cache(model), ids, chunk=1, prefill=5)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert (one - reference_logits(model, ids)).abs().max() > 1e-4  # the quantized store is really read
+    assert (one - dense_logits(model, ids)).abs().max() > 1e-4  # the quantized store is really read

@@ -165,7 +165,7 @@ def test_chunked_prefill_sdpa_equals_blockwise(tiny_llama: tuple[Any, Any], name
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A later prompt chunk (quantized tokens already stored, left-padded row) attends through SDPA; the
     result equals the blockwise float32 specification."""
-    from kvtune.runtime import reference
+    from kvtune.runtime import torch_attention as reference
 
     model, _ = tiny_llama
     ids = _ids(2, 120, seed=5)
