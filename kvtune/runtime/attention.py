@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ from kvtune.runtime.scores import PLAIN, ScoreMods, model_attention
 
 log = logging.getLogger(__name__)
 NAME = "kvtune"
-_REGISTERED = False
+_REGISTERED: set[str] = set()  # attention implementations this process registered with transformers
 _NO_PADDING: dict[tuple[int, torch.device], torch.Tensor] = {}
 _PAD_MEMO: tuple[torch.Tensor, torch.Tensor, bool] | None = None  # (mask, its left padding [B], any row padded)
 _WINDOW_PAD_MEMO: tuple[torch.Tensor, torch.Tensor, bool] | None = None  # the same for windowed layers' masks
@@ -138,19 +139,26 @@ def _window_padding(mask: torch.Tensor | None, query: torch.Tensor,
     return _WINDOW_PAD_MEMO[1], _WINDOW_PAD_MEMO[2]
 
 
-def install(model: Any) -> None:
-    """Register ``"kvtune"`` (attention + mask) once and switch ``model`` to it (idempotent)."""
-    global _REGISTERED
-    if not _REGISTERED:
+def use_attention(model: Any, name: str, attention: Callable[..., Any], mask: Callable[..., Any]) -> None:
+    """Register ``name`` with transformers (attention and mask functions) once per process and switch
+    ``model`` to it (idempotent)."""
+    if name not in _REGISTERED:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
 
-        AttentionInterface.register(NAME, kvtune_attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)
-        _REGISTERED = True
-    if getattr(model.config, "_attn_implementation", None) != NAME:
-        log.info("switching the model's attention implementation to %r", NAME)
-        model.set_attn_implementation(NAME)
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, mask)
+        _REGISTERED.add(name)
+    if getattr(model.config, "_attn_implementation", None) != name:
+        log.info("switching the model's attention implementation to %r", name)
+        model.set_attn_implementation(name)
+
+
+def install(model: Any) -> None:
+    """Register ``"kvtune"`` (attention + transformers' SDPA mask) once and switch ``model`` to it."""
+    from transformers.masking_utils import sdpa_mask
+
+    use_attention(model, NAME, kvtune_attention, sdpa_mask)
 
 
 # ------------------------------------------------------------------------------------------- kernels

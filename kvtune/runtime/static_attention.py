@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 NAME = "kvtune-static"
-_REGISTERED = False
 _PENDING: dict[int, tuple[torch.Tensor, Any]] = {}  # id(key tensor) -> (that tensor, layer)
 
 
@@ -57,13 +56,6 @@ def static_mask(*args: Any, **kwargs: Any) -> Any:
 
 def install(model: Any) -> None:
     """Register ``"kvtune-static"`` once and switch ``model`` to it."""
-    global _REGISTERED
-    if not _REGISTERED:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
+    from kvtune.runtime.attention import use_attention
 
-        AttentionInterface.register(NAME, static_attention)
-        AttentionMaskInterface.register(NAME, static_mask)
-        _REGISTERED = True
-    if getattr(model.config, "_attn_implementation", None) != NAME:
-        model.set_attn_implementation(NAME)
+    use_attention(model, NAME, static_attention, static_mask)
