@@ -36,6 +36,7 @@ import triton.language as tl
 from kvtune.kernels.decode_config import DecodeConfig, _p2, default_config
 from kvtune.kernels.decode_fast import decode_fast, fast_eligible
 from kvtune.kernels.decode_tiles import _softmax_step, _tile
+from kvtune.kernels.launch_args import extra_args, kernel_arg, use_asm
 from kvtune.kernels.merge_tl import _merge_kernel
 from kvtune.kernels.packed import PackedKeys, PackedValues, decode_attention_reference
 from kvtune.kernels.unpack_tl import _raw_shift
@@ -210,22 +211,6 @@ def _decode_split_kernel(
         tl.store(o_row + oe, accs[s], mask=rmask[:, None] & (jv < WV) & (oe < D))
 
 
-def _extra_args(extra_k, extra_v, extra_len, q, extra_count=None):
-    """(ek, ev, emask, stride_emb, R, mode): mode 0 none, 1 lengths [B], 2 mask [B, R], 3 all valid, 4 device
-    range (``extra_count`` [1])."""
-    if extra_k is None or extra_k.shape[2] == 0:
-        return q, q, q, 0, 0, 0
-    r = extra_k.shape[2]
-    if extra_count is not None:
-        return extra_k, extra_v, extra_count, 0, r, 4
-    if extra_len is None:
-        return extra_k, extra_v, q, 0, r, 3
-    if extra_len.dtype == torch.bool:
-        mask = extra_len.to(torch.uint8)
-        return extra_k, extra_v, mask, mask.stride(0), r, 2
-    return extra_k, extra_v, extra_len.to(torch.int32), 0, r, 1
-
-
 @lru_cache(maxsize=256)
 def _static_args(kq: tuple, vq: tuple, d: int, n_rep: int,
                  use_asm: bool) -> tuple[Any, Any, int, bool, dict[str, Any]]:
@@ -276,7 +261,7 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     if one != 1 or hq % hkv or kq.scale.shape[-1] != (1 if per_token else d):
         raise ValueError(f"q must be [B, Hkv*n_rep, 1, D] matching keys; got q {tuple(q.shape)}, "
                          f"keys {tuple(kq.scale.shape)}")
-    lk, lv, gc, fast, consts = _static_args(_format(kq), _format(vq), d, hq // hkv, _use_asm(q))
+    lk, lv, gc, fast, consts = _static_args(_format(kq), _format(vq), d, hq // hkv, use_asm(q))
     if kq.packed.shape[-1] != lk.row_bytes:
         raise ValueError(f"packed keys have {kq.packed.shape[-1]} bytes a row, expected {lk.row_bytes}")
     if vq.packed.shape[-1] != lv.row_bytes:
@@ -293,18 +278,18 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
         consts = {**consts, "G": block_t}
     chunk = math.ceil(math.ceil(max(t, 1) / cfg.num_splits) / block_t) * block_t
     n_q = math.ceil(t / chunk) if t else 0
-    ek, ev, emask, stride_emb, r, mode = _extra_args(extra_k, extra_v, extra_len, q, extra_count)
+    ek, ev, emask, stride_emb, r, mode = extra_args(extra_k, extra_v, extra_len, q, extra_count)
     ns = n_q + (1 if mode else 0)
     out = torch.empty_like(q)
     if ns == 0:
         return out.zero_()
-    kp, ks, kz = (_arg(x) for x in (kq.packed, kq.scale, kq.scale if kq.zero is None else kq.zero))
-    vp, vs, vz = (_arg(x) for x in (vq.packed, vq.scale, vq.scale if vq.zero is None else vq.zero))
+    kp, ks, kz = (kernel_arg(x) for x in (kq.packed, kq.scale, kq.scale if kq.zero is None else kq.zero))
+    vp, vs, vz = (kernel_arg(x) for x in (vq.packed, vq.scale, vq.scale if vq.zero is None else vq.zero))
     if ks.stride() != kz.stride():
         ks, kz = ks.contiguous(), kz.contiguous()
     if vs.stride() != vz.stride():
         vs, vz = vs.contiguous(), vz.contiguous()
-    ek, ev, qc = _arg(ek), _arg(ev), _arg(q)
+    ek, ev, qc = kernel_arg(ek), kernel_arg(ev), kernel_arg(q)
     m = torch.empty(bsz * hq, ns, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
     o = torch.empty(bsz * hq, ns, d, dtype=torch.float32, device=q.device)
@@ -334,17 +319,4 @@ def _impl() -> str:
 def _fast_path(lay: Any, d: int) -> bool:
     """2/4/8-bit codes whose slices are full power-of-two widths >= 16 (e.g. D = 64, 128 at 2/4 bits)."""
     return lay.fmt in (2, 4, 8) and lay.width >= 16 and lay.width == _p2(lay.width) and lay.slices * lay.width == d
-
-
-def _use_asm(q: torch.Tensor) -> bool:
-    """Inline PTX only on NVIDIA GPUs outside the interpreter."""
-    return q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
-
-
-def _arg(x: torch.Tensor) -> torch.Tensor:
-    """A kernel argument: last dim contiguous; an empty tensor (T = 0) becomes a 1-element stand-in,
-    since triton refuses null pointers (the kernel never reads it)."""
-    if x.numel() == 0:
-        return torch.zeros((1,) * x.dim(), dtype=x.dtype, device=x.device)
-    return x if x.stride(-1) == 1 else x.contiguous()
 

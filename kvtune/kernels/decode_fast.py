@@ -24,7 +24,6 @@ launches). The PyTorch reference is :func:`kvtune.kernels.packed.decode_attentio
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ import triton.language as tl
 
 from kvtune.kernels.decode_config import DecodeConfig, _p2, default_config
 from kvtune.kernels.fast_tiles import _key_group_query, _offset, _tile
+from kvtune.kernels.launch_args import extra_args, kernel_arg, use_asm
 from kvtune.kernels.merge_tl import _merge_kernel
 from kvtune.kernels.packed import PackedKeys, PackedValues
 
@@ -212,22 +212,22 @@ def decode_fast(q: torch.Tensor, kq: PackedKeys, vq: PackedValues, extra_k: torc
     block_t = cfg.block_t if kax or fixed else min(cfg.block_t, kq.group)
     kgroup = block_t if fixed else max(kq.group, 1)
     nqs = max(1, min(cfg.num_splits, math.ceil(cap / block_t)))
-    ek, ev, emask, stride_emb, r, mode = _extra(extra_k, extra_v, extra_len, extra_count, q)
+    ek, ev, emask, stride_emb, r, mode = extra_args(extra_k, extra_v, extra_len, q, extra_count)
     ns = nqs + (1 if mode else 0)
     out = torch.empty_like(q)
     if cap == 0 and mode == 0:
         return out.zero_()
-    kp, ks = _arg(kq.packed), _arg(kq.scale)
-    kz = ks if kq.zero is None else _arg(kq.zero)
-    vp, vs = _arg(vq.packed), _arg(vq.scale)
-    vz = vs if vq.zero is None else _arg(vq.zero)
+    kp, ks = kernel_arg(kq.packed), kernel_arg(kq.scale)
+    kz = ks if kq.zero is None else kernel_arg(kq.zero)
+    vp, vs = kernel_arg(vq.packed), kernel_arg(vq.scale)
+    vz = vs if vq.zero is None else kernel_arg(vq.zero)
     if ks.stride() != kz.stride():
         ks, kz = ks.contiguous(), kz.contiguous()
     if vs.stride() != vz.stride():
         vs, vz = vs.contiguous(), vz.contiguous()
     if ek.stride() != ev.stride():
         ek, ev = ek.contiguous(), ev.contiguous()
-    qc = _arg(q)
+    qc = kernel_arg(q)
     m = torch.empty(bsz * hq, ns, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
     o = torch.empty(bsz * hq, ns, d, dtype=torch.float32, device=q.device)
@@ -241,35 +241,8 @@ def decode_fast(q: torch.Tensor, kq: PackedKeys, vq: PackedValues, extra_k: torc
         m, lse, o, cap, r, nqs, hkv, scaling * LOG2E, kq.code_scale, kq.code_offset, vq.code_scale, vq.code_offset,
         D=d, NREP=n_rep, N=max(8, _p2(n_rep)), BITS_K=int(kq.bits), BITS_V=int(vq.bits), G=kgroup,
         KAX=kax, BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None,
-        T_DEV=t_dev is not None, USE_ASM=_use_asm(q), HAS_KZ=kq.zero is not None, AFF_K=kq.affine,
+        T_DEV=t_dev is not None, USE_ASM=use_asm(q), HAS_KZ=kq.zero is not None, AFF_K=kq.affine,
         HAS_VZ=vq.zero is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     wrap(_merge_kernel)[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
                                      D=d, DP=_p2(d), BS=min(16, _p2(ns)), num_warps=4)
     return out
-
-
-def _extra(extra_k, extra_v, extra_len, extra_count, q):
-    """(ek, ev, emask, stride_emb, R, mode): mode 0 none, 1 lengths [B], 2 mask [B, R], 3 all, 4 device range."""
-    if extra_k is None or extra_k.shape[2] == 0:
-        return q, q, q, 0, 0, 0
-    r = extra_k.shape[2]
-    if extra_count is not None:
-        return extra_k, extra_v, extra_count, 0, r, 4
-    if extra_len is None:
-        return extra_k, extra_v, q, 0, r, 3
-    if extra_len.dtype == torch.bool:
-        mask = extra_len.to(torch.uint8)
-        return extra_k, extra_v, mask, mask.stride(0), r, 2
-    return extra_k, extra_v, extra_len.to(torch.int32), 0, r, 1
-
-
-def _use_asm(q: torch.Tensor) -> bool:
-    """Inline PTX only on NVIDIA GPUs outside the interpreter."""
-    return q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
-
-
-def _arg(x: torch.Tensor) -> torch.Tensor:
-    """Last dim contiguous; an empty tensor becomes a 1-element stand-in (triton refuses null pointers)."""
-    if x.numel() == 0:
-        return torch.zeros((1,) * x.dim(), dtype=x.dtype, device=x.device)
-    return x if x.stride(-1) == 1 else x.contiguous()
