@@ -19,8 +19,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from kvtune.errors import KVTuneError
 from kvtune.plan import Plan
 from kvtune.plan_types import LayerPlan, ModelIdentity
@@ -148,8 +146,3 @@ def all_baselines(ev: Evaluator, budget: float, presets: Mapping[str, Plan]) -> 
             seen.add(b.layers)
             out.append(b)
     return out
-
-
-def proxies(items: Sequence[Baseline]) -> np.ndarray:
-    """Their proxies as an array (NaN where unpriced)."""
-    return np.array([np.nan if b.proxy is None else b.proxy for b in items])

@@ -1,4 +1,5 @@
-"""End-to-end check of a few plans: next-token KL to the fp16 model and perplexity, on calibration text.
+"""End-to-end check of a few plans: next-token KL to the fp16 model and perplexity, on given token ids
+(held-out calibration text: :mod:`kvtune.search.halving`).
 
 Each plan runs teacher-forced through the real runtime (:func:`kvtune.runtime.teacher_forced_logits`: a
 fresh bit-packed cache of the plan, filled ``chunk`` tokens at a time in stepwise mode, so every query reads
@@ -12,7 +13,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,27 +20,6 @@ import torch
 from kvtune.plan import Plan
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ValidationSettings:
-    """``sequences`` x ``length`` tokens of the text, fed ``chunk`` tokens at a time."""
-
-    sequences: int = 2
-    length: int = 512
-    chunk: int = 64
-
-    def __post_init__(self) -> None:
-        if self.sequences < 1 or self.length < 2 or self.chunk < 1:
-            raise ValueError("validation needs sequences >= 1, length >= 2, chunk >= 1")
-
-
-def validation_ids(tokenizer: Any, source: str, settings: ValidationSettings) -> torch.Tensor:
-    """The first ``sequences`` chunks of ``length`` tokens of text ``source``: ``[n, T]`` int64."""
-    from kvtune.data import load_text, token_chunks
-
-    chunks = token_chunks(tokenizer, load_text(source), settings.length)
-    return chunks[: settings.sequences]
 
 
 def validate_plans(model: Any, plans: Sequence[Plan], input_ids: torch.Tensor, chunk: int = 64,
