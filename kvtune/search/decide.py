@@ -24,7 +24,7 @@ from kvtune.plan import Plan
 from kvtune.plan_types import ModelIdentity, Provenance
 from kvtune.search import correction
 from kvtune.search.baselines import all_baselines, bound_presets
-from kvtune.search.halving import Schedule, held_out_ids
+from kvtune.search.halving import Schedule, held_out_ids, widest_window
 from kvtune.search.judge import EXTRA, Entry, Judgement, judge
 from kvtune.search.objective import Evaluator, greedy_descent, greedy_path
 from kvtune.search.results import SearchProgress, SearchResult
@@ -145,7 +145,7 @@ def _judge(searched: list[Entry], pool: list[Entry], baselines: list[Entry], att
         return None, {"skipped": reason}
     net, tokenizer = load_model(name)
     limit = int(attrs.get(f"{ATTR}max_positions") or getattr(net.config, "max_position_embeddings", 0) or 0)
-    schedule = schedule.for_model(limit or None, sliding_window(net.config))
+    schedule = schedule.for_model(limit or None, widest_window(identity.spans))
     longest, seqs = schedule.fidelities[-1].length, max(f.sequences for f in schedule.fidelities)
     source = str(attrs.get(f"{ATTR}data_source") or "pydoc:calib")
     try:
@@ -167,17 +167,6 @@ def _judge(searched: list[Entry], pool: list[Entry], baselines: list[Entry], att
     return j, {"model": name, "text": where, "path": "kvtune.runtime (bit-packed cache, stepwise)",
                "fidelities": [f.length for f in schedule.fidelities],
                "seconds": round(time.perf_counter() - start, 2)}
-
-
-def sliding_window(config: Any) -> int | None:
-    """The widest sliding (or chunked) attention window of a model's layers, None when every layer is global."""
-    text = getattr(config, "get_text_config", lambda: config)()
-    sizes = [getattr(text, name, None) for name in ("sliding_window", "attention_chunk_size")]
-    sizes = [int(s) for s in sizes if isinstance(s, int) and s > 0]
-    types = getattr(text, "layer_types", None)
-    if types is not None and all(t == "full_attention" for t in types):
-        return None
-    return max(sizes) if sizes and getattr(text, "use_sliding_window", True) is not False else None
 
 
 def _final_plan(entry: Entry, space: SearchSpace, attrs: Mapping[str, Any], budget: float, study: str,

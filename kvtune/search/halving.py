@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from kvtune.errors import KVTuneError
+from kvtune.layout import LayerSpan
 from kvtune.plan import Plan
 from kvtune.search.validate import validate_plans
 
@@ -73,6 +74,12 @@ class Schedule:
                 out.append(f)
                 keep.append(k)
         return Schedule(tuple(out), tuple(keep))
+
+
+def widest_window(spans: Sequence[LayerSpan]) -> int | None:
+    """The widest sliding window (or chunk) among a model's layer spans (:mod:`kvtune.layout`), None when every
+    layer is global."""
+    return max((s.size for s in spans if s.windowed), default=None)
 
 
 def held_out_ids(tokenizer: Any, source: str, skip: int, length: int, sequences: int) -> tuple[torch.Tensor, str]:

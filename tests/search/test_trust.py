@@ -83,17 +83,20 @@ def test_schedule_caps_to_the_model_limit() -> None:
     assert [f.length for f in s.for_model(None, None).fidelities] == [512, 1024, 4096]
 
 
-def test_sliding_window_of_a_config() -> None:
-    from types import SimpleNamespace
+def test_widest_window_of_a_model_layout() -> None:
+    from transformers import MistralConfig, Qwen2Config
 
-    from kvtune.search.decide import sliding_window
+    from kvtune.layout import LayerSpan, layout_of
+    from kvtune.search.halving import widest_window
 
-    assert sliding_window(SimpleNamespace(sliding_window=None)) is None
-    mixed = ["sliding_attention", "full_attention"]
-    assert sliding_window(SimpleNamespace(sliding_window=512, layer_types=mixed)) == 512
-    assert sliding_window(SimpleNamespace(sliding_window=512, layer_types=["full_attention"])) is None
-    assert sliding_window(SimpleNamespace(sliding_window=4096, use_sliding_window=False)) is None
-    assert sliding_window(SimpleNamespace(attention_chunk_size=8192)) == 8192
+    assert widest_window([LayerSpan()] * 3) is None
+    assert widest_window([LayerSpan("sliding", 512), LayerSpan()]) == 512
+    assert widest_window([LayerSpan("chunked", 8192), LayerSpan("sliding", 512)]) == 8192
+    assert widest_window(layout_of(MistralConfig(num_hidden_layers=2, sliding_window=512)).spans) == 512
+    off = Qwen2Config(num_hidden_layers=2, sliding_window=4096, use_sliding_window=False)
+    assert widest_window(layout_of(off).spans) is None
+    mixed = Qwen2Config(num_hidden_layers=4, sliding_window=512, use_sliding_window=True, max_window_layers=2)
+    assert widest_window(layout_of(mixed).spans) == 512
 
 
 def test_held_out_text_follows_what_calibration_read() -> None:
