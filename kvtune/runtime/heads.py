@@ -57,6 +57,8 @@ class HeadGroup:
     stores: dict[str, FieldStore] = field(init=False)
     salient: Salient | None = None
     kernel_memo: tuple[tuple, Any] | None = field(default=None, init=False)  # (store versions, kernel operands)
+    tokens: int = field(default=0, init=False)  # quantized tokens held (both stores)
+    decoded: tuple[int, torch.Tensor, torch.Tensor] | None = field(default=None, init=False)  # (tokens, k, v)
 
     def __post_init__(self) -> None:
         self.state = {r: dict(self.state.get(r, {})) for r in ROLES}
@@ -96,27 +98,66 @@ class HeadGroup:
         for role, x in zip(ROLES, (k, v)):
             self.state[role] = self._state(role, x)
             self.stores[role].append(codec.encode(x, self.spec(role), self.flush, self.state[role]))
+        self.tokens += k.shape[2]
+
+    def drop_front(self, tokens: int) -> None:
+        """Drop the first ``tokens`` quantized tokens (they left every window)."""
+        for store in self.stores.values():
+            store.drop_front(tokens, self.flush)
+        self.tokens -= tokens
+        if self.decoded is not None:
+            n, k, v = self.decoded
+            self.decoded = (n - tokens, k[:, :, tokens:], v[:, :, tokens:]) if n >= tokens else None
 
     def roundtrip(self, k: torch.Tensor, v: torch.Tensor, select) -> tuple[torch.Tensor, torch.Tensor]:
-        """What storing whole blocks ``k, v [B, Hkv, n, D]`` (all heads) would read back, for this group's
-        heads, without storing them: float32 ``[B, h, n, D]``."""
+        """What storing whole blocks ``k, v [B, Hkv, n*F, D]`` (all heads) would read back, for this group's
+        heads, without storing them: float32 ``[B, h, n*F, D]`` (all blocks in one encode, as :meth:`append`)."""
         out = []
         for role, x in zip(ROLES, (select(k).float(), select(v).float())):
             spec, state, f = self.spec(role), self._state(role, x), self.flush
-            out.append(torch.cat([codec.decode(codec.encode(x[:, :, s:s + f], spec, f, state), spec, f,
-                                               self.head_dim, state) for s in range(0, x.shape[2], f)], 2))
+            out.append(codec.decode(codec.encode(x, spec, f, state), spec, f, self.head_dim, state))
         return out[0], out[1]
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All quantized tokens back in float32 ``[B, h, Nq, D]`` (salient tokens from their copies)."""
-        k, v = (codec.decode(self.stores[r].fields(), self.spec(r), self.flush, self.head_dim, self.state[r])
-                for r in ROLES)
+    def dequantized(self, keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """All quantized tokens back in float32 ``[B, h, Nq, D]`` (salient tokens from their copies).
+
+        ``keep``: hold the decoded tokens (float32, twice an fp16 cache) so that the next call decodes only the
+        blocks appended since (teacher-forced evaluation reads the whole history once per chunk); a decoded
+        block never changes, so this is the same result."""
+        k, v = self._decoded(keep)
         s = self.salient
         if s is not None and s.idx is not None and s.idx.shape[-1]:
             idx = s.idx.long().unsqueeze(-1).expand(*s.idx.shape, self.head_dim)
             k = k.scatter(2, idx, codec.decode(s.k, s.spec, 1, self.head_dim))
             v = v.scatter(2, idx, codec.decode(s.v, s.spec, 1, self.head_dim))
         return k, v
+
+    def _decoded(self, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stores decoded (from ``self.decoded`` plus the blocks after it when ``keep``)."""
+        done = self.decoded[0] if keep and self.decoded is not None else 0
+        if done and not all(self._block_edge(r, done) for r in ROLES):
+            done = 0
+        if done and done == self.tokens:
+            assert self.decoded is not None
+            return self.decoded[1], self.decoded[2]
+        new = [codec.decode(self._fields_from(r, done), self.spec(r), self.flush, self.head_dim, self.state[r])
+               for r in ROLES]
+        if done:
+            assert self.decoded is not None
+            new = [torch.cat([old, x], 2) for old, x in zip(self.decoded[1:], new)]
+        self.decoded = (self.tokens, new[0], new[1]) if keep else None
+        return new[0], new[1]
+
+    def _block_edge(self, role: str, n: int) -> bool:
+        """Whether the first ``n`` tokens end on a row edge of every stored field of ``role``."""
+        spans = [(d.every if d.scope == "group" and d.every else self.flush)
+                 for d in self.stores[role].decls.values() if d.scope in ("group", "block")]
+        return all(n % span == 0 for span in spans)
+
+    def _fields_from(self, role: str, n: int) -> dict[str, torch.Tensor]:
+        """The stored fields of ``role`` for the tokens after the first ``n``."""
+        store = self.stores[role]
+        return {name: t[:, :, store.decls[name].rows(n, self.flush):] for name, t in store.fields().items()}
 
     def nbytes(self, used: bool = False) -> int:
         """Bytes held; a role's layer state counts once it has quantized tokens (as the bit accountant counts a
@@ -127,6 +168,7 @@ class HeadGroup:
         return self.keys.nbytes(used) + self.values.nbytes(used) + state + sal
 
     def index_select(self, batch_idx: torch.Tensor) -> None:
+        self.decoded = None
         self.keys.index_select(batch_idx)
         self.values.index_select(batch_idx)
         s = self.salient

@@ -254,8 +254,7 @@ class KVTuneLayer(CacheLayerMixin):
         if drop <= 0:
             return
         for g in self.groups:
-            for store in g.stores.values():
-                store.drop_front(drop, self.flush)
+            g.drop_front(drop)
         self.n_quant -= drop
         self.evicted += drop
 

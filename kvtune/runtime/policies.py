@@ -62,7 +62,7 @@ def _add_probes(layer: KVTuneLayer, q: torch.Tensor) -> None:
 
 def probe_scores(layer: KVTuneLayer, g: HeadGroup, pad: torch.Tensor) -> torch.Tensor:
     """Normalized attention score of every stored token of ``g``'s heads: ``[B, h, s + Nq + w]`` float32."""
-    dk, _ = g.dequantized() if g.keys else (g.select(layer.win_k)[:, :, :0].float(), None)
+    dk, _ = g.dequantized(keep=layer.stepwise) if g.keys else (g.select(layer.win_k)[:, :, :0].float(), None)
     sink = layer.sink_k.view() if layer.sink_k.n else layer.win_k[:, :, :0]
     keys = torch.cat([g.select(sink).float(), dk, g.select(layer.win_k).float()], 2)  # [B, h, N, D]
     b, hq, p, d = layer.probes.shape

@@ -40,10 +40,10 @@ def attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float, sdpa:
            mods: ScoreMods = PLAIN) -> torch.Tensor:
     """Attention of ``q [B, Hq, L, D]`` over the layer's stored tokens; returns ``[B, Hq, L, D]`` in q's dtype.
 
-    sdpa: use :func:`_attend_sdpa` (default: for several queries outside stepwise mode, without ``mods``)."""
+    sdpa: use :func:`_attend_sdpa` (default: for several queries, without ``mods``)."""
     layer = step.layer
     b, hq, lq, d = q.shape
-    if (sdpa if sdpa is not None else (lq > 1 and step.bounds is None)) and mods.plain:
+    if (sdpa if sdpa is not None else lq > 1) and mods.plain:
         return _attend_sdpa(step, q, pad, scaling)
     n_rep = hq // layer.num_kv_heads
     q5 = q.float().reshape(b, layer.num_kv_heads, n_rep, lq, d)
@@ -63,9 +63,12 @@ def attend(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float, sdpa:
 
 
 def _attend_sdpa(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Several queries, no stepwise transition (a later chunk of a long prompt): the same attention through
+    """Several queries (a later chunk of a long prompt, or a stepwise chunk): the same attention through
     ``scaled_dot_product_attention`` (fp16 on GPU, float32 elsewhere) over each group's dequantized tokens,
-    in slices of :data:`SDPA_SLICE` queries. ``q [B, Hq, L, D]`` -> ``[B, Hq, L, D]`` in q's dtype."""
+    in slices of :data:`SDPA_SLICE` queries. ``q [B, Hq, L, D]`` -> ``[B, Hq, L, D]`` in q's dtype.
+
+    A stepwise transition's read-back tokens are appended after the keys as a second copy of the window
+    tokens they replace: the mask lets each query see exactly one copy of each (:func:`_transition_mask`)."""
     import torch.nn.functional as F
 
     layer = step.layer
@@ -74,25 +77,37 @@ def _attend_sdpa(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float)
     dt = q.dtype if q.is_cuda else torch.float32
     out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)
     for g in layer.groups:
-        keys, vals, _ = _segments(step, g)
-        keys, vals = keys.to(dt), vals.to(dt)
+        keys, vals, alt = _segments(step, g)
         newidx = _new_index(step, keys.shape[2])
+        if alt is not None:
+            keys, vals = torch.cat([keys, alt[1]], 2), torch.cat([vals, alt[2]], 2)
+        keys, vals = keys.to(dt), vals.to(dt)
         qh = [h * n_rep + r for h in g.heads for r in range(n_rep)]
         qg = q[:, qh].to(dt)
         for s in range(0, lq, SDPA_SLICE):
             e = min(lq, s + SDPA_SLICE)
             valid = _valid(step, pad, newidx, torch.arange(s, e, device=q.device))[:, :, 0]  # [B, 1, l, N]
+            if alt is not None:
+                valid = _transition_mask(valid, alt[0], alt[1].shape[2], step.bounds[s:e] - step.nq_before)
             o = F.scaled_dot_product_attention(qg[:, :, s:e], keys, vals, attn_mask=valid, scale=scaling,
                                                enable_gqa=n_rep > 1)
             out[:, qh, s:e] = o.nan_to_num(0.0).to(q.dtype)  # a fully masked row (left padding) gives NaN
     return out
 
 
+def _transition_mask(valid: torch.Tensor, off: int, a: int, read: torch.Tensor) -> torch.Tensor:
+    """``valid [B, 1, l, N]`` over ``N + a`` keys whose last ``a`` are the read-back copies of keys
+    ``off..off+a``: query ``i`` sees the first ``read[i]`` of those as copies, the rest as themselves."""
+    use = torch.arange(a, device=valid.device)[None, :] < read[:, None]  # [l, a]
+    win = valid[..., off:off + a]
+    return torch.cat([valid[..., :off], win & ~use, valid[..., off + a:], win & use], -1)
+
+
 def _segments(step: Step, g) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """Keys/values ``[B, h, N, D]`` float32 and the stepwise transition ``(offset, k, v, fp_k, fp_v)``."""
     layer = step.layer
     if g.keys:
-        dk, dv = g.dequantized()  # [B, h, Nq, D]
+        dk, dv = g.dequantized(keep=layer.stepwise)  # [B, h, Nq, D]
     else:
         dk = dv = g.select(layer.win_k)[:, :, :0].float()
     sk, sv = g.select(step.sink_k).float(), g.select(step.sink_v).float()

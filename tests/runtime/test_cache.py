@@ -160,11 +160,12 @@ def test_triton_backend_without_kernels_is_refused(tiny_llama: tuple[Any, Any],
         KVTuneCache(load_plan("kv2"), tiny_llama[0], backend="triton")
 
 
+@pytest.mark.parametrize("stepwise", [False, True])
 @pytest.mark.parametrize("name", ["kv2", "kivi-sinks", "hadamard-outliers-3bit", "zipcache-like"])
-def test_chunked_prefill_sdpa_equals_blockwise(tiny_llama: tuple[Any, Any], name: str,
+def test_chunked_prefill_sdpa_equals_blockwise(tiny_llama: tuple[Any, Any], name: str, stepwise: bool,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A later prompt chunk (quantized tokens already stored, left-padded row) attends through SDPA; the
-    result equals the blockwise float32 specification."""
+    result equals the blockwise float32 specification, in stepwise mode too (read-back window copies)."""
     from kvtune.runtime import torch_attention as reference
 
     model, _ = tiny_llama
@@ -184,6 +185,7 @@ def test_chunked_prefill_sdpa_equals_blockwise(tiny_llama: tuple[Any, Any], name
 
     monkeypatch.setattr(reference, "attend", both)
     cache = PLANS[name]().cache(model)
+    cache.stepwise = stepwise
     for s in range(0, 120, 40):
         model(ids[:, s:s + 40], attention_mask=mask[:, : s + 40], past_key_values=cache)
     assert seen and max(seen) < 1e-5
@@ -205,3 +207,28 @@ def test_calibrated_state_comes_from_the_plan(tiny_llama: tuple[Any, Any]) -> No
     assert all(not torch.equal(g.state["key"][STATE].cpu(), steps) for layer in fitted.layers for g in layer.groups)
     with pytest.raises(KVTuneError, match="store no 'bogus'"):
         Plan(layers=layers, model=ident, name="bad", tensors={"layers.0.key.bogus": steps})
+
+
+@pytest.mark.parametrize("key,value,flush", [(kivi_key(2, 16), kivi_value(2, 16), 16),
+                                             (affine(bits=1, axis="channel", group=16, fft=True), normq(2), 16),
+                                             (normq(2, "uniform"), normq(1.58), 1)])
+def test_kept_decoded_tokens_equal_a_fresh_decode(key: Any, value: Any, flush: int) -> None:
+    """``dequantized(keep=True)`` decodes only new blocks; across appends and front drops (sliding windows) it
+    returns exactly what decoding every stored block again returns."""
+    from kvtune.plan_types import HeadPlan
+    from kvtune.runtime.heads import HeadGroup
+
+    g = HeadGroup((0, 1), HeadPlan(key=key, value=value), flush, 16)
+    gen = torch.Generator().manual_seed(3)
+    for step, (blocks, drop) in enumerate([(2, 0), (1, 0), (0, 0), (3, 16), (1, 32)]):
+        if blocks:
+            g.append(torch.randn(2, 2, blocks * 16, 16, generator=gen), torch.randn(2, 2, blocks * 16, 16, generator=gen))
+        if drop:
+            g.drop_front(drop)
+        kept = g.dequantized(keep=True)
+        assert g.decoded is not None and g.decoded[0] == g.tokens, step
+        fresh = HeadGroup.dequantized(g)  # keep=False: every stored block decoded again
+        for a, b in zip(kept, fresh):
+            assert a.shape[2] == g.tokens
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert g.decoded is None  # keep=False drops what was held
