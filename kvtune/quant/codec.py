@@ -1,6 +1,6 @@
 """A :class:`~kvtune.quant.formats.QuantSpec` as stored tensors: declared fields, encode, decode, fit.
 
-The pipeline of every spec: rotation (:mod:`kvtune.quant.rotation`) -> outlier split
+The pipeline of every spec: centering (:mod:`kvtune.quant.centering`, field ``center``) -> rotation (:mod:`kvtune.quant.rotation`) -> outlier split
 (:mod:`kvtune.quant.outliers`, its channels through their own sub-quantizer, fields ``out.*``) -> the family's
 ``encode`` on the remaining channels. :func:`decode` runs it backwards and is the specification;
 :func:`fake_quantize` is ``decode(encode(x))`` over a whole tensor. Tensors are ``[..., T, D]`` with ``T`` whole
@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import torch
 
+from kvtune.quant import centering
+from kvtune.quant.centering import CENTER_FIELD
 from kvtune.quant.family import FieldDecl, Fields
 from kvtune.quant.formats import QuantSpec
 from kvtune.quant.outliers import INDEX_FIELD, PREFIX, merge_channels, outlier_spec, rank_channels, split_channels
@@ -22,7 +24,7 @@ from kvtune.quant.rotation import rotation
 
 def fields(spec: QuantSpec, d: int, flush: int) -> tuple[FieldDecl, ...]:
     """Every field ``spec`` stores for one head of ``d`` channels, wrappers included."""
-    out: tuple[FieldDecl, ...] = ()
+    out: tuple[FieldDecl, ...] = (centering.center_field(d),) if spec.center else ()
     if spec.outliers:
         sub = fields(outlier_spec(spec), spec.outliers, flush)
         out = (FieldDecl(INDEX_FIELD, "layer", spec.outliers, "int16", "indices"),
@@ -56,10 +58,12 @@ def fit(spec: QuantSpec, x: torch.Tensor, known: Mapping[str, torch.Tensor] | No
     known = dict(known or {})
     if spec.passthrough:
         return known
-    y = rotation(spec.rotation).forward(x.float())
-    y = y.unsqueeze(0) if y.dim() == 3 else y.reshape(-1, *y.shape[-3:])
-    flat = y.transpose(0, 1).reshape(y.shape[1], -1, y.shape[-1])  # [h, B*T, D]
+    x = x.float().unsqueeze(0) if x.dim() == 3 else x.float().reshape(-1, *x.shape[-3:])  # [B, h, T, D]
     state: Fields = {}
+    if spec.center:
+        state[CENTER_FIELD] = known.get(CENTER_FIELD, centering.fit_center(_heads_flat(x)))
+        x = centering.remove(x, state)
+    flat = _heads_flat(rotation(spec.rotation).forward(x))  # [h, B*T, D]
     if spec.outliers:
         state[INDEX_FIELD] = known.get(INDEX_FIELD, rank_channels(flat, spec.outliers).to(torch.int16))
         idx = state[INDEX_FIELD].to(flat.device, torch.long)
@@ -68,12 +72,17 @@ def fit(spec: QuantSpec, x: torch.Tensor, known: Mapping[str, torch.Tensor] | No
     return {**state, **known}
 
 
+def _heads_flat(x: torch.Tensor) -> torch.Tensor:
+    """``[B, h, T, D] -> [h, B*T, D]``."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])
+
+
 def encode(x: torch.Tensor, spec: QuantSpec, flush: int, state: Mapping[str, torch.Tensor] | None = None) -> Fields:
     """Encode whole blocks ``x [..., n*F, D]`` into the spec's stored fields ``[..., rows, width]``."""
     state = state or {}
     if spec.passthrough:
         return spec.fam.encode(spec.params, x, flush, state)
-    y = rotation(spec.rotation).forward(x.float())
+    y = rotation(spec.rotation).forward(centering.remove(x, state) if spec.center else x.float())
     out: Fields = {}
     if spec.outliers:
         y, o = split_channels(y, _index(state, y))
@@ -94,7 +103,8 @@ def decode(stored: Mapping[str, torch.Tensor], spec: QuantSpec, flush: int, d: i
         sub = {k[len(PREFIX):]: v for k, v in stored.items() if k.startswith(PREFIX)}
         o = decode(sub, outlier_spec(spec), flush, spec.outliers)
         y = merge_channels(y, o, _index(state, y))
-    return rotation(spec.rotation).inverse(y)
+    y = rotation(spec.rotation).inverse(y)
+    return centering.restore(y, state) if spec.center else y
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor | None = None,
@@ -105,8 +115,10 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor | 
     if spec.passthrough:
         return x.to(torch.float16).to(x.dtype)
     state = dict(state or {})
+    if spec.center and CENTER_FIELD not in state:
+        state = fit(spec, x if x.dim() >= 3 else x.unsqueeze(0), state)
     if spec.outliers:
-        y = rotation(spec.rotation).forward(x.float())
+        y = rotation(spec.rotation).forward(centering.remove(x, state) if spec.center else x.float())
         state.setdefault(INDEX_FIELD, rank_channels(y, spec.outliers) if outlier_idx is None else outlier_idx)
     if layer_fields(spec, x.shape[-1]).keys() - state.keys():  # the family's calibrated state: fitted on x
         state = fit(spec, x if x.dim() >= 3 else x.unsqueeze(0), state)
@@ -115,7 +127,8 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor | 
 
 
 def kernel_ok(spec: QuantSpec, role: str) -> bool:
-    """True when the fused decode kernel reads ``spec`` for ``role`` (rotations are applied to the query)."""
+    """True when the fused decode kernel reads ``spec`` for ``role`` (rotations are applied to the query; a centered
+    spec's fp16 tokens are shifted by its mean: :func:`kvtune.quant.centering.shift`)."""
     return not spec.passthrough and not spec.outliers and spec.fam.kernel_ok(spec.params, role)
 
 

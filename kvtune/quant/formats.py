@@ -21,7 +21,7 @@ from kvtune.quant import family as families
 from kvtune.quant.rotation import ROTATIONS
 
 OUTLIER_BITS = (4, 8, 16, 2)
-WRAPPER_KEYS = ("rotation", "hadamard", "outliers", "outlier_bits")
+WRAPPER_KEYS = ("rotation", "hadamard", "outliers", "outlier_bits", "center")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class QuantSpec:
         rotation: registered rotation applied to channels first (``none``, ``hadamard``).
         outliers: number of channels kept out of the family's quantizer (dense-and-sparse / anomalous).
         outlier_bits: precision of those channels (16 = fp16; 2/4/8 = their own per-channel quantizer).
+        center: subtract a calibrated per-head mean vector before quantizing, add it back after
+            (:mod:`kvtune.quant.centering`).
     """
 
     family: str = "fp16"
@@ -41,6 +43,7 @@ class QuantSpec:
     rotation: str = "none"
     outliers: int = 0
     outlier_bits: float = 16
+    center: bool = False
 
     def __post_init__(self) -> None:
         fam = families.get(self.family)
@@ -54,8 +57,10 @@ class QuantSpec:
             raise ValueError(f"outliers must be an int >= 0, got {self.outliers!r}")
         if self.outliers and float(self.outlier_bits) not in OUTLIER_BITS:
             raise ValueError(f"outlier_bits must be one of {OUTLIER_BITS}, got {self.outlier_bits}")
-        if fam.passthrough and (self.outliers or self.rotation != "none"):
-            raise ValueError(f"{self.family} stores tensors as they are: no rotation or outlier channels")
+        if not isinstance(self.center, bool):
+            raise ValueError(f"center must be true or false, got {self.center!r}")
+        if fam.passthrough and (self.outliers or self.rotation != "none" or self.center):
+            raise ValueError(f"{self.family} stores tensors as they are: no rotation, outlier channels or centering")
 
     # -- what it is ------------------------------------------------------------------------------------
     @property
@@ -85,9 +90,11 @@ class QuantSpec:
         """Human-readable name, e.g. ``2b/ch/g32+h+o2@16`` (``short``: ``2hg32``-style, for plots)."""
         text = self.fam.label(self.params, short)
         if short:
-            return text + ("h" if self.rotated else "") + (f"o{self.outliers}" if self.outliers else "")
+            return (text + ("h" if self.rotated else "") + (f"o{self.outliers}" if self.outliers else "")
+                    + ("m" if self.center else ""))
         text += f"+{self.rotation[0]}" if self.rotated else ""
-        return text + (f"+o{self.outliers}@{self.outlier_bits:g}" if self.outliers else "")
+        text += f"+o{self.outliers}@{self.outlier_bits:g}" if self.outliers else ""
+        return text + ("+mean" if self.center else "")
 
     def with_params(self, **changes: Any) -> QuantSpec:
         """This spec with some family parameters changed."""
@@ -105,6 +112,8 @@ class QuantSpec:
         if self.outliers:
             d["outliers"] = self.outliers
             d["outlier_bits"] = self.outlier_bits
+        if self.center:
+            d["center"] = True
         return d
 
     @classmethod

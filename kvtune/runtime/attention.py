@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from kvtune.errors import KVTuneError
-from kvtune.quant import codec
+from kvtune.quant import centering, codec
 from kvtune.quant.rotation import rotation
 from kvtune.runtime import policies, torch_attention
 from kvtune.runtime.heads import ROLES, HeadGroup
@@ -206,7 +206,9 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
     layer = step.layer
     ek = _extra(g, step.sink_k, layer.win_k)  # [B, h, R, D] fp16
     ev = _extra(g, step.sink_v, layer.win_v)
-    krot, vrot = rotation(g.plan.key.rotation), rotation(g.plan.value.rotation)
+    ks, vs = g.plan.key, g.plan.value
+    ek, ev = centering.shift(ks, g.state["key"], ek), centering.shift(vs, g.state["value"], ev)
+    krot, vrot = rotation(ks.rotation), rotation(vs.rotation)
     qk, ek, ev = krot.forward(q.to(torch.float16)), krot.forward(ek), vrot.forward(ev)
     kq, vq = _packed(g, layer)
     start = extra = None
@@ -218,7 +220,7 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
                          nq + s + e + torch.arange(layer.win_k.shape[2], device=q.device)])
         extra = idx[None, :] >= lo[:, None]  # [B, R] bool
     out = decode_attention(qk, kq, vq, ek, ev, extra, start, scaling)
-    return vrot.inverse(out)
+    return centering.unshift(vs, g.state["value"], vrot.inverse(out))
 
 
 def _first_key(layer: KVTuneLayer, pad: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvtune.errors import KVTuneError
-from kvtune.quant import codec
+from kvtune.quant import centering, codec
 from kvtune.quant.rotation import rotation
 from kvtune.runtime.heads import ROLES
 
@@ -137,13 +137,15 @@ class StaticLayer(CacheLayerMixin):
         flush when one is due."""
         from kvtune.kernels.decode_static import decode_static
 
-        krot, vrot = rotation(self.specs["key"].rotation), rotation(self.specs["value"].rotation)
+        ks, vs = self.specs["key"], self.specs["value"]
+        krot, vrot = rotation(ks.rotation), rotation(vs.rotation)
         kq, vq = self.operands
-        out = decode_static(krot.forward(q.to(FP)), kq, vq, krot.forward(self.win_k), vrot.forward(self.win_v),
+        wk, wv = centering.shift(ks, self.state["key"], self.win_k), centering.shift(vs, self.state["value"], self.win_v)
+        out = decode_static(krot.forward(q.to(FP)), kq, vq, krot.forward(wk), vrot.forward(wv),
                             self.nq, self.nw, self.wstart, self.pad, scaling)
         if self.due:
             self._flush()
-        return vrot.inverse(out).to(q.dtype)
+        return centering.unshift(vs, self.state["value"], vrot.inverse(out)).to(q.dtype)
 
     def _padded(self, x: torch.Tensor, first: torch.Tensor | int) -> torch.Tensor:
         """``x [B, Hkv, n, D]`` (stored tokens ``first..``) with left-padding rows replaced by the block's first real

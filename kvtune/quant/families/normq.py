@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -173,13 +173,14 @@ class NormQ(QuantFamily):
 
     def candidates(self, role: str, head_dim: int | None = None) -> tuple[Any, ...]:
         """Rotated uniform codes -- keys at 2/3/4 bits, values at 1/1.58/2/3 bits --, Lloyd-Max at 2 bits, and the
-        cheapest ones with one-byte (log8) scales; the rotation is Hadamard, or a random orthogonal one where the
-        head dim is not a power of two."""
+        cheapest ones with one-byte (log8) scales, each also centered (:mod:`kvtune.quant.centering`); the rotation
+        is Hadamard, or a random orthogonal one where the head dim is not a power of two."""
         rot = "hadamard" if head_dim is None or head_dim & (head_dim - 1) == 0 else "orthogonal"
         bits = (2, 3, 4) if role == "key" else (1, 1.58, 2, 3)
         small = (2,) if role == "key" else (1, 1.58)  # one-byte scales where metadata weighs most
-        return tuple([normq(b, "uniform", rot) for b in bits] + [normq(2, "lloyd", rot)]
-                     + [normq(b, "uniform", rot, scale_dtype=LOG8) for b in small])
+        plain = ([normq(b, "uniform", rot) for b in bits] + [normq(2, "lloyd", rot)]
+                 + [normq(b, "uniform", rot, scale_dtype=LOG8) for b in small])
+        return tuple(plain + [replace(s, center=True) for s in plain])
 
     # -- kernel hooks: evenly spaced codes, fp16 scales; x^ = scale * (step * c - step * (L - 1) / 2)
     def kernel_ok(self, p: NormQParams, role: str) -> bool:
