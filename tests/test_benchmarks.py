@@ -37,3 +37,20 @@ def test_summarize_renders_the_committed_results(bench_path: Path, capsys: pytes
     out = capsys.readouterr().out
     assert "| llama3-8b | 8 | 32k | kvtune-k2v2 |" in out
     assert "kernel_vs_reference_h200.json: kv2 lockstep B=1 64 steps: tokens equal True" in out
+
+
+def test_format_choices_rows(bench_path: Path) -> None:
+    """Centering helps per-token formats on data with a per-head offset, not per-channel groups; a per-layer
+    k-means codebook is never worse than Lloyd-Max on the data it starts from."""
+    import torch
+
+    import format_choices
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(2, 256, 64, generator=gen) + 3 * torch.randn(2, 1, 64, generator=gen),
+               torch.randn(2, 256, 64, generator=gen) + torch.randn(2, 1, 64, generator=gen)) for _ in range(2)]
+    rows = {(r["role"], r["spec"]): r for r in format_choices.centering_rows(layers)}
+    assert rows[("key", "2b/norm/uniform+h")]["reduction_pct"] > 30
+    assert abs(rows[("key", "2b/ch/g128")]["reduction_pct"]) < 1
+    for r in format_choices.codebook_rows(layers):
+        assert r["mse_lloyd"] <= r["mse_uniform"] * 1.01 and r["mse_kmeans_per_layer"] <= r["mse_lloyd"] * 1.02
