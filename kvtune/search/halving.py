@@ -97,10 +97,21 @@ def held_out_ids(tokenizer: Any, source: str, skip: int, length: int, sequences:
     return ids[start:start + need].view(sequences, length), where
 
 
+def reference_logits(model: Any, ids: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """The unquantized model's logits ``[n, T, V]`` float32 over the widest sequences and length of ``schedule``
+    (cut from ``ids``), computed once: the model is causal, so every stage reads a prefix of them."""
+    from kvtune.eval.quality import dense_logits
+
+    fids = schedule.fidelities
+    return dense_logits(model, ids[: max(f.sequences for f in fids), : max(f.length for f in fids)])
+
+
 def successive_halving(model: Any, plans: Sequence[Plan], ids: torch.Tensor, schedule: Schedule,
                        protect: Callable[[list[dict[str, float]]], set[int]],
-                       on_plan: Callable[[int, int], None] | None = None) -> tuple[list[dict[str, Any]], list[int]]:
-    """Run ``plans`` through the schedule on ``ids [n, T]`` (sequences and lengths cut from it).
+                       on_plan: Callable[[int, int], None] | None = None,
+                       reference: torch.Tensor | None = None) -> tuple[list[dict[str, Any]], list[int]]:
+    """Run ``plans`` through the schedule on ``ids [n, T]`` (sequences and lengths cut from it; ``reference``:
+    :func:`reference_logits`, computed here when not given).
 
     ``protect(results)`` names plans that go on whatever their rank (results: the latest KL of every plan, NaN
     where not run). Returns ``(stages, finalists)``: per stage ``{"fidelity", "plans": [indices], "results":
@@ -108,10 +119,11 @@ def successive_halving(model: Any, plans: Sequence[Plan], ids: torch.Tensor, sch
     alive = list(range(len(plans)))
     latest: list[dict[str, float]] = [{"kl": math.nan} for _ in plans]
     stages = []
+    reference = reference if reference is not None else reference_logits(model, ids, schedule)
     for s, fid in enumerate(schedule.fidelities):
         x = ids[: fid.sequences, : fid.length]
         info, results = validate_plans(model, [plans[i] for i in alive], x, fid.chunk,
-                                       None if on_plan is None else (lambda j, s=s: on_plan(s, j)))
+                                       None if on_plan is None else (lambda j, s=s: on_plan(s, j)), reference)
         for i, r in zip(alive, results):
             latest[i] = {**r, "length": fid.length}
         stages.append({"fidelity": {"length": fid.length, "sequences": fid.sequences, "chunk": fid.chunk},

@@ -20,7 +20,7 @@ import torch
 
 from kvtune.plan import Plan
 from kvtune.search import correction
-from kvtune.search.halving import Schedule, successive_halving
+from kvtune.search.halving import Schedule, reference_logits, successive_halving
 from kvtune.search.validate import spearman, validate_plans
 
 EXTRA = 3  # trials the corrected proxy adds to the first fidelity
@@ -76,7 +76,8 @@ def judge(model: Any, entries: list[Entry], pool: Sequence[Entry], ids: torch.Te
     first = schedule.fidelities[0]
     x = ids[: first.sequences, : first.length]
     j = Judgement(list(entries))
-    info, res = validate_plans(model, [e.plan for e in j.entries], x, first.chunk, tick)
+    reference = reference_logits(model, ids, schedule)
+    info, res = validate_plans(model, [e.plan for e in j.entries], x, first.chunk, tick, reference)
     seconds = info["seconds"]
     j.latest = [{**r, "length": first.length} for r in res]
     fit_on = [i for i, e in enumerate(j.entries) if e.parts is not None]
@@ -87,7 +88,7 @@ def judge(model: Any, entries: list[Entry], pool: Sequence[Entry], ids: torch.Te
     if propose is not None:
         extra += [e for e in propose(j.coef) if e.name not in taken and all(e.name != x.name for x in extra)]
     if extra:
-        info, res = validate_plans(model, [e.plan for e in extra], x, first.chunk, tick)
+        info, res = validate_plans(model, [e.plan for e in extra], x, first.chunk, tick, reference)
         seconds += info["seconds"]
         j.entries += extra
         j.latest += [{**r, "length": first.length} for r in res]
@@ -98,14 +99,15 @@ def judge(model: Any, entries: list[Entry], pool: Sequence[Entry], ids: torch.Te
     j.stages.append({"fidelity": first.length, "entries": list(range(len(j.entries))),
                      "kl": [_kl(r) for r in j.latest], "seconds": round(seconds, 2)})
     if len(schedule.fidelities) > 1:
-        _halve(model, j, ids, schedule, tick)
+        _halve(model, j, ids, schedule, tick, reference)
     j.best_baseline = _best(j.entries, j.latest, searched=False)
     finalists = [i for i, r in enumerate(j.latest) if r.get("length") == max(r.get("length", 0) for r in j.latest)]
     j.winner = min(finalists, key=lambda i: (_kl(j.latest[i]), not j.entries[i].searched, i))
     return j
 
 
-def _halve(model: Any, j: Judgement, ids: torch.Tensor, schedule: Schedule, tick: Any) -> None:
+def _halve(model: Any, j: Judgement, ids: torch.Tensor, schedule: Schedule, tick: Any,
+           reference: torch.Tensor) -> None:
     """The rest of the schedule over the first fidelity's best, protecting the best of each kind."""
     ranked = sorted(range(len(j.entries)), key=lambda i: (_kl(j.latest[i]), i))
     keep = set(ranked[: schedule.keep[0]])
@@ -117,7 +119,7 @@ def _halve(model: Any, j: Judgement, ids: torch.Tensor, schedule: Schedule, tick
         return {i for i in (_best(sub, latest, True), _best(sub, latest, False)) if i is not None}
 
     rest = Schedule(schedule.fidelities[1:], schedule.keep[1:])
-    stages, _ = successive_halving(model, [j.entries[i].plan for i in alive], ids, rest, protect, tick)
+    stages, _ = successive_halving(model, [j.entries[i].plan for i in alive], ids, rest, protect, tick, reference)
     for stage in stages:
         for local, r in zip(stage["plans"], stage["results"]):
             j.latest[alive[local]] = {**r, "length": stage["fidelity"]["length"]}

@@ -23,8 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def validate_plans(model: Any, plans: Sequence[Plan], input_ids: torch.Tensor, chunk: int = 64,
-                   on_plan: Callable[[int], None] | None = None) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """Score ``plans`` (bound to ``model``) on ``input_ids`` ``[n, T]`` against the unquantized model.
+                   on_plan: Callable[[int], None] | None = None,
+                   reference: torch.Tensor | None = None) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Score ``plans`` (bound to ``model``) on ``input_ids`` ``[n, T]`` against the unquantized model (its logits
+    ``[n', T', V]`` float32 with ``n' >= n, T' >= T`` when already computed: the model is causal, so a prefix of
+    them is the reference of a prefix of the tokens).
 
     Returns ``(info, results)``: ``info`` = path used, reference perplexity, seconds; one result per plan:
     ``kl`` (all positions), ``ppl``, ``top1``, ``kl_tail`` (second half of each sequence), ``seconds`` (NaN
@@ -36,7 +39,8 @@ def validate_plans(model: Any, plans: Sequence[Plan], input_ids: torch.Tensor, c
 
     start = time.perf_counter()
     tail = input_ids.shape[1] // 2
-    ref = dense_logits(model, input_ids)  # [n, T, V]: all sequences in one batch
+    n, t = input_ids.shape
+    ref = dense_logits(model, input_ids) if reference is None else reference[:n, :t]  # [n, T, V]
     ref_ppl = perplexity(ref, input_ids)
     results = []
     for i, plan in enumerate(plans):
