@@ -6,7 +6,10 @@ value damage is the part most often off. Validated plans fit it: ``KL ~ a_k * ke
 non-negative, least relative squared error (plans near the budget have similar KL; relative errors weigh them
 alike), each weight at least :data:`BALANCE` of the other.
 A two-parameter fit can reorder plans (a key-heavy and a value-heavy plan swap), unlike a monotone
-rescaling. Its **held-out Spearman** is measured by leaving each validated plan out of the fit in turn.
+rescaling. On a handful of near-budget plans such a fit can also reorder them wrongly, so it is **used only when
+it predicts better**: :func:`choose` keeps the fit when its leave-one-out Spearman beats the uncorrected proxy's
+Spearman on the same plans (which no fit touched), else the uncorrected proxy. Its **held-out Spearman** runs the
+whole procedure (choice included) on all plans but one and predicts that one, in turn.
 """
 
 from __future__ import annotations
@@ -46,13 +49,32 @@ def predict(part: Sequence[float], coef: tuple[float, float]) -> float:
     return coef[0] * part[0] + coef[1] * (part[1] + part[2])
 
 
-def held_out_spearman(parts: Sequence[Sequence[float]], kls: Sequence[float]) -> float | None:
-    """Spearman(corrected proxy, KL) with each plan predicted by a fit on the others (None with < 4 points)."""
-    idx = [i for i, k in enumerate(kls) if math.isfinite(k) and k > 0]
+def _usable(kls: Sequence[float]) -> list[int]:
+    return [i for i, k in enumerate(kls) if math.isfinite(k) and k > 0]
+
+
+def _loo(parts: Sequence[Sequence[float]], kls: Sequence[float], make) -> float | None:
+    """Spearman of predictions of each usable plan by ``make(parts, kls)`` on the others (None with < 4)."""
+    idx = _usable(kls)
     if len(idx) < 4:
         return None
     preds = []
     for i in idx:
         rest = [j for j in idx if j != i]
-        preds.append(predict(parts[i], fit([parts[j] for j in rest], [kls[j] for j in rest])))
+        preds.append(predict(parts[i], make([parts[j] for j in rest], [kls[j] for j in rest])))
     return spearman(preds, [kls[i] for i in idx])
+
+
+def choose(parts: Sequence[Sequence[float]], kls: Sequence[float]) -> tuple[float, float]:
+    """:func:`fit` when its leave-one-out Spearman beats the uncorrected proxy's on the same plans, else ``(1, 1)``."""
+    idx = _usable(kls)
+    fitted = _loo(parts, kls, fit)
+    raw = spearman([sum(parts[i]) for i in idx], [kls[i] for i in idx])
+    if fitted is None or raw is None or fitted <= raw:
+        return 1.0, 1.0
+    return fit(parts, kls)
+
+
+def held_out_spearman(parts: Sequence[Sequence[float]], kls: Sequence[float]) -> float | None:
+    """Spearman(corrected proxy, KL) with each plan predicted by :func:`choose` on the others (None with < 4)."""
+    return _loo(parts, kls, choose)

@@ -81,7 +81,7 @@ def judge(model: Any, entries: list[Entry], pool: Sequence[Entry], ids: torch.Te
     seconds = info["seconds"]
     j.latest = [{**r, "length": first.length} for r in res]
     fit_on = [i for i, e in enumerate(j.entries) if e.parts is not None]
-    j.coef = correction.fit([j.entries[i].parts for i in fit_on], [_kl(j.latest[i]) for i in fit_on])
+    j.coef = correction.choose([j.entries[i].parts for i in fit_on], [_kl(j.latest[i]) for i in fit_on])
     taken = {e.name for e in j.entries}
     extra = sorted((e for e in pool if e.parts is not None and e.name not in taken),
                    key=lambda e: correction.predict(e.parts, j.coef))[:EXTRA]

@@ -36,7 +36,18 @@ def test_correction_recovers_the_key_value_balance() -> None:
     assert correction.held_out_spearman(parts[:3], kls[:3]) is None
     a = correction.fit([(1.0, 0.1, 0.0), (0.1, 1.0, 0.0), (1.0, 1.0, 0.0)], [1.0, 0.0005, 1.0])
     assert min(a) >= correction.BALANCE * max(a) > 0  # no role zeroed out, whatever the points
+    assert correction.choose(parts, kls) == (a_k, a_v)  # the fit predicts held-out plans better: used
 
+
+def test_a_correction_that_predicts_no_better_is_not_used() -> None:
+    """Plans the raw proxy ranks right already (KL grows with the proxy, not in proportion): a two-weight fit can
+    only tie or misrank, so the proxy stays as it is and the held-out Spearman (choice included) is 1."""
+    rng = np.random.default_rng(1)
+    parts = [tuple(rng.uniform(0.01, 1.0, 2)) + (0.0,) for _ in range(8)]
+    kls = [(k + v) ** 1.7 for k, v, _ in parts]
+    assert correction.choose(parts, kls) == (1.0, 1.0)
+    assert correction.held_out_spearman(parts, kls) == pytest.approx(1.0)
+    assert correction._loo(parts, kls, correction.fit) < 1.0  # the fit alone would have misranked some
 
 def test_recency_factors_interpolate_the_measured_windows() -> None:
     from kvtune.calibrate.recency import WINDOWS
