@@ -19,7 +19,7 @@ layer, at most the ``C - 1`` transformers holds) is the denominator of effective
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,13 +152,34 @@ def spans_of(layout: AttentionLayout | None, num_layers: int) -> Sequence[LayerS
     return layout.spans
 
 
+def layer_types_and_kwargs(text: Any) -> tuple[list[str], list[Mapping[str, Any]]]:
+    """transformers' layer types of a text config and each layer's cache kwargs, whatever the transformers 5.x:
+    recent releases return one kwargs mapping per layer, earlier ones (5.17 and before) one mapping shared by every
+    layer, and the earliest have no such function (types then come from ``layer_types`` or the window fields, as
+    those releases' caches read them)."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:
+        get_layer_types_and_kwargs = None
+    if get_layer_types_and_kwargs is not None:
+        types, kwargs = get_layer_types_and_kwargs(text)
+        types = list(types)
+        return types, [kwargs] * len(types) if isinstance(kwargs, Mapping) else list(kwargs)
+    n = int(text.num_hidden_layers)
+    types = getattr(text, "layer_types", None)
+    window, chunk = getattr(text, "sliding_window", None), getattr(text, "attention_chunk_size", None)
+    if types is None:
+        types = ["sliding_attention" if window is not None else
+                 "chunked_attention" if chunk is not None else "full_attention"] * n
+    kw = {"sliding_window": chunk if "chunked_attention" in types else window}
+    return list(types), [kw] * len(types)
+
+
 def layout_of(config: Any) -> AttentionLayout:
     """The layout of a transformers config (a VLM's: its language model's); unsupported layer types
     (linear attention, shared KV, MLA-style indexers) are a :class:`KVTuneError`."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    types, kwargs = get_layer_types_and_kwargs(text)
+    types, kwargs = layer_types_and_kwargs(text)
     spans = []
     for i, (kind, kw) in enumerate(zip(types, kwargs)):
         if kind not in LAYER_TYPES:

@@ -48,3 +48,26 @@ def test_identity_round_trips_its_layout_and_refuses_another() -> None:
     other = ModelIdentity(**{**ident.to_dict(), "layout": AttentionLayout.from_list(["global"] * 6)})
     with pytest.raises(KVTuneError, match="layout"):
         plan.bind(other)
+
+
+@pytest.mark.parametrize("arch", sorted(LAYOUTS))
+@pytest.mark.parametrize("release", ["per-layer kwargs", "one kwargs mapping", "no helper"])
+def test_layout_is_the_same_under_every_transformers_5(arch: str, release: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5.17 returned one kwargs mapping for all layers, earlier 5.x had no helper at all; the layout
+    read through each is the one the installed transformers gives."""
+    import transformers.cache_utils as cu
+
+    config = tiny_model(arch, layers=6, window=None if arch == "llama" else 16).config
+    expected = layout_of(config)
+    assert expected.describe() == LAYOUTS[arch]
+    current = cu.get_layer_types_and_kwargs
+    if release == "one kwargs mapping":
+        def shared(text):  # noqa: ANN001, ANN202 - the older helper's shape
+            types, per_layer = current(text)
+            merged = {k: v for kw in per_layer for k, v in kw.items()}
+            return types, merged
+        monkeypatch.setattr(cu, "get_layer_types_and_kwargs", shared)
+    elif release == "no helper":
+        monkeypatch.delattr(cu, "get_layer_types_and_kwargs")
+    assert layout_of(config) == expected
