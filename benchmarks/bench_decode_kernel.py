@@ -21,10 +21,8 @@ checked against the PyTorch reference (on up to 2 sequences) before it is timed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -153,7 +151,7 @@ def check(q, kq, vq, ek, ev) -> float:
 
 
 def run_case(name: str, bsz: int, ctx: int, bits_list: list[int], vgroup: int, dev, copy_gbs: float,
-             rep_ms: int, key_group: int = KEY_GROUP, split: bool = False) -> list[dict]:
+             rep_ms: int, key_group: int = KEY_GROUP) -> list[dict]:
     from kvtune.kernels.decode_attention import decode_attention
 
     hq, hkv, d = SHAPES[name]
@@ -192,18 +190,9 @@ def run_case(name: str, bsz: int, ctx: int, bits_list: list[int], vgroup: int, d
         def fused(kq=kq, vq=vq, ek=ek, ev=ev):
             return decode_attention(q, kq, vq, ek, ev)
 
-        from kvtune.kernels.decode_fast import fast_eligible
-
-        kernel = "fast (swapped)" if fast_eligible(kq, vq, d) else "split"
-        rows.append(dict(base, method=f"kvtune-k{bits}v{bits}", kernel=kernel, bits=bits, vgroup=vgroup or d,
+        rows.append(dict(base, method=f"kvtune-k{bits}v{bits}", kernel="split", bits=bits, vgroup=vgroup or d,
                          kgroup=key_group, bits_per_element=8 * nbytes / (2 * bsz * hkv * ctx * d),
                          ms=_bench(fused, rep_ms), ms_graph=_bench_graph(fused, rep_ms), bytes=nbytes, max_abs_err=err))
-        if split and kernel != "split":  # the general split kernel on the same operands, for comparison
-            with _kernel_env("split"):
-                rows.append(dict(base, method=f"kvtune-split-k{bits}v{bits}", kernel="split", bits=bits,
-                                 vgroup=vgroup or d, kgroup=key_group, ms=_bench(fused, rep_ms),
-                                 ms_graph=_bench_graph(fused, rep_ms), bytes=nbytes,
-                                 max_abs_err=check(q, kq, vq, ek, ev)))
         if ok["dequant"]:
             def deq(kq=kq, vq=vq, ek=ek, ev=ev):
                 k16, v16 = dequantize_fp16(kq, vq, d)
@@ -220,20 +209,6 @@ def run_case(name: str, bsz: int, ctx: int, bits_list: list[int], vgroup: int, d
         r["pct_copy_bw"] = 100 * r["gbs"] / copy_gbs
         r["speedup_vs_sdpa"] = (best_sdpa / t_gpu) if best_sdpa else None
     return rows
-
-
-@contextlib.contextmanager
-def _kernel_env(value: str):
-    """``KVTUNE_DECODE_KERNEL=value`` for the block (read at each call by the dispatcher)."""
-    old = os.environ.get("KVTUNE_DECODE_KERNEL")
-    os.environ["KVTUNE_DECODE_KERNEL"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("KVTUNE_DECODE_KERNEL")
-        else:
-            os.environ["KVTUNE_DECODE_KERNEL"] = old
 
 
 def print_table(rows: list[dict]) -> None:
@@ -385,7 +360,6 @@ def main() -> None:
     ap.add_argument("--value-group", type=int, default=0, help="value channel group (0 = head dim)")
     ap.add_argument("--key-group", type=int, default=KEY_GROUP, help="key token group (32: KIVI; 128: searched plans)")
     ap.add_argument("--host", action="store_true", help="also measure host microseconds per call")
-    ap.add_argument("--split", action="store_true", help="also time the split kernel (KVTUNE_DECODE_KERNEL=split)")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 32768, 131072])
@@ -429,7 +403,7 @@ def main() -> None:
             for bsz in batches:
                 for ctx in ctxs:
                     rows += run_case(shape, bsz, ctx, args.bits, args.value_group, dev, copy_gbs, rep,
-                                     args.key_group, args.split)
+                                     args.key_group)
                     result["rows"] = rows
                     save()
                     print(f"  done {shape} B={bsz} ctx={ctx} ({time.time() - t_start:.0f}s)", flush=True)

@@ -15,16 +15,15 @@ way), dequantizes in registers, keeps an online softmax in base 2, and writes a 
 The extra segment runs as one more split of the same launch (not in torch): it costs no extra launch,
 no Python-side softmax, and its partial merges like any other.
 
-Formats the swapped kernel reads (2/4/8-bit codes, keys in groups >= 32 tokens or per token, one value scale
-per token: :func:`kvtune.kernels.decode_fast.fast_eligible`) go there with ``KVTUNE_DECODE_KERNEL=fast``; by
-default this kernel serves every format (it measured faster). Lengths may come from device memory (``t_dev``,
+This kernel serves every format. (A "swapped" variant with tokens in the MMA's M dimension and a warp-split
+variant with one softmax state a warp were measured slower on an H200 and removed:
+benchmarks/results/decode_kernel_fast_h200.json.) Lengths may come from device memory (``t_dev``,
 ``extra_count``/``extra_start``) so that one fixed launch serves every step of a CUDA graph.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -34,7 +33,6 @@ import triton
 import triton.language as tl
 
 from kvtune.kernels.decode_config import DecodeConfig, _p2, default_config
-from kvtune.kernels.decode_fast import decode_fast, fast_eligible
 from kvtune.kernels.decode_tiles import _softmax_step, _tile
 from kvtune.kernels.launch_args import extra_args, kernel_arg, use_asm
 from kvtune.kernels.merge_tl import _merge_kernel
@@ -269,9 +267,6 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     if vq.scale.shape[-1] != math.ceil(d / gc):
         raise ValueError(f"value scale has {vq.scale.shape[-1]} groups, expected {math.ceil(d / gc)}")
     scaling = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
-    if _impl() == "fast" and fast_eligible(kq, vq, d):
-        return decode_fast(q, kq, vq, extra_k, extra_v, extra_len, start, scaling, config, t_dev=t_dev,
-                           extra_count=extra_count, extra_start=extra_start, launch=launch)
     cfg = config or default_config(bsz, hkv, t, d, q.device, lv.width)
     block_t = cfg.block_t if fast or per_token else min(cfg.block_t, kq.group)
     if per_token:  # per-token key scales: a tile is one "group"
@@ -307,13 +302,6 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     wrap(_merge_kernel)[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
                                D=d, DP=_p2(d), BS=min(16, _p2(ns)), num_warps=4)
     return out
-
-
-def _impl() -> str:
-    """``KVTUNE_DECODE_KERNEL``: ``split`` (default: this module's kernel) or ``fast`` (the swapped kernel of
-    :mod:`kvtune.kernels.decode_fast` for the formats it reads). On an H200 the split kernel was the faster one
-    at every Llama-3-8B shape measured (benchmarks/results/decode_kernel_fast_h200.json), so it is the default."""
-    return os.environ.get("KVTUNE_DECODE_KERNEL", "split")
 
 
 def _fast_path(lay: Any, d: int) -> bool:
