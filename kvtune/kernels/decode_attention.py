@@ -267,7 +267,7 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     if vq.scale.shape[-1] != math.ceil(d / gc):
         raise ValueError(f"value scale has {vq.scale.shape[-1]} groups, expected {math.ceil(d / gc)}")
     scaling = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
-    cfg = config or default_config(bsz, hkv, t, d, q.device, lv.width)
+    cfg = config or default_config(bsz, hkv, t, d, q.device, lv.width, vq.bits)
     block_t = cfg.block_t if fast or per_token else min(cfg.block_t, kq.group)
     if per_token:  # per-token key scales: a tile is one "group"
         consts = {**consts, "G": block_t}
@@ -297,7 +297,7 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
         m, lse, o,
         t, r, chunk, n_q, ns, hkv, scaling * LOG2E, kq.code_scale, kq.code_offset, vq.code_scale, vq.code_offset,
         BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None, T_DEV=t_dev is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+        **cfg.launch_options(), **consts,
     )
     wrap(_merge_kernel)[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
                                D=d, DP=_p2(d), BS=min(16, _p2(ns)), num_warps=4)
