@@ -56,9 +56,10 @@ def default_config(batch: int, hkv: int, t: int, d: int, device: torch.device,
 
     Registers: left to the compiler, it takes all 255 a thread, so only two 4-warp programs share a
     multiprocessor (8 warps: the kernel is latency-bound, ~0.4 instructions issued a cycle a scheduler). For
-    2-bit values on 128-token tiles a cap of 168 fits three with few spills: Llama-3-8B, B=8, 32k, 0.160 ms
-    instead of 0.189 (8k: 0.051 vs 0.059; B=1 unchanged); 4- and 8-bit tiles spill at that cap and ran
-    slower, one-warp tiles too (benchmarks/results/decode_kernel_fast_h200.json).
+    2-bit values on 128-token tiles a cap of 168 fits three with few spills: Llama-3-8B, B=8, 32k, 0.159 ms
+    instead of 0.190 (decode_kernel_h200_sweep.json; 8k: 0.051 vs 0.059, B=1 unchanged); 4-bit tiles spill at
+    that cap and ran slower (0.201 vs 0.195 ms; benchmarks/results/decode_kernel_variants_h200.json), and so did
+    one-warp tiles in the variant measured with it (SmolLM2 shape, 0.060 vs 0.032 ms), so they take no cap.
     """
     narrow = value_width is not None and value_width < 32
     block_t = 64 if narrow or d > 128 else 128
