@@ -21,10 +21,9 @@ checked against the PyTorch reference (on up to 2 sequences) before it is timed.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -153,8 +152,9 @@ def check(q, kq, vq, ek, ev) -> float:
 
 
 def run_case(name: str, bsz: int, ctx: int, bits_list: list[int], vgroup: int, dev, copy_gbs: float,
-             rep_ms: int, key_group: int = KEY_GROUP, split: bool = False) -> list[dict]:
-    from kvtune.kernels.decode_attention import decode_attention
+             rep_ms: int, key_group: int = KEY_GROUP) -> list[dict]:
+    from kvtune.kernels.decode_attention import decode_attention, default_config
+    from kvtune.quant.codes import slicing
 
     hq, hkv, d = SHAPES[name]
     free = torch.cuda.mem_get_info(dev)[0]
@@ -192,18 +192,11 @@ def run_case(name: str, bsz: int, ctx: int, bits_list: list[int], vgroup: int, d
         def fused(kq=kq, vq=vq, ek=ek, ev=ev):
             return decode_attention(q, kq, vq, ek, ev)
 
-        from kvtune.kernels.decode_fast import fast_eligible
-
-        kernel = "fast (swapped)" if fast_eligible(kq, vq, d) else "split"
-        rows.append(dict(base, method=f"kvtune-k{bits}v{bits}", kernel=kernel, bits=bits, vgroup=vgroup or d,
-                         kgroup=key_group, bits_per_element=8 * nbytes / (2 * bsz * hkv * ctx * d),
+        cfg = default_config(bsz, hkv, t, d, dev, slicing(bits, d).width, bits)
+        rows.append(dict(base, method=f"kvtune-k{bits}v{bits}", kernel="split", bits=bits, vgroup=vgroup or d,
+                         kgroup=key_group, config=dataclasses.asdict(cfg),
+                         bits_per_element=8 * nbytes / (2 * bsz * hkv * ctx * d),
                          ms=_bench(fused, rep_ms), ms_graph=_bench_graph(fused, rep_ms), bytes=nbytes, max_abs_err=err))
-        if split and kernel != "split":  # the general split kernel on the same operands, for comparison
-            with _kernel_env("split"):
-                rows.append(dict(base, method=f"kvtune-split-k{bits}v{bits}", kernel="split", bits=bits,
-                                 vgroup=vgroup or d, kgroup=key_group, ms=_bench(fused, rep_ms),
-                                 ms_graph=_bench_graph(fused, rep_ms), bytes=nbytes,
-                                 max_abs_err=check(q, kq, vq, ek, ev)))
         if ok["dequant"]:
             def deq(kq=kq, vq=vq, ek=ek, ev=ev):
                 k16, v16 = dequantize_fp16(kq, vq, d)
@@ -222,20 +215,6 @@ def run_case(name: str, bsz: int, ctx: int, bits_list: list[int], vgroup: int, d
     return rows
 
 
-@contextlib.contextmanager
-def _kernel_env(value: str):
-    """``KVTUNE_DECODE_KERNEL=value`` for the block (read at each call by the dispatcher)."""
-    old = os.environ.get("KVTUNE_DECODE_KERNEL")
-    os.environ["KVTUNE_DECODE_KERNEL"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("KVTUNE_DECODE_KERNEL")
-        else:
-            os.environ["KVTUNE_DECODE_KERNEL"] = old
-
-
 def print_table(rows: list[dict]) -> None:
     head = (f"{'shape':<13}{'B':>3}{'ctx':>8} {'method':<24}{'ms eager':>9}{'ms graph':>9}{'GB/s':>8}{'%copy':>7}"
             f"{'x sdpa':>8}{'err':>10}")
@@ -249,11 +228,11 @@ def print_table(rows: list[dict]) -> None:
               f"{r['gbs']:>8.0f}{r['pct_copy_bw']:>6.0f}%{sp:>8}{err:>10}")
 
 
-SWEEP_GRID = {  # (block_t, warps, stages, splits x default)
-    "llama3-8b": [(128, 4, 3, 1), (128, 4, 2, 1), (128, 4, 3, 2), (128, 4, 2, 2), (128, 4, 3, 0.5), (64, 4, 3, 1),
-                  (64, 2, 3, 1), (128, 8, 3, 1)],
-    "smollm2-135m": [(64, 1, 3, 1), (64, 1, 2, 1), (64, 1, 3, 2), (64, 1, 3, 0.5), (64, 1, 4, 1), (32, 1, 3, 1),
-                     (128, 4, 3, 0.25), (64, 2, 3, 1)],
+SWEEP_GRID = {  # (block_t, warps, stages, splits x default, register cap)
+    "llama3-8b": [(128, 4, 3, 1, None), (128, 4, 3, 1, 168), (128, 4, 2, 1, 168), (128, 4, 3, 2, 168),
+                  (128, 4, 3, 0.5, 168), (64, 4, 3, 1, 128), (128, 4, 3, 1, 144), (128, 8, 3, 1, None)],
+    "smollm2-135m": [(64, 1, 3, 1, None), (64, 1, 2, 1, None), (64, 1, 3, 2, None), (64, 1, 3, 0.5, None),
+                     (64, 1, 4, 1, None), (32, 1, 3, 1, None), (128, 4, 3, 0.25, None), (64, 2, 3, 1, None)],
 }
 
 
@@ -272,11 +251,11 @@ def sweep(dev, copy_gbs: float, vgroup: int, rep_ms: int, shapes: list[str], key
         ev = torch.randn_like(ek)
         q = torch.randn(bsz, hq, 1, d, device=dev, dtype=torch.float16)
         nbytes = quant_bytes(kq, vq, ek, ev)
-        auto = default_config(bsz, hkv, t, d, dev, slicing(bits, d).width)
+        auto = default_config(bsz, hkv, t, d, dev, slicing(bits, d).width, bits)
         print(f"{shape}: default config {auto}")
         cfgs = [("default", auto)] + [
-            ("grid", DecodeConfig(bt, max(1, round(auto.num_splits * mult)), warps, stages))
-            for bt, warps, stages, mult in SWEEP_GRID[shape]]
+            ("grid", DecodeConfig(bt, max(1, round(auto.num_splits * mult)), warps, stages, regs))
+            for bt, warps, stages, mult, regs in SWEEP_GRID[shape]]
         for kind, cfg in cfgs:
             try:
                 ms = _bench_graph(lambda cfg=cfg, a=(q, kq, vq, ek, ev): decode_attention(*a, config=cfg), rep_ms)
@@ -286,7 +265,8 @@ def sweep(dev, copy_gbs: float, vgroup: int, rep_ms: int, shapes: list[str], key
             gbs = nbytes / ms / 1e6
             rows.append({"shape": shape, "kind": kind, "key_group": key_group, "bits": bits, "batch": bsz, "ctx": ctx,
                          "block_t": cfg.block_t, "num_splits": cfg.num_splits, "num_warps": cfg.num_warps,
-                         "num_stages": cfg.num_stages, "ms": ms, "gbs": gbs, "pct_copy_bw": 100 * gbs / copy_gbs})
+                         "num_stages": cfg.num_stages, "max_registers": cfg.max_registers, "ms": ms, "gbs": gbs,
+                         "pct_copy_bw": 100 * gbs / copy_gbs})
             print(f"  {kind:<8}{cfg}: {ms:.4f} ms {gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}%)", flush=True)
         del kq, vq, ek, ev
         torch.cuda.empty_cache()
@@ -385,7 +365,6 @@ def main() -> None:
     ap.add_argument("--value-group", type=int, default=0, help="value channel group (0 = head dim)")
     ap.add_argument("--key-group", type=int, default=KEY_GROUP, help="key token group (32: KIVI; 128: searched plans)")
     ap.add_argument("--host", action="store_true", help="also measure host microseconds per call")
-    ap.add_argument("--split", action="store_true", help="also time the split kernel (KVTUNE_DECODE_KERNEL=split)")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 32768, 131072])
@@ -429,7 +408,7 @@ def main() -> None:
             for bsz in batches:
                 for ctx in ctxs:
                     rows += run_case(shape, bsz, ctx, args.bits, args.value_group, dev, copy_gbs, rep,
-                                     args.key_group, args.split)
+                                     args.key_group)
                     result["rows"] = rows
                     save()
                     print(f"  done {shape} B={bsz} ctx={ctx} ({time.time() - t_start:.0f}s)", flush=True)

@@ -9,7 +9,7 @@
 #   bash benchmarks/run_gpu.sh kernel      # decode kernel table -> decode_kernel_$DEV.json
 #   bash benchmarks/run_gpu.sh e2e LENGTHS [METHODS]   # end to end -> e2e_$DEV.json (rows merge)
 #   bash benchmarks/run_gpu.sh profile LENGTH BATCH METHODS
-#   bash benchmarks/run_gpu.sh kernel-fast  # swapped vs split kernel vs SDPA -> decode_kernel_fast_$DEV.json
+#   bash benchmarks/run_gpu.sh kernel-fast  # split kernel vs SDPA, Llama-3-8B + SmolLM2 -> decode_kernel_fast_$DEV.json
 #   bash benchmarks/run_gpu.sh graphs SHAPE LENGTHS BATCHES  # eager vs CUDA-graph steps -> e2e_graphs_SHAPE_$DEV.json
 #   bash benchmarks/run_gpu.sh maxbatch SHAPE LENGTH  # largest static batch, fp16 vs kvtune -> same file
 set -uo pipefail
@@ -43,7 +43,7 @@ case "$stage" in
     python3 benchmarks/bench_e2e.py --profile --lengths "$1" --batches "$2" --methods "$3" --out "$OUTDIR/e2e_$DEV.json" ;;
   kernel-fast)
     python3 benchmarks/bench_decode_kernel.py --shapes llama3-8b smollm2-135m --batch 1 8 --ctx 8192 32768 \
-      --key-group 128 --split --out "$OUTDIR/decode_kernel_fast_$DEV.json" ;;
+      --key-group 128 --out "$OUTDIR/decode_kernel_fast_$DEV.json" ;;
   graphs)
     python3 benchmarks/bench_e2e.py --shape "$1" --lengths "$2" --batches "$3" --new-tokens 128 --warmup 130 \
       --prefill-chunk "$2" --methods hf-dynamic-flash,fp16-static-graph,kv2-g128,kv2-g128-static-graph \

@@ -15,16 +15,15 @@ way), dequantizes in registers, keeps an online softmax in base 2, and writes a 
 The extra segment runs as one more split of the same launch (not in torch): it costs no extra launch,
 no Python-side softmax, and its partial merges like any other.
 
-Formats the swapped kernel reads (2/4/8-bit codes, keys in groups >= 32 tokens or per token, one value scale
-per token: :func:`kvtune.kernels.decode_fast.fast_eligible`) go there with ``KVTUNE_DECODE_KERNEL=fast``; by
-default this kernel serves every format (it measured faster). Lengths may come from device memory (``t_dev``,
-``extra_count``/``extra_start``) so that one fixed launch serves every step of a CUDA graph.
+This kernel serves every format. (A swapped kernel with tokens in the MMA's M dimension, 0.31 ms vs 0.19 at
+Llama-3-8B B=8 32k in the previous benchmarks/results/decode_kernel_fast_h200.json, and the variants of
+decode_kernel_variants_h200.json measured slower on an H200 and were removed.) Lengths may come from device
+memory (``t_dev``, ``extra_count``/``extra_start``) so that one fixed launch serves every step of a CUDA graph.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -34,7 +33,6 @@ import triton
 import triton.language as tl
 
 from kvtune.kernels.decode_config import DecodeConfig, _p2, default_config
-from kvtune.kernels.decode_fast import decode_fast, fast_eligible
 from kvtune.kernels.decode_tiles import _softmax_step, _tile
 from kvtune.kernels.launch_args import extra_args, kernel_arg, use_asm
 from kvtune.kernels.merge_tl import _merge_kernel
@@ -269,10 +267,7 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     if vq.scale.shape[-1] != math.ceil(d / gc):
         raise ValueError(f"value scale has {vq.scale.shape[-1]} groups, expected {math.ceil(d / gc)}")
     scaling = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
-    if _impl() == "fast" and fast_eligible(kq, vq, d):
-        return decode_fast(q, kq, vq, extra_k, extra_v, extra_len, start, scaling, config, t_dev=t_dev,
-                           extra_count=extra_count, extra_start=extra_start, launch=launch)
-    cfg = config or default_config(bsz, hkv, t, d, q.device, lv.width)
+    cfg = config or default_config(bsz, hkv, t, d, q.device, lv.width, vq.bits)
     block_t = cfg.block_t if fast or per_token else min(cfg.block_t, kq.group)
     if per_token:  # per-token key scales: a tile is one "group"
         consts = {**consts, "G": block_t}
@@ -302,18 +297,11 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
         m, lse, o,
         t, r, chunk, n_q, ns, hkv, scaling * LOG2E, kq.code_scale, kq.code_offset, vq.code_scale, vq.code_offset,
         BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None, T_DEV=t_dev is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+        **cfg.launch_options(), **consts,
     )
     wrap(_merge_kernel)[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
                                D=d, DP=_p2(d), BS=min(16, _p2(ns)), num_warps=4)
     return out
-
-
-def _impl() -> str:
-    """``KVTUNE_DECODE_KERNEL``: ``split`` (default: this module's kernel) or ``fast`` (the swapped kernel of
-    :mod:`kvtune.kernels.decode_fast` for the formats it reads). On an H200 the split kernel was the faster one
-    at every Llama-3-8B shape measured (benchmarks/results/decode_kernel_fast_h200.json), so it is the default."""
-    return os.environ.get("KVTUNE_DECODE_KERNEL", "split")
 
 
 def _fast_path(lay: Any, d: int) -> bool:

@@ -22,18 +22,30 @@ def _num_sms(index: int) -> int:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch choices: tokens a tile, splits of the quantized sequence, warps, pipeline stages."""
+    """Launch choices: tokens a tile, splits of the quantized sequence, warps, pipeline stages, and a register cap
+    per thread (None: the compiler's choice; a lower cap fits more programs on a multiprocessor)."""
 
     block_t: int
     num_splits: int
     num_warps: int
     num_stages: int
+    max_registers: int | None = None
+
+    def launch_options(self) -> dict[str, int]:
+        """Compile options of a launch: warps, stages and (when set) ``maxnreg``."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        return opts | ({"maxnreg": self.max_registers} if self.max_registers else {})
+
+
+# registers a thread under which three 4-warp programs fit on a multiprocessor (65536 / (3 * 128), rounded down to 8)
+THREE_PROGRAMS_REGS = 168
 
 
 @lru_cache(maxsize=256)
 def default_config(batch: int, hkv: int, t: int, d: int, device: torch.device,
-                   value_width: int | None = None) -> DecodeConfig:
-    """Launch choice for ``batch * hkv`` sequences of ``t`` quantized tokens.
+                   value_width: int | None = None, value_bits: float | None = None) -> DecodeConfig:
+    """Launch choice for ``batch * hkv`` sequences of ``t`` quantized tokens (values of ``value_bits`` codes in
+    slices of ``value_width`` channels).
 
     Warps: 4, unless a value slice is narrower than 32 channels (2-bit codes of a 64-channel head: 16),
     where the ``[QH, BT] @ [BT, W]`` products cannot spread 4 warps over W (Triton would replicate the
@@ -41,6 +53,13 @@ def default_config(batch: int, hkv: int, t: int, d: int, device: torch.device,
     multiprocessor (of 1 or 4 warps), each with >= 2 tiles when possible. On the H200 at B=8, 32k, 2-bit
     this is the fastest swept split count for the SmolLM2 shape (44 splits: 0.033 ms vs 0.037 at 88 and
     0.056 at 22) and within 7% of it for Llama-3-8B (17 splits: 0.19 ms; 4: 0.18, 5: 0.25, 9: 0.21).
+
+    Registers: left to the compiler, it takes all 255 a thread, so only two 4-warp programs share a
+    multiprocessor (8 warps: the kernel is latency-bound, ~0.4 instructions issued a cycle a scheduler). For
+    2-bit values on 128-token tiles a cap of 168 fits three with few spills: Llama-3-8B, B=8, 32k, 0.159 ms
+    instead of 0.190 (decode_kernel_h200_sweep.json; 8k: 0.051 vs 0.059, B=1 unchanged); 4-bit tiles spill at
+    that cap and ran slower (0.201 vs 0.195 ms; benchmarks/results/decode_kernel_variants_h200.json), and so did
+    one-warp tiles in the variant measured with it (SmolLM2 shape, 0.060 vs 0.032 ms), so they take no cap.
     """
     narrow = value_width is not None and value_width < 32
     block_t = 64 if narrow or d > 128 else 128
@@ -49,4 +68,5 @@ def default_config(batch: int, hkv: int, t: int, d: int, device: torch.device,
     tiles = max(1, math.ceil(t / block_t))
     programs = 8 * sms
     splits = max(1, min(math.ceil(programs / max(batch * hkv, 1)), math.ceil(tiles / 2)))
-    return DecodeConfig(block_t, splits, warps, 3 if device.type == "cuda" else 1)
+    cap = THREE_PROGRAMS_REGS if device.type == "cuda" and warps == 4 and block_t == 128 and value_bits == 2 else None
+    return DecodeConfig(block_t, splits, warps, 3 if device.type == "cuda" else 1, cap)

@@ -5,8 +5,8 @@ it into its graph and CUDA graphs capture it like any op. Its lengths are device
 use ``n_quant`` int32 ``[1]`` (the packed tensors are a capacity), the extra (window) tokens
 ``extra_start[b] <= r < n_extra`` (int32 ``[B]`` and ``[1]``) and the quantized tokens' left padding ``start``
 int32 ``[B]``; the grid depends on the capacity only. The kernel is
-:func:`kvtune.kernels.decode_attention.decode_attention`'s (split kernel by default, ``KVTUNE_DECODE_KERNEL=fast``
-for the swapped one). Under ``TRITON_INTERPRET=1`` it calls the kernel directly.
+:func:`kvtune.kernels.decode_attention.decode_attention`'s split kernel. Under ``TRITON_INTERPRET=1`` it calls the
+kernel directly.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from kvtune.errors import KVTuneError
-from kvtune.kernels import decode_fast as df
+from kvtune.kernels import decode_attention as da
 from kvtune.models import cache_kwargs, tiny_model
 from kvtune.plan import Plan, load_plan
 from kvtune.plan_types import LayerPlan
@@ -27,7 +27,7 @@ from kvtune.runtime import KVTuneCache
 from kvtune.runtime.graphs import GraphDecoder
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and not isinstance(df._fast_split_kernel, triton.runtime.interpreter.InterpretedFunction):
+if DEV == "cpu" and not isinstance(da._decode_split_kernel, triton.runtime.interpreter.InterpretedFunction):
     pytest.skip("kvtune.kernels was imported compiled before TRITON_INTERPRET=1 and there is no GPU",
                 allow_module_level=True)
 
