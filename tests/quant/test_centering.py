@@ -64,7 +64,7 @@ def test_yaml_label_bits_and_refusals() -> None:
         QuantSpec.from_dict({"bits": 2, "center": "yes"})
     with pytest.raises(ValueError, match="centering"):
         QuantSpec(center=True)
-    assert not codec.kernel_ok(spec, "value")  # the PyTorch path reads it
+    assert codec.kernel_ok(spec, "value")  # the fused kernel reads it (fp16 tokens shifted into its frame)
     decl = codec.layer_fields(spec, 64)[CENTER_FIELD]
     assert (decl.scope, decl.width, decl.dtype) == ("layer", 64, "float16")
     from kvtune.plan_types import LayerPlan
