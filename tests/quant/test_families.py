@@ -117,7 +117,10 @@ def test_kernel_reads_what_decode_specifies(name: str, kspec: QuantSpec, vspec: 
     from kvtune.quant.rotation import rotation
 
     krot, vrot = rotation(kspec.rotation), rotation(vspec.rotation)
-    out = vrot.inverse(decode_attention(krot.forward(q), kq, vq).float())
+    from kvtune.quant import centering
+
+    # a centered value spec: the kernel attends over centered values, the runtime adds the mean back
+    out = centering.unshift(vspec, vs, vrot.inverse(decode_attention(krot.forward(q), kq, vq).float()))
     dk, dv = codec.decode(kf, kspec, flush, D, ks), codec.decode(vf, vspec, flush, D, vs)
     ref = torch.softmax((q.float() @ dk.repeat_interleave(2, 1).transpose(-1, -2)) / math.sqrt(D), -1) \
         @ dv.repeat_interleave(2, 1)
