@@ -95,10 +95,15 @@ def _attend_sdpa(step: Step, q: torch.Tensor, pad: torch.Tensor, scaling: float)
     return out
 
 
+def _reads_back(a: int, read: torch.Tensor) -> torch.Tensor:
+    """``[l, a]`` bool: whether query ``i`` reads transition token ``j`` back quantized (``j < read[i]``)."""
+    return torch.arange(a, device=read.device)[None, :] < read[:, None]
+
+
 def _transition_mask(valid: torch.Tensor, off: int, a: int, read: torch.Tensor) -> torch.Tensor:
     """``valid [B, 1, l, N]`` over ``N + a`` keys whose last ``a`` are the read-back copies of keys
     ``off..off+a``: query ``i`` sees the first ``read[i]`` of those as copies, the rest as themselves."""
-    use = torch.arange(a, device=valid.device)[None, :] < read[:, None]  # [l, a]
+    use = _reads_back(a, read)
     win = valid[..., off:off + a]
     return torch.cat([valid[..., :off], win & ~use, valid[..., off + a:], win & use], -1)
 
@@ -158,7 +163,7 @@ def _attend_slice(qs, keys, vals, valid, alt, bounds, step, scaling, mods=PLAIN,
     if alt is not None:
         off, ak, av, _fk, fv = alt
         a = ak.shape[2]
-        use = torch.arange(a, device=qs.device)[None, :] < (bounds - step.nq_before)[:, None]  # [l, A]
+        use = _reads_back(a, bounds - step.nq_before)  # [l, A]
         s_alt = mods.cap((qs @ ak[:, :, None].transpose(-1, -2)) * scaling)
         scores[..., off:off + a] = torch.where(use, s_alt, scores[..., off:off + a])
     scores = scores.masked_fill(~valid, float("-inf"))
