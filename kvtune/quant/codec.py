@@ -1,8 +1,8 @@
 """A :class:`~kvtune.quant.formats.QuantSpec` as stored tensors: declared fields, encode, decode, fit.
 
-The pipeline of every spec: centering (:mod:`kvtune.quant.centering`, field ``center``) -> rotation (:mod:`kvtune.quant.rotation`) -> outlier split
-(:mod:`kvtune.quant.outliers`, its channels through their own sub-quantizer, fields ``out.*``) -> the family's
-``encode`` on the remaining channels. :func:`decode` runs it backwards and is the specification;
+The pipeline of every spec: centering (:mod:`kvtune.quant.centering`, field ``center``) -> rotation
+(:mod:`kvtune.quant.rotation`) -> outlier split (:mod:`kvtune.quant.outliers`, its channels through their own
+sub-quantizer, fields ``out.*``) -> the family's ``encode`` on the remaining channels. :func:`decode` runs it backwards and is the specification;
 :func:`fake_quantize` is ``decode(encode(x))`` over a whole tensor. Tensors are ``[..., T, D]`` with ``T`` whole
 flushed blocks of ``flush`` tokens; ``state`` holds the spec's ``layer``-scope fields (``outlier_idx``
 int16 ``[..., o]`` and any calibrated state of the family, ``[h, width]`` or with the batch dims of ``x``).
@@ -58,7 +58,7 @@ def fit(spec: QuantSpec, x: torch.Tensor, known: Mapping[str, torch.Tensor] | No
     known = dict(known or {})
     if spec.passthrough:
         return known
-    x = x.float().unsqueeze(0) if x.dim() == 3 else x.float().reshape(-1, *x.shape[-3:])  # [B, h, T, D]
+    x = _as_heads(x)
     state: Fields = {}
     if spec.center:
         state[CENTER_FIELD] = known.get(CENTER_FIELD, centering.fit_center(_heads_flat(x)))
@@ -70,6 +70,11 @@ def fit(spec: QuantSpec, x: torch.Tensor, known: Mapping[str, torch.Tensor] | No
         flat = split_channels(flat, idx.reshape(-1, idx.shape[-1])[: flat.shape[0]].expand(flat.shape[0], -1))[0]
     state.update(spec.fam.fit(spec.params, flat))
     return {**state, **known}
+
+
+def _as_heads(x: torch.Tensor) -> torch.Tensor:
+    """A sample ``[h, T, D]`` or ``[..., h, T, D]`` as float32 ``[B, h, T, D]``."""
+    return x.float().unsqueeze(0) if x.dim() == 3 else x.float().reshape(-1, *x.shape[-3:])
 
 
 def _heads_flat(x: torch.Tensor) -> torch.Tensor:
@@ -115,8 +120,8 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, outlier_idx: torch.Tensor | 
     if spec.passthrough:
         return x.to(torch.float16).to(x.dtype)
     state = dict(state or {})
-    if spec.center and CENTER_FIELD not in state:
-        state = fit(spec, x if x.dim() >= 3 else x.unsqueeze(0), state)
+    if spec.center and CENTER_FIELD not in state:  # the mean of x itself (outliers are then ranked centered)
+        state[CENTER_FIELD] = centering.fit_center(_heads_flat(_as_heads(x if x.dim() >= 3 else x.unsqueeze(0))))
     if spec.outliers:
         y = rotation(spec.rotation).forward(centering.remove(x, state) if spec.center else x.float())
         state.setdefault(INDEX_FIELD, rank_channels(y, spec.outliers) if outlier_idx is None else outlier_idx)

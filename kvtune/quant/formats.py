@@ -156,12 +156,12 @@ FP16 = QuantSpec()
 
 
 def affine(bits: float, axis: str = "token", group: int = 0, *, rotation: str = "none", hadamard: bool = False,
-           outliers: int = 0, outlier_bits: float = 16, **params: Any) -> QuantSpec:
+           outliers: int = 0, outlier_bits: float = 16, center: bool = False, **params: Any) -> QuantSpec:
     """An integer-grid spec (``affine`` family; ``fp16`` at 16 bits): ``affine(2, "channel", 32, hadamard=True)``."""
     if bits == 16:
         return QuantSpec()
     p = families.get("affine").Params(bits=bits, axis=axis, group=group, **params)
-    return QuantSpec("affine", p, "hadamard" if hadamard else rotation, outliers, outlier_bits)
+    return QuantSpec("affine", p, "hadamard" if hadamard else rotation, outliers, outlier_bits, center)
 
 
 def kivi_key(bits: float, group: int = 32) -> QuantSpec:

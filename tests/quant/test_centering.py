@@ -71,3 +71,12 @@ def test_yaml_label_bits_and_refusals() -> None:
 
     plain, centered = (layers_bits([LayerPlan(key=s, value=s)], 1, 64) for s in (normq(1.58), spec))
     assert centered.total - plain.total == 2 * 64 * 16  # one fp16 mean per head and role
+
+
+def test_given_outlier_channels_are_kept_when_centering() -> None:
+    """fake_quantize fits the mean of x but keeps the outlier channels it is given (calibration passes them)."""
+    x = _offset_heads(2)
+    idx = torch.tensor([[5, 9], [0, 63], [17, 18]]).expand(2, 3, 2)
+    y = codec.fake_quantize(x, affine(2, "channel", 32, outliers=2, center=True), outlier_idx=idx)
+    kept = idx[..., None, :].expand(2, 3, x.shape[2], 2)
+    torch.testing.assert_close(y.gather(-1, kept), x.gather(-1, kept), atol=5e-3, rtol=1e-3)  # fp16 outliers
