@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvtune.errors import KVTuneError
 from kvtune.quant import centering, codec
+from kvtune.quant.centering import CENTER_FIELD
 from kvtune.quant.rotation import rotation
 from kvtune.runtime.heads import ROLES
 
@@ -51,10 +52,14 @@ def check_static(plan: Plan, head_dim: int) -> None:
             why.append("salient or sink tokens")
         if lp.merge.method != "none":
             why.append(f"merge policy {lp.merge.method!r}")
+        state = plan.layer_state(i)
         for role in ROLES:
             spec = lp.key if role == "key" else lp.value
             if not codec.kernel_ok(spec, role):
                 why.append(f"{role} spec {spec.label()} is not read by the fused kernel")
+            elif spec.center and CENTER_FIELD not in state.get(role, {}):
+                # a captured step shifts the window by the mean: it must be known before the first capture
+                why.append(f"{role} spec {spec.label()} is centered but the plan has no calibrated mean for it")
         if why:
             raise KVTuneError(f"layer {i} cannot use the static (CUDA-graph) cache: {'; '.join(why)}",
                               "use plan.cache(model) (dynamic cache) or a plan whose every layer the kernel reads")

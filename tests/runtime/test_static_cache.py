@@ -31,11 +31,22 @@ if DEV == "cpu" and not isinstance(da._decode_split_kernel, triton.runtime.inter
     pytest.skip("kvtune.kernels was imported compiled before TRITON_INTERPRET=1 and there is no GPU",
                 allow_module_level=True)
 
+def _centered(means: bool = True) -> Plan:
+    """Two layers of centered 2-bit norm codes; ``means``: the plan carries each layer's calibrated means."""
+    gen = torch.Generator().manual_seed(7)
+    lp = LayerPlan(key=normq(2, codebook="uniform", center=True), value=normq(2, codebook="uniform", center=True),
+                   residual=4, block=16)
+    tensors = {f"layers.{i}.{r}.center": (0.5 * torch.randn(2, 64, generator=gen)).half()
+               for i in range(2) for r in ("key", "value")} if means else {}
+    return Plan(layers=(lp, lp), name="t", tensors=tensors)
+
+
 PLANS = {
     "k2g16-v2": lambda: Plan(layers=(LayerPlan(key=affine(bits=2, axis="channel", group=16),
                                                value=affine(bits=2, axis="token", group=0), residual=8),), name="t"),
     "normq-k4v2": lambda: Plan(layers=(LayerPlan(key=normq(4, codebook="uniform"), value=normq(2, codebook="uniform"),
                                                  residual=4, block=16),), name="t"),
+    "centered-normq": _centered,
 }
 
 
@@ -129,4 +140,6 @@ def test_custom_op_compiles(model: Any) -> None:
 def test_static_refuses_plans_the_kernel_cannot_serve(model: Any) -> None:
     with pytest.raises(KVTuneError, match="cannot use the static"):
         load_plan("zipcache").cache(model, static=True, batch=1, max_length=64)
+    with pytest.raises(KVTuneError, match="no calibrated mean"):  # a captured step needs the mean from the start
+        _centered(means=False).cache(model, static=True, batch=1, max_length=64)
     model.set_attn_implementation("sdpa")
