@@ -5,8 +5,8 @@ and table included), so the demo shows exactly what the three commands do. A ste
 installed fails with its one-line error and the step's name. Outputs go under ``--dir``: ``kvtune-calib/``,
 ``kvtune-plan/``, ``eval.json`` and ``eval.png``; a rerun reuses the calibration when its inputs match.
 
-Measured (2 cores of an AMD EPYC, SmolLM2-135M, defaults): calibrate 198 s, search 76 s, eval of the plan and
-four baselines 430 s (two rows at a time): 11.8 minutes in all.
+Measured (2 cores of an AMD EPYC, SmolLM2-135M, defaults, other jobs running): calibrate 248 s, search 169 s, eval
+of the plan and four baselines 402 s (two rows at a time): 13.6 minutes in all.
 """
 
 from __future__ import annotations
