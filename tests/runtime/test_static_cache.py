@@ -32,9 +32,10 @@ if DEV == "cpu" and not isinstance(da._decode_split_kernel, triton.runtime.inter
                 allow_module_level=True)
 
 def _centered(means: bool = True) -> Plan:
-    """Two layers of centered 2-bit norm codes; ``means``: the plan carries each layer's calibrated means."""
+    """Two layers of centered 4-bit keys / 2-bit values in norm codes; ``means``: the plan carries each layer's
+    calibrated means."""
     gen = torch.Generator().manual_seed(7)
-    lp = LayerPlan(key=normq(2, codebook="uniform", center=True), value=normq(2, codebook="uniform", center=True),
+    lp = LayerPlan(key=normq(4, codebook="uniform", center=True), value=normq(2, codebook="uniform", center=True),
                    residual=4, block=16)
     tensors = {f"layers.{i}.{r}.center": (0.5 * torch.randn(2, 64, generator=gen)).half()
                for i in range(2) for r in ("key", "value")} if means else {}
@@ -44,9 +45,7 @@ def _centered(means: bool = True) -> Plan:
 PLANS = {
     "k2g16-v2": lambda: Plan(layers=(LayerPlan(key=affine(bits=2, axis="channel", group=16),
                                                value=affine(bits=2, axis="token", group=0), residual=8),), name="t"),
-    "normq-k4v2": lambda: Plan(layers=(LayerPlan(key=normq(4, codebook="uniform"), value=normq(2, codebook="uniform"),
-                                                 residual=4, block=16),), name="t"),
-    "centered-normq": _centered,
+    "centered-normq-k4v2": _centered,  # the kernel path of norm codes and of centering in one case
 }
 
 
