@@ -1,31 +1,22 @@
 """The fused Triton decode path through KVTuneCache equals the PyTorch reference path.
 
 On a CUDA GPU the kernels run compiled; elsewhere under the Triton interpreter (``TRITON_INTERPRET=1``
-is set here before the kernel modules are imported, as in tests/kernels).
+is set by :mod:`tests.runtime.kernel_env` before the kernel modules are imported, as in tests/kernels).
 """
 
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton", reason="triton is not installed")
-
-from kvtune.kernels import decode_attention as da
 from kvtune.plan import Plan, load_plan
 from kvtune.plan_types import LayerPlan
 from kvtune.runtime import KVTuneCache
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and not isinstance(da._decode_split_kernel, triton.runtime.interpreter.InterpretedFunction):
-    pytest.skip("kvtune.kernels was imported compiled before TRITON_INTERPRET=1 and there is no GPU",
-                allow_module_level=True)
+from .kernel_env import DEV  # sets up the kernels (or skips this module)
 
 
 def _plan(name: str) -> Plan:

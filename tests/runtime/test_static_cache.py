@@ -6,18 +6,12 @@ also replayed as CUDA graphs (:mod:`kvtune.runtime.graphs`) and ``torch.compile`
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton", reason="triton is not installed")
-
 from kvtune.errors import KVTuneError
-from kvtune.kernels import decode_attention as da
 from kvtune.models import cache_kwargs, tiny_model
 from kvtune.plan import Plan, load_plan
 from kvtune.plan_types import LayerPlan
@@ -26,10 +20,8 @@ from kvtune.quant.formats import affine
 from kvtune.runtime import KVTuneCache
 from kvtune.runtime.graphs import GraphDecoder
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and not isinstance(da._decode_split_kernel, triton.runtime.interpreter.InterpretedFunction):
-    pytest.skip("kvtune.kernels was imported compiled before TRITON_INTERPRET=1 and there is no GPU",
-                allow_module_level=True)
+from .kernel_env import DEV  # sets up the kernels (or skips this module)
+
 
 def _centered(means: bool = True) -> Plan:
     """Two layers of centered 4-bit keys / 2-bit values in norm codes; ``means``: the plan carries each layer's
