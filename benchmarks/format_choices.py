@@ -6,7 +6,8 @@
   norm-scaled coordinates, the squared error of uniform, Lloyd-Max (Gaussian-optimal) and a k-means codebook fitted
   per layer and role on the first half.
 
-    python benchmarks/format_choices.py --model smollm2-135m --data pydoc:calib --out benchmarks/results/format_choices_cpu.json
+    python benchmarks/format_choices.py --model smollm2-135m --data pydoc:calib \
+        --out benchmarks/results/format_choices_cpu.json
 """
 
 from __future__ import annotations

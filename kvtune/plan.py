@@ -208,7 +208,7 @@ def _check_tensors(plan: Plan, where: str) -> None:
             raise KVTuneError(f"{where}: tensor {name}: the layer's {parts[2]} quantizers store no {parts[3]!r}",
                               "re-run the search")
         want = max(f.width for f in widths if f is not None)
-        if plan.model is None:  # head_dim unknown: a width that grows with it (a mean, per-channel steps) is not checked
+        if plan.model is None:  # head_dim unknown: a width growing with it (a mean, per-channel steps) goes unchecked
             alt = [codec.layer_fields(getattr(hp, parts[2]), d // 2).get(parts[3]) for hp in heads]
             want = want if want == max(f.width for f in alt if f is not None) else t.shape[-1]
         if t.dim() != 2 or t.shape[1] != want:

@@ -42,9 +42,8 @@ def test_summarize_renders_the_committed_results(bench_path: Path, capsys: pytes
 def test_format_choices_rows(bench_path: Path) -> None:
     """Centering helps per-token formats on data with a per-head offset, not per-channel groups; a per-layer
     k-means codebook is never worse than Lloyd-Max on the data it starts from."""
-    import torch
-
     import format_choices
+    import torch
 
     gen = torch.Generator().manual_seed(0)
     layers = [(torch.randn(2, 256, 64, generator=gen) + 3 * torch.randn(2, 1, 64, generator=gen),

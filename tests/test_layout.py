@@ -63,7 +63,7 @@ def test_layout_is_the_same_under_every_transformers_5(arch: str, release: str,
     assert expected.describe() == LAYOUTS[arch]
     current = cu.get_layer_types_and_kwargs
     if release == "one kwargs mapping":
-        def shared(text):  # noqa: ANN001, ANN202 - the older helper's shape
+        def shared(text: object) -> tuple[list[str], dict[str, object]]:  # the older helper's shape
             types, per_layer = current(text)
             merged = {k: v for kw in per_layer for k, v in kw.items()}
             return types, merged

@@ -2,10 +2,11 @@
 
 The pipeline of every spec: centering (:mod:`kvtune.quant.centering`, field ``center``) -> rotation
 (:mod:`kvtune.quant.rotation`) -> outlier split (:mod:`kvtune.quant.outliers`, its channels through their own
-sub-quantizer, fields ``out.*``) -> the family's ``encode`` on the remaining channels. :func:`decode` runs it backwards and is the specification;
-:func:`fake_quantize` is ``decode(encode(x))`` over a whole tensor. Tensors are ``[..., T, D]`` with ``T`` whole
-flushed blocks of ``flush`` tokens; ``state`` holds the spec's ``layer``-scope fields (``outlier_idx``
-int16 ``[..., o]`` and any calibrated state of the family, ``[h, width]`` or with the batch dims of ``x``).
+sub-quantizer, fields ``out.*``) -> the family's ``encode`` on the remaining channels. :func:`decode` runs it
+backwards and is the specification; :func:`fake_quantize` is ``decode(encode(x))`` over a whole tensor. Tensors are
+``[..., T, D]`` with ``T`` whole flushed blocks of ``flush`` tokens; ``state`` holds the spec's ``layer``-scope
+fields (``outlier_idx`` int16 ``[..., o]``, ``center`` and any calibrated state of the family, ``[h, width]`` or with
+the batch dims of ``x``).
 """
 
 from __future__ import annotations

@@ -145,7 +145,8 @@ class StaticLayer(CacheLayerMixin):
         ks, vs = self.specs["key"], self.specs["value"]
         krot, vrot = rotation(ks.rotation), rotation(vs.rotation)
         kq, vq = self.operands
-        wk, wv = centering.shift(ks, self.state["key"], self.win_k), centering.shift(vs, self.state["value"], self.win_v)
+        wk = centering.shift(ks, self.state["key"], self.win_k)
+        wv = centering.shift(vs, self.state["value"], self.win_v)
         out = decode_static(krot.forward(q.to(FP)), kq, vq, krot.forward(wk), vrot.forward(wv),
                             self.nq, self.nw, self.wstart, self.pad, scaling)
         if self.due:

@@ -222,7 +222,8 @@ def test_kept_decoded_tokens_equal_a_fresh_decode(key: Any, value: Any, flush: i
     gen = torch.Generator().manual_seed(3)
     for step, (blocks, drop) in enumerate([(2, 0), (1, 0), (0, 0), (3, 16), (1, 32)]):
         if blocks:
-            g.append(torch.randn(2, 2, blocks * 16, 16, generator=gen), torch.randn(2, 2, blocks * 16, 16, generator=gen))
+            k, v = (torch.randn(2, 2, blocks * 16, 16, generator=gen) for _ in range(2))
+            g.append(k, v)
         if drop:
             g.drop_front(drop)
         kept = g.dequantized(keep=True)
