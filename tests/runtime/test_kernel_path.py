@@ -23,11 +23,15 @@ def _plan(name: str) -> Plan:
     """A preset, or a plan of the newer families (rotated per-token codes; static per-channel key steps)."""
     from kvtune.quant.families.normq import normq
     from kvtune.quant.families.static import static
+    from kvtune.quant.formats import affine
 
     layers = {"normq": LayerPlan(key=normq(2, "uniform"), value=normq(1.58), residual=8),
               "static-normq": LayerPlan(key=static(2, pairs=False), value=normq(2, "uniform"), residual=16),
               "centered-normq": LayerPlan(key=normq(2, "uniform", center=True), value=normq(1.58, center=True),
-                                          residual=8)}
+                                          residual=8),
+              # grids without a stored zero-point (the zero as a code offset): ternary keys, symmetric 4-bit values
+              "derived-zero": LayerPlan(key=affine(bits=1.58, axis="channel", group=32),
+                                        value=affine(bits=4, axis="token", group=16, symmetric=True), residual=8)}
     return Plan(layers=(layers[name],), name=name) if name in layers else load_plan(name)
 
 
@@ -46,7 +50,7 @@ def _decode(model: Any, plan_name: str, backend: str, ids: torch.Tensor,
     return torch.cat(tokens, 1), torch.cat(seen, 1)
 
 
-@pytest.mark.parametrize("plan_name", ["kv2", "k4v2", "normq", "static-normq", "centered-normq"])
+@pytest.mark.parametrize("plan_name", ["kv2", "normq", "static-normq", "centered-normq", "derived-zero"])
 def test_kernel_decode_equals_reference(tiny_llama: tuple[Any, Any], plan_name: str) -> None:
     model, _ = tiny_llama
     model = copy.deepcopy(model).to(DEV)  # the session fixture stays on the CPU for the tests that follow

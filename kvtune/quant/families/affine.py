@@ -30,7 +30,7 @@ from kvtune.quant.formats import affine
 from kvtune.quant.transforms import channel_norm, fft_tokens, ifft_tokens
 
 AXES = ("channel", "token")
-KERNEL_BITS = (1, 2, 3, 4, 8)
+KERNEL_BITS = (1, 1.58, 2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -127,10 +127,10 @@ class Affine(QuantFamily):
     def candidates(self, role: str, head_dim: int | None = None) -> tuple[Any, ...]:
         return key_candidates() if role == "key" else value_candidates()
 
-    # -- kernel hooks: plain asymmetric grids, fp16 scales; keys per channel in power-of-two groups >= 16,
-    #    values per token
+    # -- kernel hooks: plain grids (a stored zero-point, or the derived one of symmetric and ternary grids as a code
+    #    offset), fp16 scales; keys per channel in power-of-two groups >= 16, values per token
     def kernel_ok(self, p: AffineParams, role: str) -> bool:
-        plain = not (p.symmetric or p.channel_separable or p.fft) and p.scale_dtype == "float16"
+        plain = not (p.channel_separable or p.fft) and p.scale_dtype == "float16"
         if not plain or p.bits not in KERNEL_BITS:
             return False
         if role == "key":
@@ -142,7 +142,10 @@ class Affine(QuantFamily):
         from kvtune.kernels.packed import PackedKeys, PackedValues
 
         cls = PackedKeys if role == "key" else PackedValues
-        return cls(fields["codes"], fields["scale"], fields["zero"], p.bits, p.group)
+        if grid.stores_zero(p):
+            return cls(fields["codes"], fields["scale"], fields["zero"], p.bits, p.group)
+        offset = float(grid.derived_zero(torch.ones(()), p))  # zero = offset * scale: x = scale * (c + offset)
+        return cls(fields["codes"], fields["scale"], None, p.bits, p.group, 1.0, offset)
 
 
 def key_candidates() -> tuple[Any, ...]:
