@@ -53,3 +53,15 @@ def test_format_choices_rows(bench_path: Path) -> None:
     assert abs(rows[("key", "2b/ch/g128")]["reduction_pct"]) < 1
     for r in format_choices.codebook_rows(layers):
         assert r["mse_lloyd"] <= r["mse_uniform"] * 1.01 and r["mse_kmeans_per_layer"] <= r["mse_lloyd"] * 1.02
+
+
+def test_kernel_formats_quick_on_cpu(bench_path: Path, tmp_path: Path) -> None:
+    """Every format the kernel reads is built through the codec and agrees with the PyTorch reference."""
+    import bench_kernel_formats
+
+    out = tmp_path / "kf.json"
+    assert bench_kernel_formats.main(["--quick", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    timed = [r for r in rows if "error" not in r]
+    assert {r["format"] for r in timed} >= {"kivi2-g128", "normq2", "kivi4-g128"}
+    assert all(r["max_abs_err"] < 2e-3 and r["bits_per_element"] > 1 for r in timed)
