@@ -54,23 +54,58 @@ def kv2_g128_plan() -> Any:
                 "head, asymmetric, fp16 scale+zero, no residual window (flushes of 128 tokens)")
 
 
-GRAPH_METHODS = {  # name -> (description, kvtune plan maker or None for fp16)
+SEARCHED = Path(__file__).resolve().parent / "plans" / "searched_2.5bit_smollm2.json"
+
+
+@torch.no_grad()
+def searched_plan(model: Any, tokens: int = 512) -> Any:
+    """The layer specs of a real searched plan (:data:`SEARCHED`: SmolLM2's 2.5-bit plan: norm codes with one-byte
+    scales, centering, sinks, per-layer windows and flush blocks) cycled over ``model``'s layers, their calibrated
+    state (means, scale ranges) fitted on the keys/values of a random ``tokens``-token prompt."""
+    from transformers import DynamicCache
+
+    from kvtune.plan import Plan
+    from kvtune.plan_types import LayerPlan
+    from kvtune.quant import codec
+
+    doc = json.loads(SEARCHED.read_text())
+    specs = [LayerPlan.from_dict(d, f"{SEARCHED.name} layer {i}") for i, d in enumerate(doc["layers"])]
+    n = model.config.num_hidden_layers
+    layers = tuple(specs[i % len(specs)] for i in range(n))
+    dev = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(3)).to(dev)
+    cache = DynamicCache()
+    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    tensors = {}
+    for i, lp in enumerate(layers):
+        kv = (cache.layers[i].keys, cache.layers[i].values)
+        for role, spec, x in zip(("key", "value"), (lp.key, lp.value), kv):
+            for name, t in codec.fit(spec, x.float()).items():
+                tensors[f"layers.{i}.{role}.{name}"] = t.cpu()
+    return Plan(layers=layers, name="searched-2.5bit", tensors=tensors,
+                description=f"the layer specs of {doc['source']['name']} ({SEARCHED.name}) on this shape")
+
+
+GRAPH_METHODS = {  # name -> (description, kvtune plan maker (model -> Plan) or None for fp16)
     "fp16-static-graph": ("transformers StaticCache (fp16) for prompt + steps; decode: GQA folded into the query "
                           "(no repeat_kv), SDPA with the length mask (cuDNN off: memory-efficient kernel); steps "
                           "replayed as CUDA graphs (kvtune.runtime.graphs)", None),
     "kv2-g128-static-graph": ("kv2-g128 in kvtune's StaticKVTuneCache (capacity prompt + steps, device-side "
                               "lengths, the split decode kernel as torch.ops.kvtune.decode_static), decode steps "
-                              "replayed as CUDA graphs", kv2_g128_plan),
+                              "replayed as CUDA graphs", lambda m: kv2_g128_plan()),
+    "searched-static-graph": ("a searched plan's layer specs (benchmarks/plans/searched_2.5bit_smollm2.json, state "
+                              "fitted on this model) in StaticKVTuneCache, decode steps replayed as CUDA graphs",
+                              searched_plan),
 }
 
 
-def get_method(name: str) -> Any:
+def get_method(name: str, model: Any = None) -> Any:
     if name in GRAPH_METHODS:
         from _common import Method
 
         desc, plan = GRAPH_METHODS[name]
         return Method(name, desc, lambda m: None, lambda c: int(c.nbytes()) if plan else _hf_bytes(c),
-                      "kvtune-graph" if plan else "fp16-graph", plan() if plan else None, no_cudnn_sdpa=True)
+                      "kvtune-graph" if plan else "fp16-graph", plan(model) if plan else None, no_cudnn_sdpa=True)
     if name == "kv2-g128":
         from dataclasses import replace
 
@@ -138,7 +173,7 @@ def run_one(model: Any, meth: Any, length: int, batch: int, new_tokens: int, war
     fp16 = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * tokens * c.head_dim * 2
     held = meth.nbytes(cache)
     if torch.cuda.is_available():
-        row["gpu_ms_per_step"] = _gpu_ms_per_step(
+        row["gpu_ms_per_step"], row["top_gpu_kernels"] = _gpu_ms_per_step(
             lambda c=cache, n=nxt: model(n, past_key_values=c, use_cache=True).logits[:, -1:].argmax(-1))
         row["host_bound"] = bool(row["gpu_ms_per_step"] is not None
                                  and row["gpu_ms_per_step"] < 0.8 * 1000 * decode / new_tokens)
@@ -234,16 +269,20 @@ def _fill_synthetic(cache: Any, length: int, gen: torch.Generator) -> None:
                 layer.cumulative_length.fill_(length)
 
 
-def _gpu_ms_per_step(step: Any, steps: int = 8) -> float | None:
-    """Sum of the GPU kernels' durations (torch.profiler, CUDA graph replays included) per step."""
+def _gpu_ms_per_step(step: Any, steps: int = 8, top: int = 10) -> tuple[float | None, list[dict]]:
+    """Sum of the GPU kernels' durations (torch.profiler, CUDA graph replays included) per step, and the ``top``
+    kernels by time (name, calls and ms per step)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         _sync()
-    total = sum(_dev_us(e) for e in prof.key_averages() if _dev_us(e) > 0)
-    return total / 1000 / steps if total else None
+    kernels = [e for e in prof.key_averages() if _dev_us(e) > 0]
+    total = sum(_dev_us(e) for e in kernels)
+    ranked = [{"kernel": e.key[:100], "calls_per_step": e.count / steps, "ms_per_step": _dev_us(e) / 1000 / steps}
+              for e in sorted(kernels, key=lambda e: -_dev_us(e))[:top]]
+    return (total / 1000 / steps if total else None), ranked
 
 
 @torch.no_grad()
@@ -291,7 +330,7 @@ def run_graph(model: Any, meth: Any, length: int, batch: int, new_tokens: int, w
         tok = dec.step(tok).argmax(-1)
     _sync()
     decode = time.perf_counter() - t1
-    gpu_ms = _gpu_ms_per_step(lambda d=dec: d.step(d.out.argmax(-1))) if dev.type == "cuda" else None
+    gpu_ms, top = _gpu_ms_per_step(lambda d=dec: d.step(d.out.argmax(-1))) if dev.type == "cuda" else (None, [])
     c = model.config
     tokens = length + warmup + new_tokens
     fp16 = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * tokens * c.head_dim * 2
@@ -301,7 +340,7 @@ def run_graph(model: Any, meth: Any, length: int, batch: int, new_tokens: int, w
                 "tokens_per_s": batch * new_tokens / decode, "peak_decode_bytes": _peak(), "cache_tokens": tokens,
                 "cache_bytes": held, "fp16_cache_bytes": fp16, "compression_vs_fp16": fp16 / held if held else None,
                 "bits_per_element_held": 8 * held / (fp16 / 2), "capture_s": dec.capture_s,
-                "graphs": len(dec.graphs),
+                "graphs": len(dec.graphs), "top_gpu_kernels": top,
                 "greedy_tokens": torch.stack(toks[:keep_tokens], 1)[:2].tolist() if keep_tokens else []})
     if meth.plan is not None:
         row["effective_bits_accountant"] = float(cache.plan.effective_bits(tokens))
@@ -513,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.methods:
                 entry: dict[str, Any] = {"method": name, "prompt_tokens": length, "batch": batch,
                                          "new_tokens": args.new_tokens}
-                meth = get_method(name)
+                meth = get_method(name, model)
                 entry["description"] = meth.description
                 why = next((probes[b] for b in probes if name.startswith(f"hf-{b}")), None)
                 t = time.perf_counter()
