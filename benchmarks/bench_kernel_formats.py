@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", nargs="+", default=None, help=f"subset of {list(formats())}")
     ap.add_argument("--caps", type=int, nargs="*", default=[],
                     help="also time each format with the default tiles under these register caps")
+    ap.add_argument("--configs", nargs="*", default=[],
+                    help="also time these launch configs: block_t,splits,warps,stages[,max_registers] each")
     ap.add_argument("--quick", action="store_true", help="tiny case on the CPU under the Triton interpreter")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -182,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         _, hkv, d = SHAPES[a.shape]
         auto = dataclasses.asdict(default_config(a.batch, hkv, a.ctx, d, torch.device(dev)))
         configs += [dict(auto, max_registers=c) for c in a.caps]
+    for text in a.configs if dev == "cuda" else []:
+        vals = [int(v) for v in text.split(",")]
+        configs.append(dict(zip(("block_t", "num_splits", "num_warps", "num_stages", "max_registers"), vals)))
     result = {"benchmark": "kernel_formats", "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
               "versions": {"torch": torch.__version__, "triton": triton.__version__},
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
