@@ -4,16 +4,22 @@
     dec = kvtune.runtime.graphs.GraphDecoder(model, cache)       # prefill eagerly, then replay captured steps
 
 Per layer the packed fields (codes, scales, zero-points) are allocated once for ``max_length`` tokens (rounded up to
-a flushed block), the fp16 window for ``residual + flush`` tokens; the quantized count, the window count and the
-rows' left padding live in device tensors that the fused kernel (:func:`kvtune.kernels.decode_static.decode_static`,
-a ``torch.library.triton_op``) reads, so a step's launches never change. A flush (the window's oldest ``flush``
-tokens quantized into the packed buffers, the window shifted) is a fixed-shape sequence of ops too; the host knows
-which step flushes (:meth:`StaticKVTuneCache.next_flush`) and a graph decoder replays one graph with and one
-without it. Host-side counters mirror the device ones for ``get_seq_length`` and that schedule.
+a flushed block), one fp16 extra segment for ``S + residual + flush`` tokens laid out ``[sinks | window]`` (``S =
+salient.sink_tokens``: the stored stream is ``[sinks][quantized blocks][window]`` as in the dynamic cache, sinks in
+padded coordinates, so a left-padded row's first ``S`` positions may be padding); the quantized count, the extra
+rows in use and each row's first valid extra row and quantized-part padding live in device tensors that the fused
+kernel (:func:`kvtune.kernels.decode_static.decode_static`, a ``torch.library.triton_op``) reads, so a step's
+launches never change. A step writes its token at the extra count (a sink row while the sinks fill, as after a
+prompt shorter than ``S``, then the window's next row). A flush (the window's oldest ``flush`` tokens quantized into
+the packed buffers, the window shifted, the sinks left alone) is a fixed-shape sequence of ops too; the host knows
+which step flushes (:meth:`StaticKVTuneCache.next_flush`, counting window tokens only) and a graph decoder replays
+one graph with and one without it. Host-side counters mirror the device ones for ``get_seq_length`` and that
+schedule.
 
-Restrictions (checked when the cache is made, :func:`check_static`): one spec pair per layer, no salient tokens, no
-sinks, no merging, the same residual window and flush block in every layer, formats the fused kernel reads
-(:func:`kvtune.quant.codec.kernel_ok`), one prompt (prefill) then single tokens. Attention runs through
+Restrictions (checked when the cache is made, :func:`check_static`): one spec pair per layer, no salient-ratio
+tokens, no merging, the same ``residual + sink_tokens`` and flush block in every layer (one flush schedule; the
+plans ``kvtune search`` writes take a layer's sinks out of its window, so they qualify), formats the fused kernel
+reads (:func:`kvtune.quant.codec.kernel_ok`), one prompt (prefill) then single tokens. Attention runs through
 the ``"kvtune-static"`` implementation (:mod:`kvtune.runtime.static_attention`).
 """
 
@@ -40,16 +46,16 @@ FP = torch.float16
 
 def check_static(plan: Plan, head_dim: int) -> None:
     """Raise :class:`KVTuneError` naming the first layer the static (CUDA-graph) path cannot serve, and why."""
-    shapes = {(lp.residual, lp.flush) for lp in plan.layers}
+    shapes = {(lp.residual + lp.salient.sink_tokens, lp.flush) for lp in plan.layers}  # one flush schedule
     if len(shapes) > 1:
-        raise KVTuneError(f"the static cache needs one residual window and flush block for all layers, got {shapes}",
-                          "use the dynamic cache (plan.cache(model)) for this plan")
+        raise KVTuneError("the static cache needs one fp16 length (residual window + sink tokens) and flush block "
+                          f"for all layers, got {shapes}", "use the dynamic cache (plan.cache(model)) for this plan")
     for i, lp in enumerate(plan.layers):
         why = []
         if lp.heads and len(set(lp.heads)) > 1:
             why.append("per-head specs")
-        if lp.salient.ratio > 0 or lp.salient.sink_tokens:
-            why.append("salient or sink tokens")
+        if lp.salient.ratio > 0:
+            why.append("salient tokens")
         if lp.merge.method != "none":
             why.append(f"merge policy {lp.merge.method!r}")
         state = plan.layer_state(i)
@@ -66,8 +72,13 @@ def check_static(plan: Plan, head_dim: int) -> None:
 
 
 class StaticLayer(CacheLayerMixin):
-    """One layer: packed fields ``[B, Hkv, rows(capacity), width]``, fp16 window ``[B, Hkv, residual + flush, D]``,
-    device counters ``nq``/``nw`` int32 ``[1]``, left padding ``pad`` and window start ``wstart`` int32 ``[B]``."""
+    """One layer: packed fields ``[B, Hkv, rows(capacity), width]``; the fp16 extra segment ``win_k``/``win_v``
+    ``[B, Hkv, S + residual + flush, D]`` laid out ``[sinks (S = sink_tokens rows) | window]``; device counters
+    ``nq`` (quantized tokens) and ``nw`` (extra rows in use: sinks filled + window) int32 ``[1]``; per row int32
+    ``[B]``: left padding ``pad``, the quantized part's padding ``qstart = max(pad - S, 0)`` and the first valid
+    extra row ``wstart = min(pad, S) + max(pad - S - nq, 0)`` (valid extra rows ``wstart <= r < nw`` are contiguous:
+    the window fills only once the sinks are full). Host mirrors: ``n_quant``, ``n_win`` (window tokens only),
+    ``length``; the sinks filled are ``min(length, S)``."""
 
     is_sliding = False
     is_compileable = False
@@ -78,7 +89,8 @@ class StaticLayer(CacheLayerMixin):
         self.plan, self.head_dim, self.batch = plan, head_dim, batch
         self.specs = {"key": plan.key, "value": plan.value}
         self.flush, self.residual, self.capacity = plan.flush, plan.residual, capacity
-        self.wcap = plan.residual + plan.flush
+        self.sinks = plan.salient.sink_tokens
+        self.wcap = self.sinks + plan.residual + plan.flush  # rows of the fp16 extra buffer [sinks | window]
         self.state = {r: {n: t.to(device) for n, t in state.get(r, {}).items()} for r in ROLES}
         self.bufs = {r: {f.name: torch.zeros(batch, num_kv_heads, f.rows(capacity, self.flush), f.width,
                                              dtype=f.torch_dtype, device=device)
@@ -88,7 +100,7 @@ class StaticLayer(CacheLayerMixin):
         self.win_v = torch.zeros_like(self.win_k)
         i32 = {"dtype": torch.int32, "device": device}
         self.nq, self.nw = torch.zeros(1, **i32), torch.zeros(1, **i32)
-        self.pad, self.wstart = torch.zeros(batch, **i32), torch.zeros(batch, **i32)
+        self.pad, self.wstart, self.qstart = (torch.zeros(batch, **i32) for _ in range(3))
         self.ar = torch.arange(self.flush, device=device)
         self.n_quant = self.n_win = self.length = 0  # host mirrors
         self.flush_due: bool | None = None  # None: from the host mirrors; set by a graph decoder while capturing
@@ -112,12 +124,12 @@ class StaticLayer(CacheLayerMixin):
         elif m != 1:
             raise KVTuneError("a static kvtune cache takes one prompt, then one token per sequence a step",
                               "prefill the whole prompt in one call, or use plan.cache(model) (dynamic)")
-        else:
+        else:  # the token's row is the extra count: a sink row while the sinks fill, then the window's next
             self.win_k.index_copy_(2, self.nw.long(), key_states.to(FP))
             self.win_v.index_copy_(2, self.nw.long(), value_states.to(FP))
             self.nw += 1
-            self.n_win, self.length = self.n_win + 1, self.length + 1
-            self.due = self.n_win == self.wcap if self.flush_due is None else self.flush_due
+            self.n_win, self.length = self.n_win + self.to_window(), self.length + 1
+            self.due = self.n_win == self.residual + self.flush if self.flush_due is None else self.flush_due
             register(key_states, self)
         return key_states, value_states
 
@@ -129,7 +141,11 @@ class StaticLayer(CacheLayerMixin):
         return self.length
 
     def get_max_length(self) -> int:
-        return self.capacity + self.residual
+        return self.sinks + self.capacity + self.residual
+
+    def to_window(self) -> bool:
+        """Whether the next token joins the window (the sinks are full; before, it fills the next sink row)."""
+        return self.length >= self.sinks
 
     def reset(self) -> None:
         for t in (self.nq, self.nw, self.wstart):
@@ -138,8 +154,9 @@ class StaticLayer(CacheLayerMixin):
 
     # -- attention and flush ----------------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        """``q [B, Hq, 1, D]`` -> ``[B, Hq, 1, D]`` over the stored tokens (the window holds this step's), then the
-        flush when one is due."""
+        """``q [B, Hq, 1, D]`` -> ``[B, Hq, 1, D]`` over the stored tokens (the extra segment holds this step's),
+        then the flush when one is due. Centering and rotation apply to the whole extra segment (sinks + window),
+        as in the dynamic kernel path."""
         from kvtune.kernels.decode_static import decode_static
 
         ks, vs = self.specs["key"], self.specs["value"]
@@ -148,15 +165,16 @@ class StaticLayer(CacheLayerMixin):
         wk = centering.shift(ks, self.state["key"], self.win_k)
         wv = centering.shift(vs, self.state["value"], self.win_v)
         out = decode_static(krot.forward(q.to(FP)), kq, vq, krot.forward(wk), vrot.forward(wv),
-                            self.nq, self.nw, self.wstart, self.pad, scaling)
+                            self.nq, self.nw, self.wstart, self.qstart, scaling)
         if self.due:
             self._flush()
         return centering.unshift(vs, self.state["value"], vrot.inverse(out)).to(q.dtype)
 
     def _padded(self, x: torch.Tensor, first: torch.Tensor | int) -> torch.Tensor:
-        """``x [B, Hkv, n, D]`` (stored tokens ``first..``) with left-padding rows replaced by the block's first real
-        token (zeros for an all-padding row): :meth:`KVTuneLayer.padded_block` without its host-side shortcut."""
-        stored = first + torch.arange(x.shape[2], device=x.device)
+        """``x [B, Hkv, n, D]`` (quantized tokens ``first..``, stored after the sinks) with left-padding rows replaced
+        by the block's first real token (zeros for an all-padding row): :meth:`KVTuneLayer.padded_block` without its
+        host-side shortcut."""
+        stored = self.sinks + first + torch.arange(x.shape[2], device=x.device)
         is_pad = stored[None, :] < self.pad[:, None]  # [B, n]
         real = ~is_pad
         idx = real.float().argmax(-1).view(-1, 1, 1, 1).expand(x.shape[0], x.shape[1], 1, x.shape[3])
@@ -175,37 +193,46 @@ class StaticLayer(CacheLayerMixin):
                 buf.index_copy_(2, row_index(t.shape[2], every), t.to(buf.dtype))
 
     def _prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a prompt ``k, v`` fp16 ``[B, Hkv, L, D]``: whole blocks beyond ``residual`` quantized, the rest in
-        the window (the dynamic cache's flush rule)."""
-        length, f = k.shape[2], self.flush
-        n = max(0, length - self.residual) // f * f
+        """Store a prompt ``k, v`` fp16 ``[B, Hkv, L, D]``: its first ``S`` tokens in the sink rows (a shorter prompt
+        leaves the rest for the next steps), of the others whole blocks beyond ``residual`` quantized and the rest
+        in the window (the dynamic cache's flush rule)."""
+        length, f, s = k.shape[2], self.flush, min(self.sinks, k.shape[2])
+        n = max(0, length - s - self.residual) // f * f
         if n > self.capacity or length - n > self.wcap:
             raise KVTuneError(f"a {length}-token prompt does not fit a static cache of {self.capacity} tokens",
                               "make the cache with a larger max_length")
         if n:
-            self._store(self._padded(k[:, :, :n], 0), self._padded(v[:, :, :n], 0),
+            self._store(self._padded(k[:, :, s : s + n], 0), self._padded(v[:, :, s : s + n], 0),
                         lambda rows, every: torch.arange(rows, device=self.device))
-        self.win_k[:, :, : length - n] = k[:, :, n:]
-        self.win_v[:, :, : length - n] = v[:, :, n:]
+        self.win_k[:, :, :s], self.win_v[:, :, :s] = k[:, :, :s], v[:, :, :s]
+        self.win_k[:, :, s : length - n] = k[:, :, s + n :]
+        self.win_v[:, :, s : length - n] = v[:, :, s + n :]
         self.nq.fill_(n)
         self.nw.fill_(length - n)
-        torch.clamp(self.pad - n, min=0, out=self.wstart)
-        self.n_quant, self.n_win, self.length = n, length - n, length
+        self._extra_start()
+        self.n_quant, self.n_win, self.length = n, length - s - n, length
+
+    def _extra_start(self) -> None:
+        """``wstart = min(pad, S) + max(pad - S - nq, 0)``: padded sink rows, then padded window rows."""
+        torch.add(self.pad.clamp(max=self.sinks), (self.qstart - self.nq).clamp(min=0), out=self.wstart)
 
     def _flush(self) -> None:
-        """Quantize the window's oldest ``flush`` tokens into rows from ``nq``, shift the window, move the counters."""
-        f = self.flush
-        self._store(self._padded(self.win_k[:, :, :f], self.nq), self._padded(self.win_v[:, :, :f], self.nq),
+        """Quantize the window's oldest ``flush`` tokens (extra rows ``S..S+flush``) into rows from ``nq``, shift the
+        window (the sinks stay), move the counters."""
+        f, s, r = self.flush, self.sinks, self.residual
+        self._store(self._padded(self.win_k[:, :, s : s + f], self.nq),
+                    self._padded(self.win_v[:, :, s : s + f], self.nq),
                     lambda rows, every: self.nq.long() // every + self.ar[:rows])
-        if self.residual:
-            self.win_k[:, :, : self.residual] = self.win_k[:, :, f:].clone()
-            self.win_v[:, :, : self.residual] = self.win_v[:, :, f:].clone()
+        if r:
+            self.win_k[:, :, s : s + r] = self.win_k[:, :, s + f :].clone()
+            self.win_v[:, :, s : s + r] = self.win_v[:, :, s + f :].clone()
         self.nq += f
         self.nw -= f
-        torch.clamp(self.pad - self.nq, min=0, out=self.wstart)
+        self._extra_start()
         self.n_quant, self.n_win = self.n_quant + f, self.n_win - f
 
     def nbytes(self) -> int:
+        """Bytes allocated: packed fields, the fp16 extra segment (sinks + window), the layer's plan tensors."""
         tensors = [self.win_k, self.win_v, *(t for b in self.bufs.values() for t in b.values()),
                    *(t for s in self.state.values() for t in s.values())]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -239,16 +266,18 @@ class StaticKVTuneCache(Cache):
                 layer.pad.zero_()
             else:
                 layer.pad.copy_((attention_mask.to(layer.device).cumsum(-1) == 0).sum(-1))
+            torch.clamp(layer.pad - layer.sinks, min=0, out=layer.qstart)  # the quantized part follows the sinks
 
     def next_flush(self) -> bool:
-        """Whether the next single-token step flushes a block (the same in every layer)."""
+        """Whether the next single-token step flushes a block (the same in every layer: :func:`check_static` asks
+        for one ``residual + sink_tokens`` and ``flush``; only window tokens count)."""
         layer = self.layers[0]
-        return layer.n_win + 1 == layer.wcap
+        return layer.to_window() and layer.n_win + 1 == layer.residual + layer.flush
 
     def advance(self, flushed: bool) -> None:
         """Host mirrors after a replayed step (what :meth:`StaticLayer.update` / ``_flush`` do when run eagerly)."""
         for layer in self.layers:
-            layer.n_win, layer.length = layer.n_win + 1, layer.length + 1
+            layer.n_win, layer.length = layer.n_win + layer.to_window(), layer.length + 1
             if flushed:
                 layer.n_quant, layer.n_win = layer.n_quant + layer.flush, layer.n_win - layer.flush
 

@@ -6,6 +6,7 @@ also replayed as CUDA graphs (:mod:`kvtune.runtime.graphs`) and ``torch.compile`
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from kvtune.errors import KVTuneError
 from kvtune.models import cache_kwargs, tiny_model
 from kvtune.plan import Plan, load_plan
-from kvtune.plan_types import LayerPlan
+from kvtune.plan_types import LayerPlan, MergePolicy, SalientPolicy
 from kvtune.quant.families.normq import normq
 from kvtune.quant.formats import affine
 from kvtune.runtime import KVTuneCache
@@ -23,21 +24,33 @@ from kvtune.runtime.graphs import GraphDecoder
 from .kernel_env import DEV  # sets up the kernels (or skips this module)
 
 
+def _sinks(lp: LayerPlan, sinks: int, fp16: int) -> LayerPlan:
+    """``lp`` with ``sinks`` fp16 sink tokens taken out of an ``fp16``-token window (as ``kvtune search`` writes it)."""
+    return replace(lp, residual=fp16 - sinks, salient=SalientPolicy(sink_tokens=sinks))
+
+
+def _k2g16(sinks: tuple[int, int] = (3, 8)) -> Plan:
+    """2-bit keys per channel (g16) / 2-bit values per token, an 11-token fp16 length with 3 and 8 sinks: the
+    left-padded row's 5 padding tokens are more than layer 0's sinks and fewer than layer 1's."""
+    lp = LayerPlan(key=affine(bits=2, axis="channel", group=16), value=affine(bits=2, axis="token", group=0))
+    return Plan(layers=tuple(_sinks(lp, s, 11) for s in sinks), name="t")
+
+
 def _centered(means: bool = True) -> Plan:
     """Two layers of centered 4-bit keys / 2-bit values in norm codes; ``means``: the plan carries each layer's
-    calibrated means."""
+    calibrated means. An 8-token fp16 length: layer 0 without sinks, layer 1 all sinks (8, no window beyond the
+    block being filled), so a 7-token prompt leaves a sink row to the first step."""
     gen = torch.Generator().manual_seed(7)
     lp = LayerPlan(key=normq(4, codebook="uniform", center=True), value=normq(2, codebook="uniform", center=True),
-                   residual=4, block=16)
+                   block=16)
     tensors = {f"layers.{i}.{r}.center": (0.5 * torch.randn(2, 64, generator=gen)).half()
                for i in range(2) for r in ("key", "value")} if means else {}
-    return Plan(layers=(lp, lp), name="t", tensors=tensors)
+    return Plan(layers=(_sinks(lp, 0, 8), _sinks(lp, 8, 8)), name="t", tensors=tensors)
 
 
-PLANS = {
-    "k2g16-v2": lambda: Plan(layers=(LayerPlan(key=affine(bits=2, axis="channel", group=16),
-                                               value=affine(bits=2, axis="token", group=0), residual=8),), name="t"),
-    "centered-normq-k4v2": _centered,  # the kernel path of norm codes and of centering in one case
+PLANS = {  # name: (plan, prompt length)
+    "k2g16-v2-sinks": (_k2g16, 37),  # the prompt fills both layers' sinks and quantizes a block
+    "centered-normq-k4v2-sinks": (_centered, 7),  # norm codes, centering (of sinks too), a prompt shorter than sinks
 }
 
 
@@ -47,8 +60,8 @@ def model() -> Any:
     return m.to(DEV).to(torch.float16 if DEV == "cuda" else torch.float32)
 
 
-def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(1, 160, (2, 37), generator=torch.Generator().manual_seed(0)).to(DEV)
+def _inputs(length: int = 37) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, 160, (2, length), generator=torch.Generator().manual_seed(0)).to(DEV)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # row 1 is left-padded
     return ids, mask
@@ -67,7 +80,7 @@ def _dynamic(model: Any, plan: Plan, ids: torch.Tensor, mask: torch.Tensor, step
         logits = model(tok[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                        **cache_kwargs(model, cache)).logits[:, -1]
         seen.append(logits)
-    return torch.stack(toks, 1), torch.stack(seen, 1)
+    return torch.stack(toks, 1), torch.stack(seen, 1), cache
 
 
 def _static(model: Any, plan: Plan, ids: torch.Tensor, mask: torch.Tensor, steps: int, graphs: bool) -> Any:
@@ -85,25 +98,30 @@ def _static(model: Any, plan: Plan, ids: torch.Tensor, mask: torch.Tensor, steps
 
 @pytest.mark.parametrize("name", list(PLANS))
 def test_static_equals_dynamic(model: Any, name: str) -> None:
-    """Same greedy tokens and logits as the dynamic cache through the kernel, across several flushes, with a
-    left-padded row; the counters end where the dynamic cache's do."""
-    ids, mask = _inputs()
-    ref_tok, ref_logits = _dynamic(model, PLANS[name](), ids, mask, 24)
-    tok, logits, cache = _static(model, PLANS[name](), ids, mask, 24, graphs=False)
+    """Same greedy tokens and logits as the dynamic cache through the kernel, across flushes, with a left-padded row
+    and sink tokens; every layer's counters end where the dynamic cache's do."""
+    plan, length = PLANS[name]
+    ids, mask = _inputs(length)
+    ref_tok, ref_logits, ref = _dynamic(model, plan(), ids, mask, 24)
+    tok, logits, cache = _static(model, plan(), ids, mask, 24, graphs=False)
     torch.testing.assert_close(logits.float(), ref_logits.float(), atol=3e-3, rtol=0)
     assert torch.equal(tok, ref_tok)
-    layer = cache.layers[0]
-    assert (layer.n_quant, layer.length) == (int(layer.nq), 37 + 24)  # prompt + one token a step
-    assert layer.n_win == int(layer.nw) and cache.get_seq_length() == 37 + 24
+    assert cache.get_seq_length() == length + 24
+    for layer, dyn in zip(cache.layers, ref.layers, strict=True):
+        sinks = min(layer.length, layer.sinks)
+        assert (layer.n_quant, sinks, layer.n_win) == (dyn.n_quant, dyn.n_sinks, dyn.win_k.shape[2])
+        assert (layer.n_quant, sinks + layer.n_win, layer.length) == (int(layer.nq), int(layer.nw), length + 24)
+        assert layer.n_quant > 0  # a flush happened in every case
     model.set_attn_implementation("sdpa")
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("name", list(PLANS))
 def test_graph_replay_equals_eager(model: Any, name: str) -> None:
-    ids, mask = _inputs()
-    tok_e, logits_e, _ = _static(model, PLANS[name](), ids, mask, 40, graphs=False)
-    tok_g, logits_g, _ = _static(model, PLANS[name](), ids, mask, 40, graphs=True)
+    plan, length = PLANS[name]
+    ids, mask = _inputs(length)
+    tok_e, logits_e, _ = _static(model, plan(), ids, mask, 40, graphs=False)
+    tok_g, logits_g, _ = _static(model, plan(), ids, mask, 40, graphs=True)
     assert torch.equal(tok_g, tok_e)
     torch.testing.assert_close(logits_g, logits_e, atol=1e-3, rtol=0)
     model.set_attn_implementation("sdpa")
@@ -113,7 +131,7 @@ def test_graph_replay_equals_eager(model: Any, name: str) -> None:
 def test_custom_op_compiles(model: Any) -> None:
     """``torch.compile(fullgraph=True)`` traces one layer's attention through the ``kvtune::decode_static`` op."""
     ids, mask = _inputs()
-    cache = PLANS["k2g16-v2"]().cache(model, static=True, batch=2, max_length=64)
+    cache = _k2g16().cache(model, static=True, batch=2, max_length=64)
     GraphDecoder(model, cache, graphs=False).prefill(ids, mask)
     layer = cache.layers[0]
     q = torch.randn(2, 4, 1, 64, device=DEV, dtype=torch.float16)
@@ -122,7 +140,7 @@ def test_custom_op_compiles(model: Any) -> None:
         from kvtune.kernels.decode_static import decode_static
 
         return decode_static(q, *layer.operands, layer.win_k, layer.win_v, layer.nq, layer.nw, layer.wstart,
-                             layer.pad, 0.125)
+                             layer.qstart, 0.125)
 
     torch.testing.assert_close(torch.compile(attend, fullgraph=True)(q), attend(q), atol=1e-3, rtol=0)
     model.set_attn_implementation("sdpa")
@@ -133,4 +151,13 @@ def test_static_refuses_plans_the_kernel_cannot_serve(model: Any) -> None:
         load_plan("zipcache").cache(model, static=True, batch=1, max_length=64)
     with pytest.raises(KVTuneError, match="no calibrated mean"):  # a captured step needs the mean from the start
         _centered(means=False).cache(model, static=True, batch=1, max_length=64)
+    lp = _k2g16().layers[0]
+    refused = {"salient tokens": replace(lp, salient=SalientPolicy(ratio=0.05, bits=8, sink_tokens=3)),
+               "merge policy": replace(lp, merge=MergePolicy(ratio=0.25, method="elastic"))}
+    for why, bad in refused.items():  # sinks are served, salient-ratio tokens and merging are not
+        with pytest.raises(KVTuneError, match=why):
+            Plan(layers=(lp, bad), name="t").cache(model, static=True, batch=1, max_length=64)
+    with pytest.raises(KVTuneError, match="one fp16 length"):  # one flush schedule: residual + sinks agree
+        Plan(layers=(lp, replace(lp, residual=lp.residual + 1)), name="t").cache(model, static=True, batch=1,
+                                                                                 max_length=64)
     model.set_attn_implementation("sdpa")
