@@ -4,9 +4,10 @@
     tokens = kvtune.runtime.graphs.generate(model, cache, input_ids, attention_mask, max_new_tokens=256)
 
 or step by step with :class:`GraphDecoder` (``prefill`` once, then ``step(tokens) -> logits``). The prompt runs
-eagerly; each decode step is one replay of a graph captured the first time it is needed: one graph for steps that
-only append a token, one for steps that also flush a block (:meth:`StaticKVTuneCache.next_flush` tells them apart
-on the host, without a device sync). Inputs, positions and the logits of the last position are static buffers.
+eagerly; each decode step is one replay of a graph captured the first time it is needed, one graph per set of layers
+that flush a block in that step (:meth:`StaticKVTuneCache.next_flush` names the set on the host, without a device
+sync: two graphs when every layer has the same window and block, a few more when layers differ). Inputs,
+positions and the logits of the last position are static buffers.
 Capture costs about a second or two per graph (``capture_s``); the cache's ``max_length`` bounds the tokens.
 
 Any cache whose update and attention are fixed-shape device work can be captured the same way (the benchmarks
@@ -31,7 +32,7 @@ class GraphDecoder:
     def __init__(self, model: Any, cache: Any, graphs: bool = True) -> None:
         self.model, self.cache = model, cache
         self.use_graphs = graphs and torch.cuda.is_available() and next(model.parameters()).is_cuda
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}  # flush pattern (next_flush()) -> graph
         self.pool: Any = None
         self.capture_s = 0.0
         self.kw = cache_kwargs(model, cache)
@@ -69,7 +70,7 @@ class GraphDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens [B]`` or ``[B, 1]``; returns the next logits ``[B, V]`` (a static buffer: copy to keep)."""
         self.ids.copy_(tokens.view(-1, 1))
-        flush = bool(self.cache.next_flush()) if hasattr(self.cache, "next_flush") else False
+        flush = self.cache.next_flush() if hasattr(self.cache, "next_flush") else False
         if not self.use_graphs:
             self._forward()
             return self.out
@@ -101,13 +102,15 @@ class GraphDecoder:
         self.pos.copy_(pos)
         self.cpos.copy_(cpos)
 
-    def _force(self, flush: bool | None) -> None:
-        for ly in getattr(self.cache, "layers", []):
-            if hasattr(ly, "flush_due"):
-                ly.flush_due = flush
+    def _force(self, flush: Any) -> None:
+        """Set every layer's flush for a warm-up or capture: one bool for all layers, a tuple of per-layer bools (a
+        :meth:`next_flush` pattern), or None (back to the layers' own counters)."""
+        layers = [ly for ly in getattr(self.cache, "layers", []) if hasattr(ly, "flush_due")]
+        for i, ly in enumerate(layers):
+            ly.flush_due = flush[i] if isinstance(flush, tuple) else flush
 
-    def _capture(self, flush: bool) -> torch.cuda.CUDAGraph:
-        """Warm up once (a plain step, undone), then capture the step with or without a flush."""
+    def _capture(self, flush: Any) -> torch.cuda.CUDAGraph:
+        """Warm up once (a plain step, undone), then capture the step with the flush pattern ``flush``."""
         t0 = time.perf_counter()
         saved = self._state()
         if not self.graphs:  # compile the kernels and create library handles outside the capture

@@ -12,14 +12,14 @@ kernel (:func:`kvtune.kernels.decode_static.decode_static`, a ``torch.library.tr
 launches never change. A step writes its token at the extra count (a sink row while the sinks fill, as after a
 prompt shorter than ``S``, then the window's next row). A flush (the window's oldest ``flush`` tokens quantized into
 the packed buffers, the window shifted, the sinks left alone) is a fixed-shape sequence of ops too; the host knows
-which step flushes (:meth:`StaticKVTuneCache.next_flush`, counting window tokens only) and a graph decoder replays
-one graph with and one without it. Host-side counters mirror the device ones for ``get_seq_length`` and that
+which layers a step flushes (:meth:`StaticKVTuneCache.next_flush`, counting window tokens only) and a graph decoder
+replays one graph per flush pattern: two (none, all) when every layer has the same window and block, a few more
+when layers differ, as in searched plans. Host-side counters mirror the device ones for ``get_seq_length`` and that
 schedule.
 
 Restrictions (checked when the cache is made, :func:`check_static`): one spec pair per layer, no salient-ratio
-tokens, no merging, the same ``residual + sink_tokens`` and flush block in every layer (one flush schedule; the
-plans ``kvtune search`` writes take a layer's sinks out of its window, so they qualify), formats the fused kernel
-reads (:func:`kvtune.quant.codec.kernel_ok`), one prompt (prefill) then single tokens. Attention runs through
+tokens, no merging, formats the fused kernel reads (:func:`kvtune.quant.codec.kernel_ok`), one prompt (prefill)
+then single tokens. Attention runs through
 the ``"kvtune-static"`` implementation (:mod:`kvtune.runtime.static_attention`).
 """
 
@@ -46,10 +46,6 @@ FP = torch.float16
 
 def check_static(plan: Plan, head_dim: int) -> None:
     """Raise :class:`KVTuneError` naming the first layer the static (CUDA-graph) path cannot serve, and why."""
-    shapes = {(lp.residual + lp.salient.sink_tokens, lp.flush) for lp in plan.layers}  # one flush schedule
-    if len(shapes) > 1:
-        raise KVTuneError("the static cache needs one fp16 length (residual window + sink tokens) and flush block "
-                          f"for all layers, got {shapes}", "use the dynamic cache (plan.cache(model)) for this plan")
     for i, lp in enumerate(plan.layers):
         why = []
         if lp.heads and len(set(lp.heads)) > 1:
@@ -142,6 +138,10 @@ class StaticLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.sinks + self.capacity + self.residual
+
+    def next_flush(self) -> bool:
+        """Whether the next single-token step flushes a block of this layer."""
+        return self.to_window() and self.n_win + 1 == self.residual + self.flush
 
     def to_window(self) -> bool:
         """Whether the next token joins the window (the sinks are full; before, it fills the next sink row)."""
@@ -251,9 +251,8 @@ class StaticKVTuneCache(Cache):
         self.plan = plan.bind(ident)
         check_static(self.plan, ident.head_dim)
         dev = torch.device(device) if device is not None else next(model.parameters()).device
-        flush = self.plan.layers[0].flush
-        cap = math.ceil(max_length / flush) * flush
-        layers = [StaticLayer(lp, ident.num_kv_heads, ident.head_dim, self.plan.layer_state(i), batch, cap, dev)
+        layers = [StaticLayer(lp, ident.num_kv_heads, ident.head_dim, self.plan.layer_state(i), batch,
+                              math.ceil(max_length / lp.flush) * lp.flush, dev)
                   for i, lp in enumerate(self.plan.layers)]
         super().__init__(layers=layers)
         self.max_length = max_length
@@ -268,17 +267,17 @@ class StaticKVTuneCache(Cache):
                 layer.pad.copy_((attention_mask.to(layer.device).cumsum(-1) == 0).sum(-1))
             torch.clamp(layer.pad - layer.sinks, min=0, out=layer.qstart)  # the quantized part follows the sinks
 
-    def next_flush(self) -> bool:
-        """Whether the next single-token step flushes a block (the same in every layer: :func:`check_static` asks
-        for one ``residual + sink_tokens`` and ``flush``; only window tokens count)."""
-        layer = self.layers[0]
-        return layer.to_window() and layer.n_win + 1 == layer.residual + layer.flush
+    def next_flush(self) -> tuple[bool, ...]:
+        """Which layers the next single-token step flushes a block in (one bool a layer; only window tokens count).
+        Layers with the same window and block flush together; a graph decoder keeps one graph per pattern."""
+        return tuple(layer.next_flush() for layer in self.layers)
 
-    def advance(self, flushed: bool) -> None:
-        """Host mirrors after a replayed step (what :meth:`StaticLayer.update` / ``_flush`` do when run eagerly)."""
-        for layer in self.layers:
+    def advance(self, flushed: tuple[bool, ...] | bool) -> None:
+        """Host mirrors after a replayed step with the flush pattern ``flushed`` (:meth:`next_flush`; one bool: every
+        layer) -- what :meth:`StaticLayer.update` / ``_flush`` do when run eagerly."""
+        for i, layer in enumerate(self.layers):
             layer.n_win, layer.length = layer.n_win + layer.to_window(), layer.length + 1
-            if flushed:
+            if flushed[i] if isinstance(flushed, tuple) else flushed:
                 layer.n_quant, layer.n_win = layer.n_quant + layer.flush, layer.n_win - layer.flush
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
