@@ -15,6 +15,9 @@ way), dequantizes in registers, keeps an online softmax in base 2, and writes a 
 The extra segment runs as one more split of the same launch (not in torch): it costs no extra launch,
 no Python-side softmax, and its partial merges like any other.
 
+Per-token scales are read as fp16 or as one-byte log8 positions over a per-head log2 range (``normq``'s
+``scale_dtype: log8``; :mod:`kvtune.kernels.scales_tl`), chosen by the constexprs ``LOG_K`` / ``LOG_V``.
+
 This kernel serves every format. (A swapped kernel with tokens in the MMA's M dimension, 0.31 ms vs 0.19 at
 Llama-3-8B B=8 32k in the previous benchmarks/results/decode_kernel_fast_h200.json, and the variants of
 decode_kernel_variants_h200.json measured slower on an H200 and were removed.) Lengths may come from device
@@ -37,6 +40,7 @@ from kvtune.kernels.decode_tiles import _softmax_step, _tile
 from kvtune.kernels.launch_args import extra_args, kernel_arg, use_asm
 from kvtune.kernels.merge_tl import _merge_kernel
 from kvtune.kernels.packed import PackedKeys, PackedValues, decode_attention_reference
+from kvtune.kernels.scales_tl import _log_range
 from kvtune.kernels.unpack_tl import _raw_shift
 from kvtune.quant.codes import slicing
 
@@ -55,6 +59,7 @@ def _decode_split_kernel(
     ks_ptr, kz_ptr, stride_ksb, stride_ksh, stride_ksg,
     vp_ptr, stride_vpb, stride_vph, stride_vpt,
     vs_ptr, vz_ptr, stride_vsb, stride_vsh, stride_vst,
+    kr_ptr, stride_krh, vr_ptr, stride_vrh,
     ek_ptr, stride_ekb, stride_ekh, stride_ekt,
     ev_ptr, stride_evb, stride_evh, stride_evt,
     emask_ptr, stride_emb, start_ptr, t_ptr, estart_ptr,
@@ -65,13 +70,15 @@ def _decode_split_kernel(
     FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr, WVP: tl.constexpr, GC: tl.constexpr,
     BT: tl.constexpr, BTE: tl.constexpr, EXTRA: tl.constexpr, HAS_START: tl.constexpr,
     USE_ASM: tl.constexpr, FAST: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr,
-    HAS_VZ: tl.constexpr, AFF_V: tl.constexpr, T_DEV: tl.constexpr,
+    HAS_VZ: tl.constexpr, AFF_V: tl.constexpr, T_DEV: tl.constexpr, LOG_K: tl.constexpr, LOG_V: tl.constexpr,
 ):
     """Partial attention of one (split, batch * kv head).
 
     q [B, Hq, 1, D]; packed K/V [B, Hkv, T, bytes]; key scale/zero [B, Hkv, T/G, D] (KAX 0) or [B, Hkv, T, 1]
     (KAX 1: per token, G = BT); value scale/zero [B, Hkv, T, D/GC]; every code dequantizes as
-    ``scale * (alpha * c + beta) + zero`` (AFF_*: alpha 1, beta 0; HAS_*Z: a zero-point tensor is read);
+    ``scale * (alpha * c + beta) + zero`` (AFF_*: alpha 1, beta 0; HAS_*Z: a zero-point tensor is read); LOG_K /
+    LOG_V: per-token scales are uint8 log8 positions over the head's range ``(lo, hi)`` at ``kr_ptr``/``vr_ptr``
+    ``[Hkv, 2]`` (KAX 1 keys, GC >= D values);
     extra K/V [B, Hkv, R, D]; EXTRA: 0 none, 1 lengths [B] (valid prefix),
     2 mask [B, R], 3 all valid, 4 tokens ``estart[b] <= r < emask[0]`` (device counts); start [B] (tokens
     t < start are padding); T_DEV: the quantized tokens in use are read from ``t_ptr`` [1] (``T`` on the host is
@@ -85,6 +92,8 @@ def _decode_split_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
+    k_lo, k_step = _log_range(kr_ptr + h * stride_krh, LOG_K)  # log8 scales: once per program
+    v_lo, v_step = _log_range(vr_ptr + h * stride_vrh, LOG_V)
     rows = tl.arange(0, QH)
     rmask = rows < NREP
     q_row = q_ptr + b.to(tl.int64) * stride_qb + (h * NREP + rows[:, None]) * stride_qh
@@ -137,22 +146,25 @@ def _decode_split_kernel(
             t0 = tl.where(i < n_head, first, tail)
             m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
-                                                   stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, D, QH,
-                                                   FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True, USE_ASM,
-                                                   KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V)
+                                                   stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
+                                                   k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
+                                                   WVP, GC, KG, NG, True, USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V,
+                                                   LOG_K, LOG_V)
         for t0 in range(full_lo, full_hi, BT):
             m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
-                                                   stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, D, QH,
-                                                   FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, False,
-                                                   USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V)
+                                                   stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
+                                                   k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
+                                                   WVP, GC, KG, NG, False, USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V,
+                                                   LOG_K, LOG_V)
     else:  # other formats: one masked loop (keeps the unrolled code, and the compile time, small)
         for t0 in range(first, hi, BT):
             m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
-                                                   stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, D, QH,
-                                                   FMT_K, SK, WK, WKP, G, FMT_V, SV, WV, WVP, GC, KG, NG, True, USE_ASM,
-                                                   KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V)
+                                                   stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
+                                                   k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
+                                                   WVP, GC, KG, NG, True, USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V,
+                                                   LOG_K, LOG_V)
     l_i = tl.sum(l_acc, 1)
     if GC >= D:  # value zero-points, the RAW codes' offset (1024 * sum pv) and scale (2^shift), code affine map
         pvsum = tl.sum(o_acc, 1)[:, None]
@@ -215,22 +227,38 @@ def _static_args(kq: tuple, vq: tuple, d: int, n_rep: int,
     """What a launch derives from the operands' formats alone (``_format`` tuples), once per format: the key and
     value slicing, the value channel group, the fast-path flag and the constexpr arguments. Raises ValueError for
     formats the kernel lacks."""
-    (kbits, kgroup, kaxis, kzero, kaff), (vbits, vgroup, _, vzero, vaff) = kq, vq
+    (kbits, kgroup, kaxis, kzero, kaff, klog), (vbits, vgroup, _, vzero, vaff, vlog) = kq, vq
     if kaxis == "channel" and (kgroup < 16 or kgroup & (kgroup - 1)):
         raise ValueError(f"key group must be a power of two >= 16, got {kgroup}")
     lk, lv = slicing(kbits, d), slicing(vbits, d)
     gc = min(vgroup or d, d)
+    if (klog and kaxis != "token") or (vlog and gc < d):
+        raise ValueError("log8 scales need per-token scales: keys axis='token', values one channel group")
     fast = _fast_path(lk, d) and _fast_path(lv, d)
     consts = {"D": d, "NREP": n_rep, "QH": max(16, _p2(n_rep)), "G": kgroup, "GC": gc, "USE_ASM": use_asm,
               "FMT_K": lk.fmt, "SK": lk.slices, "WK": lk.width, "WKP": max(16, _p2(lk.width)),
               "FMT_V": lv.fmt, "SV": lv.slices, "WV": lv.width, "WVP": max(16, _p2(lv.width)), "FAST": fast,
-              "KAX": int(kaxis == "token"), "HAS_KZ": kzero, "AFF_K": kaff, "HAS_VZ": vzero, "AFF_V": vaff}
+              "KAX": int(kaxis == "token"), "HAS_KZ": kzero, "AFF_K": kaff, "HAS_VZ": vzero, "AFF_V": vaff,
+              "LOG_K": klog, "LOG_V": vlog}
     return lk, lv, gc, fast, consts
 
 
 def _format(x: Any) -> tuple:
     """The launch-relevant format of a :class:`PackedKeys` / :class:`PackedValues` (hashable)."""
-    return x.bits, x.group, getattr(x, "axis", "token"), x.zero is not None, x.affine
+    return x.bits, x.group, getattr(x, "axis", "token"), x.zero is not None, x.affine, x.scale_range is not None
+
+
+def _range_arg(x: PackedKeys | PackedValues, hkv: int, stand_in: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(range, head stride) of log8 scales: ``scale_range`` float ``[Hkv, 2]`` on the scales' device, or a stand-in
+    (never read)."""
+    r = x.scale_range
+    if r is None:
+        return stand_in, 0
+    if tuple(r.shape) != (hkv, 2) or not r.is_floating_point() or r.device != x.scale.device:
+        raise ValueError(f"scale_range must be float [Hkv={hkv}, 2] on {x.scale.device}, got {r.dtype} "
+                         f"{tuple(r.shape)} on {r.device}")
+    r = kernel_arg(r)
+    return r, r.stride(0)
 
 
 def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
@@ -243,7 +271,8 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     """Decode attention of one query token over packed K/V plus a full-precision extra segment.
 
     q: ``[B, Hq, 1, D]`` fp16/bf16 (Hq = Hkv * n_rep, query heads ``h*n_rep..`` share KV head ``h``);
-    kq/vq: :class:`PackedKeys` / :class:`PackedValues` with ``T`` tokens (T may be 0);
+    kq/vq: :class:`PackedKeys` / :class:`PackedValues` with ``T`` tokens (T may be 0); per-token scales may be
+    one-byte log8 positions (``scale_range`` float ``[Hkv, 2]`` set, on the scales' device);
     extra_k/extra_v: ``[B, Hkv, R, D]`` or None; extra_len: int ``[B]`` (first extra_len[b] extra tokens
     valid), bool ``[B, R]`` validity mask, or None (all valid); start: int ``[B]`` (quantized tokens
     ``t < start[b]`` are left padding) or None; scaling: softmax scale (default ``1/sqrt(D)``).
@@ -289,10 +318,11 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     lse = torch.empty_like(m)
     o = torch.empty(bsz * hq, ns, d, dtype=torch.float32, device=q.device)
     st = start.to(device=q.device, dtype=torch.int32) if start is not None else m
+    (kr, skr), (vr, svr) = _range_arg(kq, hkv, m), _range_arg(vq, hkv, m)
     wrap = launch or (lambda k: k)
     wrap(_decode_split_kernel)[(ns, bsz * hkv)](
         qc, *qc.stride()[:2], kp, *kp.stride()[:3], ks, kz, *ks.stride()[:3],
-        vp, *vp.stride()[:3], vs, vz, *vs.stride()[:3], ek, *ek.stride()[:3], ev, *ev.stride()[:3],
+        vp, *vp.stride()[:3], vs, vz, *vs.stride()[:3], kr, skr, vr, svr, ek, *ek.stride()[:3], ev, *ev.stride()[:3],
         emask, stride_emb, st, t_dev if t_dev is not None else m, extra_start if extra_start is not None else m,
         m, lse, o,
         t, r, chunk, n_q, ns, hkv, scaling * LOG2E, kq.code_scale, kq.code_offset, vq.code_scale, vq.code_offset,

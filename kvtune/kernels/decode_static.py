@@ -4,7 +4,8 @@ Registered with ``torch.library.triton_op`` (kernels launched through ``wrap_tri
 it into its graph and CUDA graphs capture it like any op. Its lengths are device tensors: the quantized tokens in
 use ``n_quant`` int32 ``[1]`` (the packed tensors are a capacity), the extra (window) tokens
 ``extra_start[b] <= r < n_extra`` (int32 ``[B]`` and ``[1]``) and the quantized tokens' left padding ``start``
-int32 ``[B]``; the grid depends on the capacity only. The kernel is
+int32 ``[B]``; the grid depends on the capacity only. One-byte (log8) per-token scales pass their ranges
+``[Hkv, 2]`` as optional tensors (``Tensor?``). The kernel is
 :func:`kvtune.kernels.decode_attention.decode_attention`'s split kernel. Under ``TRITON_INTERPRET=1`` it calls the
 kernel directly.
 """
@@ -22,11 +23,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _operands(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits_k, bits_v, key_group, value_group,
-              k_code_scale, k_code_offset, v_code_scale, v_code_offset):
-    """key_group 0: per-token key scales."""
-    kq = PackedKeys(k_codes, k_scale, k_zero, bits_k, key_group, k_code_scale, k_code_offset,
+              k_code_scale, k_code_offset, v_code_scale, v_code_offset, k_range, v_range):
+    """key_group 0: per-token key scales; ``k_range``/``v_range``: log8 scale ranges ``[Hkv, 2]`` or None."""
+    kq = PackedKeys(k_codes, k_scale, k_zero, bits_k, key_group, k_code_scale, k_code_offset, k_range,
                     axis="channel" if key_group else "token")
-    return kq, PackedValues(v_codes, v_scale, v_zero, bits_v, value_group, v_code_scale, v_code_offset)
+    return kq, PackedValues(v_codes, v_scale, v_zero, bits_v, value_group, v_code_scale, v_code_offset, v_range)
 
 
 if not _INTERPRET:
@@ -38,9 +39,10 @@ if not _INTERPRET:
                           extra_k: torch.Tensor, extra_v: torch.Tensor, n_quant: torch.Tensor,
                           n_extra: torch.Tensor, extra_start: torch.Tensor, start: torch.Tensor, bits_k: float,
                           bits_v: float, key_group: int, value_group: int, k_code_scale: float, k_code_offset: float,
-                          v_code_scale: float, v_code_offset: float, scaling: float) -> torch.Tensor:
+                          v_code_scale: float, v_code_offset: float, scaling: float, k_range: torch.Tensor | None,
+                          v_range: torch.Tensor | None) -> torch.Tensor:
         kq, vq = _operands(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits_k, bits_v, key_group,
-                           value_group, k_code_scale, k_code_offset, v_code_scale, v_code_offset)
+                           value_group, k_code_scale, k_code_offset, v_code_scale, v_code_offset, k_range, v_range)
         return decode_attention(q, kq, vq, extra_k, extra_v, None, start, scaling, t_dev=n_quant,
                                 extra_count=n_extra, extra_start=extra_start, launch=wrap_triton)
 
@@ -56,4 +58,5 @@ def decode_static(q: torch.Tensor, kq: PackedKeys, vq: PackedValues, extra_k: to
     return torch.ops.kvtune.decode_static(
         q, kq.packed, kq.scale, kq.zero, vq.packed, vq.scale, vq.zero, extra_k, extra_v, n_quant, n_extra,
         extra_start, start, float(kq.bits), float(vq.bits), kq.group if kq.axis == "channel" else 0, vq.group,
-        float(kq.code_scale), float(kq.code_offset), float(vq.code_scale), float(vq.code_offset), float(scaling))
+        float(kq.code_scale), float(kq.code_offset), float(vq.code_scale), float(vq.code_offset), float(scaling),
+        kq.scale_range, vq.scale_range)

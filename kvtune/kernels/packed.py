@@ -3,7 +3,10 @@
 :class:`PackedKeys` / :class:`PackedValues` bundle codes (layout of :mod:`kvtune.quant.codes`), scales and
 optional zero-points. Every element dequantizes as ``scale * (code_scale * c + code_offset) + zero``: an
 integer grid (``affine``: ``code_scale = 1``, ``code_offset = 0``) or evenly spaced codebook levels scaled per
-token (``normq``: no zero-point). :func:`decode_attention_reference` dequantizes everything and runs an fp32
+token (``normq``: no zero-point). Per-token scales may be stored in one byte on a log scale (``normq``'s ``log8``):
+with ``scale_range`` float ``[Hkv, 2]`` = ``(lo, hi)`` set, ``scale`` is uint8 ``pos`` and means
+``exp2(lo_h + pos * span_h / 255)``, ``span_h = max(hi_h - lo_h, 1e-3)`` (keys ``axis="token"``, values with one
+channel group only). :func:`decode_attention_reference` dequantizes everything and runs an fp32
 softmax: the kernel in :mod:`kvtune.kernels.decode_attention` is tested against it. Torch only (no triton).
 """
 
@@ -17,6 +20,7 @@ import torch
 from kvtune.quant.codes import slicing, unpack
 
 AXES = ("channel", "token")
+MIN_SPAN = 1e-3  # log2 span floor of a one-byte scale range (normq's ``_range``)
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class _PackedCodes:
     group: int
     code_scale: float = 1.0
     code_offset: float = 0.0
+    scale_range: torch.Tensor | None = None
 
     @property
     def affine(self) -> bool:
@@ -39,6 +44,31 @@ class _PackedCodes:
     def _check_zero(self) -> None:
         if self.zero is not None and self.zero.shape != self.scale.shape:
             raise ValueError(f"zero {tuple(self.zero.shape)} must have the scale's shape {tuple(self.scale.shape)}")
+
+    def _check_range(self, per_token: bool) -> None:
+        """A log-scale range needs uint8 per-token scales and is float ``[Hkv, 2]``; uint8 scales need one."""
+        if self.scale_range is None:
+            if self.scale.dtype == torch.uint8:
+                raise ValueError("uint8 (log8) scales need their scale_range [Hkv, 2]")
+            return
+        if not per_token:
+            raise ValueError("log8 scales (scale_range) need per-token scales: keys axis='token', values one "
+                             "channel group (group 0 or >= D)")
+        if self.scale.dtype != torch.uint8:
+            raise ValueError(f"log8 scales (scale_range set) must be uint8, got {self.scale.dtype}")
+        h = self.packed.shape[1]
+        if tuple(self.scale_range.shape) != (h, 2) or not self.scale_range.is_floating_point():
+            raise ValueError(f"scale_range must be float [Hkv={h}, 2], got {self.scale_range.dtype} "
+                             f"{tuple(self.scale_range.shape)}")
+
+    def _scales(self) -> torch.Tensor:
+        """fp32 scales, shaped as ``scale``: the stored ones, or ``exp2(lo + pos * span / 255)`` per head."""
+        if self.scale_range is None:
+            return self.scale.float()
+        r = self.scale_range.to(device=self.scale.device, dtype=torch.float32)[:, None, None]  # [Hkv, 1, 1, 2]
+        lo = r[..., 0]
+        span = (r[..., 1] - lo).clamp_min(MIN_SPAN)
+        return torch.exp2(lo + self.scale.float() * span / 255)
 
     def _levels(self, d: int) -> torch.Tensor:
         return unpack(self.packed, self.bits, d).float() * self.code_scale + self.code_offset
@@ -50,7 +80,8 @@ class PackedKeys(_PackedCodes):
 
     packed: uint8 ``[B, Hkv, T, row_bytes]`` (last dim contiguous). ``axis="channel"``: scale (zero) fp16
     ``[B, Hkv, T/group, D]``, one row per group of ``group`` tokens (KIVI). ``axis="token"``: scale (zero) fp16
-    ``[B, Hkv, T, 1]``, one per token (``group`` unused).
+    ``[B, Hkv, T, 1]``, one per token (``group`` unused), or with ``scale_range`` float ``[Hkv, 2]`` uint8 log8
+    positions (see the module docstring).
     """
 
     axis: str = "channel"
@@ -60,6 +91,7 @@ class PackedKeys(_PackedCodes):
         if self.axis not in AXES:
             raise ValueError(f"key axis must be one of {AXES}, got {self.axis!r}")
         self._check_zero()
+        self._check_range(self.axis == "token")
         if self.axis == "token":
             if tuple(self.scale.shape) != (b, h, t, 1):
                 raise ValueError(f"per-token key scale must be [B, Hkv, T, 1], got {tuple(self.scale.shape)}")
@@ -77,7 +109,8 @@ class PackedKeys(_PackedCodes):
 class PackedValues(_PackedCodes):
     """Packed values of one layer (per-token groups of ``group`` channels; 0 = all D).
 
-    packed: uint8 ``[B, Hkv, T, row_bytes]``; scale (zero) fp16 ``[B, Hkv, T, ceil(D/group)]``.
+    packed: uint8 ``[B, Hkv, T, row_bytes]``; scale (zero) fp16 ``[B, Hkv, T, ceil(D/group)]``, or with
+    ``scale_range`` float ``[Hkv, 2]`` uint8 log8 positions ``[B, Hkv, T, 1]`` (one channel group).
     The head dim ``D`` is taken from the keys or the query.
     """
 
@@ -85,6 +118,7 @@ class PackedValues(_PackedCodes):
         if self.group < 0:
             raise ValueError(f"value group must be >= 0, got {self.group}")
         self._check_zero()
+        self._check_range(self.scale.dim() == 4 and self.scale.shape[-1] == 1)
         if tuple(self.scale.shape[:3]) != tuple(self.packed.shape[:3]):
             raise ValueError(f"value scale/zero must be [B, Hkv, T, D/Gc], got {tuple(self.scale.shape)}")
 
@@ -96,7 +130,7 @@ def _zero(x: torch.Tensor | None) -> torch.Tensor | float:
 def dequantize_keys_reference(kq: PackedKeys, d: int) -> torch.Tensor:
     """fp32 keys ``[B, Hkv, T, D]``: ``scale * (code_scale * c + code_offset) + zero`` per group or token."""
     if kq.axis == "token":
-        return kq._levels(d) * kq.scale.float() + _zero(kq.zero)
+        return kq._levels(d) * kq._scales() + _zero(kq.zero)
     scale = kq.scale.float().repeat_interleave(kq.group, dim=2)
     zero = 0.0 if kq.zero is None else kq.zero.float().repeat_interleave(kq.group, dim=2)
     return kq._levels(d) * scale + zero
@@ -105,7 +139,7 @@ def dequantize_keys_reference(kq: PackedKeys, d: int) -> torch.Tensor:
 def dequantize_values_reference(vq: PackedValues, d: int) -> torch.Tensor:
     """fp32 values ``[B, Hkv, T, D]``: ``scale[t, e // Gc] * (code_scale * c + code_offset) + zero[t, e // Gc]``."""
     gc = min(vq.group or d, d)
-    scale = vq.scale.float().repeat_interleave(gc, dim=-1)[..., :d]
+    scale = vq._scales().repeat_interleave(gc, dim=-1)[..., :d]
     zero = 0.0 if vq.zero is None else vq.zero.float().repeat_interleave(gc, dim=-1)[..., :d]
     return vq._levels(d) * scale + zero
 

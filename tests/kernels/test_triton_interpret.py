@@ -130,6 +130,11 @@ def _reference(q, kq, vq, ek, ev, ext, start, extra, d):
     vc = ref_unpack(vq.packed.cpu(), vq.bits, d).float()
     vd = vc * vq.scale.cpu().float().repeat_interleave(gc, -1)[..., :d] + \
         vq.zero.cpu().float().repeat_interleave(gc, -1)[..., :d]
+    return _attend(q, kd, vd, ek, ev, ext, start, extra, d)
+
+
+def _attend(q, kd, vd, ek, ev, ext, start, extra, d):
+    """Reference attention over dequantized ``kd, vd`` fp32 ``[B, Hkv, T, D]`` plus the extra segment."""
     b, t = q.shape[0], kd.shape[2]
     valid = torch.ones(b, t, dtype=torch.bool)
     if start is not None:
@@ -268,3 +273,78 @@ def _cpu(x):
 
     return dataclasses.replace(x, packed=x.packed.cpu(), scale=x.scale.cpu(),
                                zero=None if x.zero is None else x.zero.cpu())
+
+
+# ------------------------------------------------------------------- log8 (one-byte) per-token scales
+def _normq(x: torch.Tensor, bits: float, role: str, scale_dtype: str, sample: torch.Tensor | None = None):
+    """``x [B, h, T, D]`` coded by the ``normq`` family (uniform levels, fp16 or log8 scales, the range fitted on
+    ``sample``, default ``x``): the kernel operand and the family's own decode (the specification) fp32
+    ``[B, h, T, D]``."""
+    from kvtune.quant.families.normq import FAMILY, NormQParams
+
+    p = NormQParams(bits=bits, codebook="uniform", scale_dtype=scale_dtype)
+    sample = x if sample is None else sample
+    state = FAMILY.fit(p, sample.transpose(0, 1).flatten(1, 2).float())  # [h, B*T, D] -> scale_range [h, 2]
+    fields = FAMILY.encode(p, x.float(), x.shape[2], state)
+    op = FAMILY.kernel_operands(p, role, {n: f.to(DEV) for n, f in fields.items()},
+                                {n: f.to(DEV) for n, f in state.items()})
+    return op, FAMILY.decode(p, fields, x.shape[2], x.shape[-1], state)
+
+
+def _log8_case(bits_k, bits_v, n_rep, d, dtypes=("log8", "log8"), *, b=2, hkv=2, t=100, r=5, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    # token norms over a few octaves (values: ~8), so that the 256 steps of the range matter; keys not so wide
+    # that the fp16 query rounding sharpens the softmax
+    k, v = (torch.randn(b, hkv, t, d, generator=gen) * torch.exp2(w * torch.randn(b, hkv, t, 1, generator=gen))
+            for w in (0.7, 2.0))
+    (kq, kd), (vq, vd) = _normq(k, bits_k, "key", dtypes[0]), _normq(v, bits_v, "value", dtypes[1])
+    q = torch.randn(b, hkv * n_rep, 1, d, generator=gen).half()
+    ek, ev = torch.randn(b, hkv, r, d, generator=gen).half(), torch.randn(b, hkv, r, d, generator=gen).half()
+    return q, kq, kd, vq, vd, ek, ev, torch.tensor([r, 2]), torch.tensor([0, 21], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 3, 4])
+def test_log8_reference_is_the_family_decode(bits: float) -> None:
+    """The packed reference's log8 conversion (what the kernel is tested against) is ``normq``'s decode, for keys
+    and values, positions 0 and 255 (clamped scales) included."""
+    from kvtune.kernels.packed import dequantize_keys_reference, dequantize_values_reference
+
+    x = torch.randn(2, 3, 40, 64, generator=torch.Generator().manual_seed(4)) * torch.exp2(torch.linspace(-8, 8, 40))[
+        :, None]
+    for role in ("key", "value"):
+        op, spec = _normq(x, bits, role, "log8", sample=x[:, :, 12:28])  # the outer tokens clamp
+        assert op.scale.dtype == torch.uint8 and op.scale_range.shape == (3, 2)
+        assert int(op.scale.min()) == 0 and int(op.scale.max()) == 255
+        deq = dequantize_keys_reference if role == "key" else dequantize_values_reference
+        torch.testing.assert_close(deq(_cpu(op), 64), spec, atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("bits_k", "bits_v", "n_rep", "d", "dtypes"), [
+    (2, 1, 4, 64, ("log8", "log8")), (4, 1.58, 1, 128, ("log8", "log8")), (1.58, 2, 1, 64, ("log8", "float16")),
+    (1, 4, 4, 128, ("float16", "log8")), (3, 3, 4, 64, ("log8", "log8"))])
+def test_decode_log8_scales(bits_k: float, bits_v: float, n_rep: int, d: int, dtypes: tuple[str, str]) -> None:
+    """Kernel with one-byte log8 per-token scales (keys, values or both) equals attention over the ``normq`` family's
+    own decode: partial head/tail tiles (left padding, T not a multiple of the tile), several splits, an extra
+    segment."""
+    q, kq, kd, vq, vd, ek, ev, ext, start = _log8_case(bits_k, bits_v, n_rep, d, dtypes)
+    assert (kq.scale_range is not None, vq.scale_range is not None) == tuple(x == "log8" for x in dtypes)
+    out = da.decode_attention(q.to(DEV), kq, vq, ek.to(DEV), ev.to(DEV), ext.to(DEV), start.to(DEV),
+                              config=da.DecodeConfig(32, 3, 4, 2)).cpu()
+    ref = _attend(q, kd, vd, ek, ev, ext, start, "len", d)
+    torch.testing.assert_close(out.float(), ref, atol=2e-3 * float(ref.abs().max()), rtol=0)
+
+
+def test_log8_operands_are_checked() -> None:
+    """log8 scales only on per-token scales, uint8 with a float [Hkv, 2] range; uint8 scales need a range."""
+    codes, pos = torch.zeros(1, 2, 16, 16, dtype=torch.uint8), torch.zeros(1, 2, 16, 1, dtype=torch.uint8)
+    rng = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="per-token"):
+        da.PackedKeys(codes, torch.zeros(1, 2, 1, 64, dtype=torch.uint8), None, 2, 16, scale_range=rng)
+    with pytest.raises(ValueError, match="per-token"):
+        da.PackedValues(codes, torch.zeros(1, 2, 16, 2, dtype=torch.uint8), None, 2, 32, scale_range=rng)
+    with pytest.raises(ValueError, match=r"float \[Hkv=2, 2\]"):
+        da.PackedKeys(codes, pos, None, 2, 0, scale_range=torch.zeros(3, 2), axis="token")
+    with pytest.raises(ValueError, match="must be uint8"):
+        da.PackedValues(codes, pos.half(), None, 2, 0, scale_range=rng)
+    with pytest.raises(ValueError, match="need their scale_range"):
+        da.PackedValues(codes, pos, None, 2, 0)
