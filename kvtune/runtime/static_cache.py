@@ -62,6 +62,9 @@ def check_static(plan: Plan, head_dim: int) -> None:
             elif spec.center and CENTER_FIELD not in state.get(role, {}):
                 # a captured step shifts the window by the mean: it must be known before the first capture
                 why.append(f"{role} spec {spec.label()} is centered but the plan has no calibrated mean for it")
+            elif missing := sorted(codec.layer_fields(spec, head_dim).keys() - state.get(role, {}).keys()):
+                # e.g. log8 scales' range: the kernel operands are made once, before the first block is stored
+                why.append(f"{role} spec {spec.label()} needs calibrated {', '.join(missing)} the plan lacks")
         if why:
             raise KVTuneError(f"layer {i} cannot use the static (CUDA-graph) cache: {'; '.join(why)}",
                               "use plan.cache(model) (dynamic cache) or a plan whose every layer the kernel reads")
@@ -91,7 +94,7 @@ class StaticLayer(CacheLayerMixin):
         self.bufs = {r: {f.name: torch.zeros(batch, num_kv_heads, f.rows(capacity, self.flush), f.width,
                                              dtype=f.torch_dtype, device=device)
                          for f in codec.stored_fields(self.specs[r], head_dim, self.flush)} for r in ROLES}
-        self.operands = tuple(codec.kernel_operands(self.specs[r], r, self.bufs[r]) for r in ROLES)
+        self.operands = tuple(codec.kernel_operands(self.specs[r], r, self.bufs[r], self.state[r]) for r in ROLES)
         self.win_k = torch.zeros(batch, num_kv_heads, self.wcap, head_dim, dtype=FP, device=device)
         self.win_v = torch.zeros_like(self.win_k)
         i32 = {"dtype": torch.int32, "device": device}

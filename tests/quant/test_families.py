@@ -126,3 +126,22 @@ def test_kernel_reads_what_decode_specifies(name: str, kspec: QuantSpec, vspec: 
         @ dv.repeat_interleave(2, 1)
     scale = float(ref.abs().max().clamp_min(1.0))  # the kernel dequantizes and multiplies in fp16
     torch.testing.assert_close(out.cpu(), ref.cpu(), atol=1e-3 * scale, rtol=0)
+
+
+def test_log8_kernel_operands_need_their_range() -> None:
+    """normq log8 scales reach the kernel with their calibrated range ``[h, 2]``; without it stored tokens are
+    refused in one line, an empty store gets a stand-in (no scale is read)."""
+    from kvtune.errors import KVTuneError
+    from kvtune.quant.families.normq import normq
+
+    spec = normq(1.58, "uniform", scale_dtype="log8")
+    assert codec.kernel_ok(spec, "value") and not codec.kernel_ok(normq(2, scale_fit="norm"), "key")
+    x = _x(5, FLUSH)
+    state = codec.fit(spec, x)
+    stored = codec.encode(x, spec, FLUSH, state)
+    assert torch.equal(codec.kernel_operands(spec, "value", stored, state).scale_range, state["scale_range"])
+    with pytest.raises(KVTuneError, match="calibrated scale range") as err:
+        codec.kernel_operands(spec, "key", stored, {})
+    assert "\n" not in str(err.value)
+    empty = {n: t[:, :, :0] for n, t in stored.items()}
+    assert codec.kernel_operands(spec, "key", empty, {}).scale_range.shape == (3, 2)

@@ -20,15 +20,16 @@ from .kernel_env import DEV  # sets up the kernels (or skips this module)
 
 
 def _plan(name: str) -> Plan:
-    """A preset, or a plan of the newer families (rotated per-token codes; static per-channel key steps)."""
+    """A preset, or a plan of the newer families (rotated per-token codes, with fp16 or one-byte log8 scales --
+    ranges fitted on the first block --; static per-channel key steps)."""
     from kvtune.quant.families.normq import normq
     from kvtune.quant.families.static import static
     from kvtune.quant.formats import affine
 
-    layers = {"normq": LayerPlan(key=normq(2, "uniform"), value=normq(1.58), residual=8),
+    layers = {"normq": LayerPlan(key=normq(2, "uniform"), value=normq(1.58, scale_dtype="log8"), residual=8),
               "static-normq": LayerPlan(key=static(2, pairs=False), value=normq(2, "uniform"), residual=16),
-              "centered-normq": LayerPlan(key=normq(2, "uniform", center=True), value=normq(1.58, center=True),
-                                          residual=8),
+              "centered-normq": LayerPlan(key=normq(2, "uniform", scale_dtype="log8", center=True),
+                                          value=normq(1.58, center=True), residual=8),
               # grids without a stored zero-point (the zero as a code offset): ternary keys, symmetric 4-bit values
               "derived-zero": LayerPlan(key=affine(bits=1.58, axis="channel", group=32),
                                         value=affine(bits=4, axis="token", group=16, symmetric=True), residual=8)}

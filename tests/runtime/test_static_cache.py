@@ -36,21 +36,24 @@ def _k2g16(sinks: tuple[int, int] = (3, 8)) -> Plan:
     return Plan(layers=tuple(_sinks(lp, s, 11) for s in sinks), name="t")
 
 
-def _centered(means: bool = True) -> Plan:
-    """Two layers of centered 4-bit keys / 2-bit values in norm codes; ``means``: the plan carries each layer's
-    calibrated means. Layer 0: an 8-token window, no sinks; layer 1: 8 sinks and a 4-token window, so a 7-token
-    prompt leaves a sink row to the first step, and the layers flush at different steps (one graph per pattern)."""
+def _centered(means: bool = True, ranges: bool = True) -> Plan:
+    """Two layers of centered 4-bit keys / 2-bit values in norm codes, the values' scales in one byte (log8);
+    ``means`` / ``ranges``: the plan carries each layer's calibrated means / log2 value-scale ranges. Layer 0: an
+    8-token window, no sinks; layer 1: 8 sinks and a 4-token window, so a 7-token prompt leaves a sink row to the
+    first step, and the layers flush at different steps (one graph per pattern)."""
     gen = torch.Generator().manual_seed(7)
-    lp = LayerPlan(key=normq(4, codebook="uniform", center=True), value=normq(2, codebook="uniform", center=True),
-                   block=16)
+    lp = LayerPlan(key=normq(4, codebook="uniform", center=True),
+                   value=normq(2, codebook="uniform", scale_dtype="log8", center=True), block=16)
     tensors = {f"layers.{i}.{r}.center": (0.5 * torch.randn(2, 64, generator=gen)).half()
                for i in range(2) for r in ("key", "value")} if means else {}
+    if ranges:  # per KV head (lo, hi) of log2(scale), wide around the tiny model's value scales
+        tensors |= {f"layers.{i}.value.scale_range": torch.tensor([[-9.0, 3.0], [-8.0, 2.5]]).half() for i in range(2)}
     return Plan(layers=(_sinks(lp, 0, 8), _sinks(lp, 8, 12)), name="t", tensors=tensors)
 
 
 PLANS = {  # name: (plan, prompt length)
     "k2g16-v2-sinks": (_k2g16, 37),  # the prompt fills both layers' sinks and quantizes a block
-    "centered-normq-k4v2-sinks": (_centered, 7),  # norm codes, centering (of sinks too), a prompt shorter than sinks
+    "centered-normq-k4v2-sinks": (_centered, 7),  # norm codes, log8 scales, centering (sinks too), prompt < sinks
 }
 
 
@@ -159,4 +162,7 @@ def test_static_refuses_plans_the_kernel_cannot_serve(model: Any) -> None:
             Plan(layers=(lp, bad), name="t").cache(model, static=True, batch=1, max_length=64)
     mixed = Plan(layers=(lp, replace(lp, residual=lp.residual + 1)), name="t")  # layers flush at different steps
     assert mixed.cache(model, static=True, batch=1, max_length=64).next_flush() == (False, False)
+    with pytest.raises(KVTuneError, match=r"value spec .* needs calibrated scale_range") as err:  # log8 scales too
+        _centered(ranges=False).cache(model, static=True, batch=1, max_length=64)
+    assert "\n" not in str(err.value)
     model.set_attn_implementation("sdpa")

@@ -11,8 +11,8 @@ Stored per head: ``codes`` uint8 ``[T, packed_width(D, bits)]`` and ``scale`` ``
 (16 bits a token: 0.25 bit an element at D = 64), or with ``scale_dtype: log8`` one byte a token: ``log2(s)``
 on 256 steps between a per-head range ``scale_range`` ``[2]`` (fp16, calibrated state fitted on a sample with an
 octave of margin each side; values outside clamp). 1 and 1.58 bits: the Lloyd-Max and uniform codebooks are the
-same (``±0.798``; ``0, ±1.224``). The decode kernel reads uniform codebooks with fp16 scales:
-``x^ = s * step * (c - (L-1)/2)``.
+same (``±0.798``; ``0, ±1.224``). The decode kernel reads uniform codebooks with fp16 or log8 scales (the range
+passed as the operands' ``scale_range``): ``x^ = s * step * (c - (L-1)/2)``.
 
 ``scale_fit: norm`` stores the vector's L2 norm instead and decodes ``x^ = |x| * u / |u|`` (the chosen levels
 renormalised to unit length, then scaled by the norm): vLLM's TurboQuant keys with norm correction (the ``_nc``
@@ -182,10 +182,10 @@ class NormQ(QuantFamily):
                  + [normq(b, "uniform", rot, scale_dtype=LOG8) for b in small])
         return tuple(plain + [replace(s, center=True) for s in plain])
 
-    # -- kernel hooks: evenly spaced codes, fp16 scales; x^ = scale * (step * c - step * (L - 1) / 2)
+    # -- kernel hooks: evenly spaced codes, fp16 or log8 scales; x^ = scale * (step * c - step * (L - 1) / 2)
     def kernel_ok(self, p: NormQParams, role: str) -> bool:
-        plain = p.scale_dtype == "float16" and p.scale_fit == "lsq"  # log8 and norm-corrected: PyTorch path
-        return p.uniform and p.bits in KERNEL_BITS and plain
+        read = p.scale_dtype in ("float16", LOG8) and p.scale_fit == "lsq"  # norm-corrected: PyTorch path
+        return p.uniform and p.bits in KERNEL_BITS and read
 
     def kernel_operands(self, p: NormQParams, role: str, fields: Mapping[str, torch.Tensor],
                         state: Mapping[str, torch.Tensor]) -> Any:
@@ -193,7 +193,7 @@ class NormQ(QuantFamily):
 
         levels = codebook(p.levels, p.codebook)
         step = (levels[-1] - levels[0]) / (p.levels - 1)
-        affine = {"code_scale": step, "code_offset": levels[0]}
+        affine = {"code_scale": step, "code_offset": levels[0], "scale_range": _kernel_range(p, fields, state)}
         if role == "key":
             return PackedKeys(fields["codes"], fields["scale"], None, p.bits, 0, axis="token", **affine)
         return PackedValues(fields["codes"], fields["scale"], None, p.bits, 0, **affine)
@@ -228,6 +228,20 @@ def _range(state: Mapping[str, torch.Tensor], like: torch.Tensor) -> tuple[torch
     r = r.to(device=like.device, dtype=torch.float32)
     lo = r[..., 0, None, None]
     return lo, (r[..., 1, None, None] - lo).clamp_min(1e-3)
+
+
+def _kernel_range(p: NormQParams, fields: Mapping[str, torch.Tensor],
+                  state: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The kernel's ``scale_range`` ``[h, 2]`` of log8 scales (None for fp16 ones). Absent from ``state`` it is
+    refused, unless no token is stored yet (nothing fitted it; the kernel reads no scale: zeros stand in)."""
+    if p.scale_dtype != LOG8:
+        return None
+    codes = fields["codes"]
+    r = state.get(RANGE)
+    if r is None and codes.shape[2]:
+        raise KVTuneError("a log8 normq spec on the decode kernel needs its calibrated scale range "
+                          "(state['scale_range'])", "calibrate the plan, or let the cache fit it on the first block")
+    return torch.zeros(codes.shape[1], 2, device=codes.device) if r is None else r.to(codes.device)
 
 
 def normq(bits: float, codebook: str = "lloyd", rotation: str = "hadamard", scale_dtype: str = "float16",
