@@ -12,7 +12,8 @@ Modules: :mod:`kvtune.kernels.packed` (the packed K/V containers and the PyTorch
 attention, no triton),
 :mod:`kvtune.kernels.decode_attention` (fused split-K decode attention over packed K/V plus a
 full-precision extra segment) with its device functions in :mod:`kvtune.kernels.unpack_tl` and
-:mod:`kvtune.kernels.decode_tiles` and its launch choice in :mod:`kvtune.kernels.decode_config`.
+:mod:`kvtune.kernels.decode_tiles` (per-token scales, fp16 or one-byte log8: :mod:`kvtune.kernels.scales_tl`)
+and its launch choice in :mod:`kvtune.kernels.decode_config`.
 """
 
 from __future__ import annotations
