@@ -58,20 +58,14 @@ SEARCHED = Path(__file__).resolve().parent / "plans" / "searched_2.5bit_smollm2.
 
 
 @torch.no_grad()
-def searched_plan(model: Any, tokens: int = 512) -> Any:
-    """The layer specs of a real searched plan (:data:`SEARCHED`: SmolLM2's 2.5-bit plan: norm codes with one-byte
-    scales, centering, sinks, per-layer windows and flush blocks) cycled over ``model``'s layers, their calibrated
-    state (means, scale ranges) fitted on the keys/values of a random ``tokens``-token prompt."""
+def fitted_plan(model: Any, layers: tuple[Any, ...], name: str, description: str, tokens: int = 512) -> Any:
+    """A plan of ``layers`` (one :class:`LayerPlan` a model layer) whose calibrated state (means, scale ranges) is
+    fitted on the keys/values of a random ``tokens``-token prompt through ``model``."""
     from transformers import DynamicCache
 
     from kvtune.plan import Plan
-    from kvtune.plan_types import LayerPlan
     from kvtune.quant import codec
 
-    doc = json.loads(SEARCHED.read_text())
-    specs = [LayerPlan.from_dict(d, f"{SEARCHED.name} layer {i}") for i, d in enumerate(doc["layers"])]
-    n = model.config.num_hidden_layers
-    layers = tuple(specs[i % len(specs)] for i in range(n))
     dev = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(3)).to(dev)
     cache = DynamicCache()
@@ -80,10 +74,33 @@ def searched_plan(model: Any, tokens: int = 512) -> Any:
     for i, lp in enumerate(layers):
         kv = (cache.layers[i].keys, cache.layers[i].values)
         for role, spec, x in zip(("key", "value"), (lp.key, lp.value), kv):
-            for name, t in codec.fit(spec, x.float()).items():
-                tensors[f"layers.{i}.{role}.{name}"] = t.cpu()
-    return Plan(layers=layers, name="searched-2.5bit", tensors=tensors,
-                description=f"the layer specs of {doc['source']['name']} ({SEARCHED.name}) on this shape")
+            for field, t in codec.fit(spec, x.float()).items():
+                tensors[f"layers.{i}.{role}.{field}"] = t.cpu()
+    return Plan(layers=layers, name=name, tensors=tensors, description=description)
+
+
+def searched_plan(model: Any) -> Any:
+    """The layer specs of a real searched plan (:data:`SEARCHED`: SmolLM2's 2.5-bit plan: norm codes with one-byte
+    scales, centering, sinks, per-layer windows and flush blocks) cycled over ``model``'s layers, state fitted."""
+    from kvtune.plan_types import LayerPlan
+
+    doc = json.loads(SEARCHED.read_text())
+    specs = [LayerPlan.from_dict(d, f"{SEARCHED.name} layer {i}") for i, d in enumerate(doc["layers"])]
+    layers = tuple(specs[i % len(specs)] for i in range(model.config.num_hidden_layers))
+    return fitted_plan(model, layers, "searched-2.5bit",
+                       f"the layer specs of {doc['source']['name']} ({SEARCHED.name}) on this shape")
+
+
+def normq2_plan(model: Any) -> Any:
+    """2-bit norm codes (Hadamard-rotated, evenly spaced levels, one-byte log2 scales: 2.06 bits at D = 128) for keys
+    and values, a 64-token fp16 window, 64-token blocks, one sink: the format family searched plans pick."""
+    from kvtune.plan_types import LayerPlan, SalientPolicy
+    from kvtune.quant.families.normq import normq
+
+    spec = normq(2, "uniform", scale_dtype="log8")
+    lp = LayerPlan(key=spec, value=spec, residual=63, block=64, salient=SalientPolicy(sink_tokens=1))
+    return fitted_plan(model, (lp,) * model.config.num_hidden_layers, "normq2-log8",
+                       "2-bit norm codes, one-byte scales, 64-token window incl. 1 sink, 64-token blocks")
 
 
 GRAPH_METHODS = {  # name -> (description, kvtune plan maker (model -> Plan) or None for fp16)
@@ -93,6 +110,8 @@ GRAPH_METHODS = {  # name -> (description, kvtune plan maker (model -> Plan) or 
     "kv2-g128-static-graph": ("kv2-g128 in kvtune's StaticKVTuneCache (capacity prompt + steps, device-side "
                               "lengths, the split decode kernel as torch.ops.kvtune.decode_static), decode steps "
                               "replayed as CUDA graphs", lambda m: kv2_g128_plan()),
+    "normq2-static-graph": ("normq2-log8 (2-bit rotated norm codes, one-byte scales, fitted ranges) in "
+                            "StaticKVTuneCache, decode steps replayed as CUDA graphs", normq2_plan),
     "searched-static-graph": ("a searched plan's layer specs (benchmarks/plans/searched_2.5bit_smollm2.json, state "
                               "fitted on this model) in StaticKVTuneCache, decode steps replayed as CUDA graphs",
                               searched_plan),
