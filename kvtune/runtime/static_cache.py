@@ -97,6 +97,11 @@ class StaticLayer(CacheLayerMixin):
         self.operands = tuple(codec.kernel_operands(self.specs[r], r, self.bufs[r], self.state[r]) for r in ROLES)
         self.win_k = torch.zeros(batch, num_kv_heads, self.wcap, head_dim, dtype=FP, device=device)
         self.win_v = torch.zeros_like(self.win_k)
+        # the kernel's extra segment: the same rows in each role's code frame (centered, rotated) when it has one,
+        # made once per token as it is written instead of every step; the raw rows stay for the flush
+        self.framed = {r: self.specs[r].rotation != "none" or bool(self.specs[r].center) for r in ROLES}
+        self.ext_k = torch.zeros_like(self.win_k) if self.framed["key"] else self.win_k
+        self.ext_v = torch.zeros_like(self.win_v) if self.framed["value"] else self.win_v
         i32 = {"dtype": torch.int32, "device": device}
         self.nq, self.nw = torch.zeros(1, **i32), torch.zeros(1, **i32)
         self.pad, self.wstart, self.qstart = (torch.zeros(batch, **i32) for _ in range(3))
@@ -124,8 +129,7 @@ class StaticLayer(CacheLayerMixin):
             raise KVTuneError("a static kvtune cache takes one prompt, then one token per sequence a step",
                               "prefill the whole prompt in one call, or use plan.cache(model) (dynamic)")
         else:  # the token's row is the extra count: a sink row while the sinks fill, then the window's next
-            self.win_k.index_copy_(2, self.nw.long(), key_states.to(FP))
-            self.win_v.index_copy_(2, self.nw.long(), value_states.to(FP))
+            self._write(self.nw.long(), key_states.to(FP), value_states.to(FP))
             self.nw += 1
             self.n_win, self.length = self.n_win + self.to_window(), self.length + 1
             self.due = self.n_win == self.residual + self.flush if self.flush_due is None else self.flush_due
@@ -156,18 +160,36 @@ class StaticLayer(CacheLayerMixin):
         self.n_quant = self.n_win = self.length = 0
 
     # -- attention and flush ----------------------------------------------------------------------------------------
+    def _frame(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        """fp16 rows ``x [B, Hkv, n, D]`` in ``role``'s code frame (mean removed, rotated), as the kernel reads them."""
+        spec = self.specs[role]
+        return rotation(spec.rotation).forward(centering.shift(spec, self.state[role], x)).to(FP)
+
+    def _write(self, rows: Any, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write fp16 tokens ``k, v [B, Hkv, n, D]`` at extra rows ``rows`` (an index tensor or a slice), raw and (for
+        a role with a code frame) framed."""
+        for role, raw, ext, x in (("key", self.win_k, self.ext_k, k), ("value", self.win_v, self.ext_v, v)):
+            if isinstance(rows, slice):
+                raw[:, :, rows] = x
+            else:
+                raw.index_copy_(2, rows, x)
+            if self.framed[role]:
+                fx = self._frame(role, x)
+                if isinstance(rows, slice):
+                    ext[:, :, rows] = fx
+                else:
+                    ext.index_copy_(2, rows, fx)
+
     def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """``q [B, Hq, 1, D]`` -> ``[B, Hq, 1, D]`` over the stored tokens (the extra segment holds this step's),
-        then the flush when one is due. Centering and rotation apply to the whole extra segment (sinks + window),
-        as in the dynamic kernel path."""
+        then the flush when one is due. The extra segment (sinks + window) is read in the code frame it was written
+        in (centered, rotated; as in the dynamic kernel path), so a step rotates only the query and the output."""
         from kvtune.kernels.decode_static import decode_static
 
         ks, vs = self.specs["key"], self.specs["value"]
         krot, vrot = rotation(ks.rotation), rotation(vs.rotation)
         kq, vq = self.operands
-        wk = centering.shift(ks, self.state["key"], self.win_k)
-        wv = centering.shift(vs, self.state["value"], self.win_v)
-        out = decode_static(krot.forward(q.to(FP)), kq, vq, krot.forward(wk), vrot.forward(wv),
+        out = decode_static(krot.forward(q.to(FP)), kq, vq, self.ext_k, self.ext_v,
                             self.nq, self.nw, self.wstart, self.qstart, scaling)
         if self.due:
             self._flush()
@@ -207,9 +229,8 @@ class StaticLayer(CacheLayerMixin):
         if n:
             self._store(self._padded(k[:, :, s : s + n], 0), self._padded(v[:, :, s : s + n], 0),
                         lambda rows, every: torch.arange(rows, device=self.device))
-        self.win_k[:, :, :s], self.win_v[:, :, :s] = k[:, :, :s], v[:, :, :s]
-        self.win_k[:, :, s : length - n] = k[:, :, s + n :]
-        self.win_v[:, :, s : length - n] = v[:, :, s + n :]
+        self._write(slice(0, s), k[:, :, :s], v[:, :, :s])
+        self._write(slice(s, length - n), k[:, :, s + n :], v[:, :, s + n :])
         self.nq.fill_(n)
         self.nw.fill_(length - n)
         self._extra_start()
@@ -227,8 +248,8 @@ class StaticLayer(CacheLayerMixin):
                     self._padded(self.win_v[:, :, s : s + f], self.nq),
                     lambda rows, every: self.nq.long() // every + self.ar[:rows])
         if r:
-            self.win_k[:, :, s : s + r] = self.win_k[:, :, s + f :].clone()
-            self.win_v[:, :, s : s + r] = self.win_v[:, :, s + f :].clone()
+            for buf in {id(b): b for b in (self.win_k, self.win_v, self.ext_k, self.ext_v)}.values():
+                buf[:, :, s : s + r] = buf[:, :, s + f :].clone()
         self.nq += f
         self.nw -= f
         self._extra_start()
@@ -236,7 +257,8 @@ class StaticLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes allocated: packed fields, the fp16 extra segment (sinks + window), the layer's plan tensors."""
-        tensors = [self.win_k, self.win_v, *(t for b in self.bufs.values() for t in b.values()),
+        ext = [t for t, r in ((self.ext_k, "key"), (self.ext_v, "value")) if self.framed[r]]
+        tensors = [self.win_k, self.win_v, *ext, *(t for b in self.bufs.values() for t in b.values()),
                    *(t for s in self.state.values() for t in s.values())]
         return sum(t.numel() * t.element_size() for t in tensors)
 
