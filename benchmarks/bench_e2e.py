@@ -38,7 +38,16 @@ import torch
 from kvtune.io import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, build_model, device_name, method, model_info, probe_hf_backend, versions
+from _common import (
+    RESULTS,
+    build_model,
+    compile_pointwise,
+    device_name,
+    method,
+    model_info,
+    probe_hf_backend,
+    versions,
+)
 
 DEFAULT_METHODS = ("hf-dynamic", "hf-dynamic-flash", "hf-quanto-4bit", "hf-hqq-4bit", "kivi-4bit", "k4v2",
                    "kivi-2bit", "kv2-g128")
@@ -523,6 +532,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON path; rows already there for other cases are kept")
     p.add_argument("--shape", choices=["smollm2-135m", "llama3-8b"], default="smollm2-135m",
                    help="model architecture (random weights)")
+    p.add_argument("--compile-pointwise", action="store_true",
+                   help="torch.compile the norm and MLP modules of the model first (every method gets it)")
     p.add_argument("--max-batch", action="store_true",
                    help="for the *-static-graph methods: the largest batch whose static cache fits at each length "
                         "(synthetic cache content), and its tokens/s")
@@ -550,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if dev == "cuda" else torch.float32
     model = build_model(args.layers, max(args.lengths) + args.new_tokens + args.warmup + 64, dev, dtype, args.shape)
+    if args.compile_pointwise:
+        print(f"compiled {compile_pointwise(model)} norm/MLP modules", flush=True)
     slug = "".join(ch if ch.isalnum() else "_" for ch in device_name().lower()).strip("_")
     shape = "" if args.shape == "smollm2-135m" else f"_{args.shape}"
     out = args.out or RESULTS / f"e2e{shape}_{slug}{'_quick' if args.quick else ''}.json"
@@ -557,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     result.update({"schema_version": 1, "benchmark": "e2e_decode", "device": device_name(), "versions": versions(),
                    "model": model_info(model), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     result.setdefault("settings", {}).update({"new_tokens": args.new_tokens, "warmup": args.warmup,
-                                              "prefill_chunk": args.prefill_chunk})
+                                              "prefill_chunk": args.prefill_chunk,
+                                              "compile_pointwise": args.compile_pointwise})
     key = ("method", "prompt_tokens", "batch")
     section = "max_batch" if args.max_batch else "profiles" if args.profile else "rows"
     if args.max_batch:
