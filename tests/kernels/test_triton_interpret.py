@@ -223,6 +223,32 @@ def test_decode_tiles_splits_and_groups(t: int, g: int, block_t: int, splits: in
     torch.testing.assert_close(out.float(), _reference(q, kq, vq, ek, ev, ext, start, "len", 64), atol=TOL, rtol=0)
 
 
+def test_ternary_fp16_digit_constants() -> None:
+    """The PTX ternary unpack (``unpack_tl._trit_f16``) in exact fp16 arithmetic: ``fma(1024 + q, TRIT_DIV,
+    TRIT_ADD)`` rounds to ``1024 + q // 3`` for every quotient of a byte (q <= 242), and the digit (plain and RAW)
+    comes out exact; checked here in float64 with one rounding per fp16 instruction, like the GPU's fma.rn."""
+    from kvtune.kernels.unpack_tl import TRIT_ADD, TRIT_DIV
+
+    def h(x):  # one fp16 rounding
+        return x.to(torch.float16).to(torch.float64)
+
+    def bits16(v):
+        return torch.tensor([v], dtype=torch.int16).view(torch.float16).double()
+
+    m, a = bits16(TRIT_DIV.value), bits16(TRIT_ADD.value)
+    x = torch.arange(243, dtype=torch.float64)
+    big = h(1024 + x)
+    for s in range(5):
+        digit = (x // 3 ** s) % 3
+        if s < 4:
+            nxt = h(big * m + a)
+            assert torch.equal(h(big + h(nxt * -3 + 2048)), digit)
+            assert torch.equal(h(big + h(nxt * -3 + 3072)), 1024 + digit)
+            big = nxt
+        else:
+            assert torch.equal(h(big - 1024), digit)
+
+
 def test_decode_padding_covers_whole_splits_and_bf16() -> None:
     q, _, _, kq, vq, ek, ev, ext, start = _case(2, 2, 3, 64, t=128, extra="all", pad=False, dtype=torch.bfloat16)
     start = torch.tensor([100, 127], dtype=torch.int32)  # the first splits see only padding
