@@ -223,6 +223,18 @@ def test_decode_tiles_splits_and_groups(t: int, g: int, block_t: int, splits: in
     torch.testing.assert_close(out.float(), _reference(q, kq, vq, ek, ev, ext, start, "len", 64), atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize(("d", "n_rep", "bits_v", "g", "gc", "t", "block_t"), [
+    (64, 4, 1.58, 32, 0, 224, 64), (128, 1, 1.58, 64, 0, 192, 128), (80, 3, 1.58, 32, 16, 224, 64)])
+def test_ternary_fast_tiles(d: int, n_rep: int, bits_v: float, g: int, gc: int, t: int, block_t: int) -> None:
+    """Ternary keys (and values) take the fast tiling: a masked head tile (left padding), unmasked whole tiles of
+    several key groups, a partial tail (T not a multiple of the tile), two splits, an extra segment; slices of
+    ceil(D / 5) channels padded to 16 / 32 lanes (D = 64, 128) or exact (D = 80)."""
+    assert da._fast_path(slicing(1.58, d), d) and da._fast_path(slicing(bits_v, d), d)
+    q, _, _, kq, vq, ek, ev, ext, start = _case(1.58, bits_v, n_rep, d, t=t, g=g, gc=gc, extra="len")
+    out = _run(q, kq, vq, ek, ev, ext, start, "len", config=da.DecodeConfig(block_t, 2, 4, 1))
+    torch.testing.assert_close(out.float(), _reference(q, kq, vq, ek, ev, ext, start, "len", d), atol=TOL, rtol=0)
+
+
 def test_ternary_fp16_digit_constants() -> None:
     """The PTX ternary unpack (``unpack_tl._trit_f16``) in exact fp16 arithmetic: ``fma(1024 + q, TRIT_DIV,
     TRIT_ADD)`` rounds to ``1024 + q // 3`` for every quotient of a byte (q <= 242), and the digit (plain and RAW)
