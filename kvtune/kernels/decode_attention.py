@@ -42,7 +42,7 @@ from kvtune.kernels.merge_tl import _merge_kernel
 from kvtune.kernels.packed import PackedKeys, PackedValues, decode_attention_reference
 from kvtune.kernels.scales_tl import _log_range
 from kvtune.kernels.unpack_tl import _raw_shift
-from kvtune.quant.codes import slicing
+from kvtune.quant.codes import TERNARY, slicing
 
 __all__ = ["DecodeConfig", "PackedKeys", "PackedValues", "decode_attention", "decode_attention_reference",
            "default_config"]
@@ -84,7 +84,8 @@ def _decode_split_kernel(
     t < start are padding); T_DEV: the quantized tokens in use are read from ``t_ptr`` [1] (``T`` on the host is
     then the capacity the splits were sized for: one fixed launch for every CUDA-graph step). Writes m, l [B*Hq, NS]
     (base 2) and unnormalised o [B*Hq, NS, D] (fp32) at split ``pid_s``. FAST (2/4/8-bit, full-width
-    slices): BT tokens a tile as BT/G key-group sub-tiles and an unmasked hot loop; otherwise BT == G.
+    slices; ternary, whose padded slice lanes keep a column mask): BT tokens a tile as BT/G key-group sub-tiles and
+    a hot loop without token masks; otherwise BT == G.
     """
     KG: tl.constexpr = min(BT, G)
     NG: tl.constexpr = BT // KG
@@ -335,6 +336,10 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
 
 
 def _fast_path(lay: Any, d: int) -> bool:
-    """2/4/8-bit codes whose slices are full power-of-two widths >= 16 (e.g. D = 64, 128 at 2/4 bits)."""
+    """2/4/8-bit codes whose slices are full power-of-two widths >= 16 (e.g. D = 64, 128 at 2/4 bits), and
+    ternary codes at any D: their slices (ceil(D / 5) channels, padded to WKP / WVP lanes) keep a column mask
+    in the hot loop, not a token mask."""
+    if lay.fmt == TERNARY:
+        return True
     return lay.fmt in (2, 4, 8) and lay.width >= 16 and lay.width == _p2(lay.width) and lay.slices * lay.width == d
 

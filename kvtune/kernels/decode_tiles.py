@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kvtune.kernels.scales_tl import _token_scales
-from kvtune.kernels.unpack_tl import _load_packed, _slice_f16
+from kvtune.kernels.unpack_tl import _load_packed, _slice_f16, _trit_carry, _trit_f16
 
 
 @triton.jit
@@ -41,8 +41,13 @@ def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride
         x0, x1, x2 = _load_packed(kp_row + offs[:, None] * stride_kpt + j, cmask, FMT_K, WK)
         grow = (tg // G) * stride_ksg
     scores = tl.zeros([QH, KG], tl.float32)
+    if FMT_K == 0:  # ternary: digits in slice order, each from the previous one's quotient
+        tq = _trit_carry(x0, USE_ASM)
     for s in tl.static_range(SK):
-        c = _slice_f16(x0, x1, x2, s, FMT_K, False, USE_ASM)              # [KG, WKP] fp16 codes
+        if FMT_K == 0:
+            c, tq = _trit_f16(tq, s, False, USE_ASM)
+        else:
+            c = _slice_f16(x0, x1, x2, s, FMT_K, False, USE_ASM)          # [KG, WKP] fp16 codes
         if KAX == 1:
             scores = tl.dot(qs[s], tl.trans(c), scores)
         else:
@@ -113,8 +118,13 @@ def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, str
     else:
         p16 = p.to(tl.float16)
     new = ()
+    if FMT_V == 0:
+        tq = _trit_carry(x0, USE_ASM)
     for s in tl.static_range(SV):
-        c = _slice_f16(x0, x1, x2, s, FMT_V, GC >= D, USE_ASM)              # [KG, WVP] fp16
+        if FMT_V == 0:
+            c, tq = _trit_f16(tq, s, GC >= D, USE_ASM)
+        else:
+            c = _slice_f16(x0, x1, x2, s, FMT_V, GC >= D, USE_ASM)          # [KG, WVP] fp16
         if GC >= D:
             acc = tl.dot(pv, c, accs[s])
         else:

@@ -2,7 +2,8 @@
 
 A byte row holds ``slices`` channel slices of width ``W``: slot ``s`` of every byte is the contiguous
 channel slice ``[s*W, (s+1)*W)``, so one shift + mask yields a slice as fp16 codes. 3-bit codes are a
-2-bit and a 1-bit plane; ternary (1.58-bit) packs 5 trits a byte.
+2-bit and a 1-bit plane; ternary (1.58-bit) packs 5 trits a byte (walked digit by digit with
+:func:`_trit_carry` / :func:`_trit_f16`).
 """
 
 from __future__ import annotations
@@ -103,6 +104,67 @@ def _slice_f16(x0, x1, x2, S_IDX: tl.constexpr, FMT: tl.constexpr, RAW: tl.const
         return _bytes_f16(c.to(tl.uint8), RAW, USE_ASM)
     else:
         return _slot_f16(x0, S_IDX * FMT, FMT, RAW, USE_ASM)
+
+
+# ternary digits in fp16x2 (PTX): Q = 1024 + q holds the remaining quotient q = x // 3^s of a byte x <= 242.
+# fma.rn(Q, fp16(1/3) = 0x3555, 682.5 = 0x6155) rounds to 1024 + q // 3 exactly for every q <= 242 (checked
+# exhaustively: the rounded value is never within 1/16 of a tie), fma(Q', -3, 2048) = -1024 - 3 * (q // 3) and
+# Q + that = q % 3 (RAW: fma(Q', -3, 3072) = -3 * (q // 3), Q + that = 1024 + q % 3): 3 f16x2 instructions a
+# pair of codes, no integer division. (fp16 bit patterns of the multiplier and addend, for the tests.)
+TRIT_DIV: tl.constexpr = tl.constexpr(0x3555)
+TRIT_ADD: tl.constexpr = tl.constexpr(0x6155)
+
+
+@triton.jit
+def _trit_carry(x, USE_ASM: tl.constexpr):
+    """The state :func:`_trit_f16` walks from uint8 base-3 bytes ``x``: fp16 ``1024 + x`` (PTX) or int32 ``x``."""
+    if USE_ASM:
+        q = _bytes_f16(x, True, True)
+    else:
+        q = x.to(tl.int32)
+    return q
+
+
+@triton.jit
+def _trit_f16(q, S_IDX: tl.constexpr, RAW: tl.constexpr, USE_ASM: tl.constexpr):
+    """(fp16 codes of ternary slice ``S_IDX``, the carry for slice ``S_IDX + 1``) from the carry ``q`` of
+    :func:`_trit_carry` (advanced once per slice; slices are walked in order 0..4). RAW: ``1024 + c``.
+
+    Same codes as base-3 digit ``S_IDX`` of the byte (:func:`kvtune.quant.codes.unpack`), exactly.
+    """
+    if USE_ASM:
+        if S_IDX == 4:  # the last digit is the quotient itself
+            qn = q
+            if RAW:
+                c = q
+            else:
+                c = tl.inline_asm_elementwise(
+                    asm="""{
+                    .reg .b32 k;
+                    mov.b32 k, 0x64006400;
+                    sub.f16x2 $0, $1, k;
+                    }""",
+                    constraints="=r,r", args=[q], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            OFF: tl.constexpr = 0x6A006A00 if RAW else 0x68006800  # 3072 : 2048 (fp16) in both halves
+            c, qn = tl.inline_asm_elementwise(
+                asm=f"""{{
+                .reg .b32 m, a, t, b, g;
+                mov.b32 m, {TRIT_DIV * 0x10001};
+                mov.b32 a, {TRIT_ADD * 0x10001};
+                mov.b32 t, 0xC200C200;
+                mov.b32 b, {OFF};
+                fma.rn.f16x2 $1, $2, m, a;
+                fma.rn.f16x2 g, $1, t, b;
+                add.f16x2 $0, $2, g;
+                }}""",
+                constraints="=r,=r,r", args=[q], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        c = (q % 3).to(tl.float16)
+        if RAW:
+            c = c + 1024.0
+        qn = q // 3
+    return c, qn
 
 
 @triton.jit

@@ -223,6 +223,44 @@ def test_decode_tiles_splits_and_groups(t: int, g: int, block_t: int, splits: in
     torch.testing.assert_close(out.float(), _reference(q, kq, vq, ek, ev, ext, start, "len", 64), atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize(("d", "n_rep", "bits_v", "g", "gc", "t", "block_t"), [
+    (64, 4, 1.58, 32, 0, 224, 64), (128, 1, 1.58, 64, 0, 192, 128), (80, 3, 1.58, 32, 16, 224, 64)])
+def test_ternary_fast_tiles(d: int, n_rep: int, bits_v: float, g: int, gc: int, t: int, block_t: int) -> None:
+    """Ternary keys (and values) take the fast tiling: a masked head tile (left padding), unmasked whole tiles of
+    several key groups, a partial tail (T not a multiple of the tile), two splits, an extra segment; slices of
+    ceil(D / 5) channels padded to 16 / 32 lanes (D = 64, 128) or exact (D = 80)."""
+    assert da._fast_path(slicing(1.58, d), d) and da._fast_path(slicing(bits_v, d), d)
+    q, _, _, kq, vq, ek, ev, ext, start = _case(1.58, bits_v, n_rep, d, t=t, g=g, gc=gc, extra="len")
+    out = _run(q, kq, vq, ek, ev, ext, start, "len", config=da.DecodeConfig(block_t, 2, 4, 1))
+    torch.testing.assert_close(out.float(), _reference(q, kq, vq, ek, ev, ext, start, "len", d), atol=TOL, rtol=0)
+
+
+def test_ternary_fp16_digit_constants() -> None:
+    """The PTX ternary unpack (``unpack_tl._trit_f16``) in exact fp16 arithmetic: ``fma(1024 + q, TRIT_DIV,
+    TRIT_ADD)`` rounds to ``1024 + q // 3`` for every quotient of a byte (q <= 242), and the digit (plain and RAW)
+    comes out exact; checked here in float64 with one rounding per fp16 instruction, like the GPU's fma.rn."""
+    from kvtune.kernels.unpack_tl import TRIT_ADD, TRIT_DIV
+
+    def h(x):  # one fp16 rounding
+        return x.to(torch.float16).to(torch.float64)
+
+    def bits16(v):
+        return torch.tensor([v], dtype=torch.int16).view(torch.float16).double()
+
+    m, a = bits16(TRIT_DIV.value), bits16(TRIT_ADD.value)
+    x = torch.arange(243, dtype=torch.float64)
+    big = h(1024 + x)
+    for s in range(5):
+        digit = (x // 3 ** s) % 3
+        if s < 4:
+            nxt = h(big * m + a)
+            assert torch.equal(h(big + h(nxt * -3 + 2048)), digit)
+            assert torch.equal(h(big + h(nxt * -3 + 3072)), 1024 + digit)
+            big = nxt
+        else:
+            assert torch.equal(h(big - 1024), digit)
+
+
 def test_decode_padding_covers_whole_splits_and_bf16() -> None:
     q, _, _, kq, vq, ek, ev, ext, start = _case(2, 2, 3, 64, t=128, extra="all", pad=False, dtype=torch.bfloat16)
     start = torch.tensor([100, 127], dtype=torch.int32)  # the first splits see only padding
