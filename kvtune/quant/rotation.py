@@ -15,22 +15,29 @@ from functools import lru_cache
 
 import torch
 
-from kvtune.quant.transforms import hadamard
+from kvtune.quant.transforms import _hadamard_on, hadamard
 
 
 @dataclass(frozen=True)
 class Rotation:
     """``forward`` maps ``[..., D]`` into the rotated basis, ``inverse`` back; ``check(d)`` raises for a head dim
-    the rotation cannot handle."""
+    the rotation cannot handle; ``on(d, device)`` is the float32 ``[D, D]`` matrix ``R`` (``forward(x) = x @ R``,
+    ``inverse(y) = y @ R.T``) cached on ``device``, or None for the identity."""
 
     name: str
     forward: Callable[[torch.Tensor], torch.Tensor]
     inverse: Callable[[torch.Tensor], torch.Tensor]
     check: Callable[[int], None]
+    on: Callable[[int, torch.device], torch.Tensor | None] = lambda d, device: None
 
     @property
     def identity(self) -> bool:
         return self.name == "none"
+
+    def half_pair(self, d: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(R, R.T)`` in ``dtype`` on ``device`` for a decode step that rotates fp16 rows on the tensor cores (one
+        small matmul, no float32 copies), or None for the identity. Cached per (rotation, d, device, dtype)."""
+        return _half_pair(self.name, d, device, dtype) if not self.identity else None
 
 
 def _power_of_two(d: int) -> None:
@@ -72,9 +79,16 @@ def _orthogonal_inverse(x: torch.Tensor) -> torch.Tensor:
 
 ROTATIONS: dict[str, Rotation] = {
     "none": Rotation("none", _same, _same, lambda d: None),
-    "hadamard": Rotation("hadamard", hadamard, hadamard, _power_of_two),  # self-inverse
-    "orthogonal": Rotation("orthogonal", _orthogonal, _orthogonal_inverse, lambda d: None),  # any head dim
+    "hadamard": Rotation("hadamard", hadamard, hadamard, _power_of_two, _hadamard_on),  # self-inverse
+    "orthogonal": Rotation("orthogonal", _orthogonal, _orthogonal_inverse, lambda d: None, _orthogonal_on),  # any d
 }
+
+
+@lru_cache(maxsize=32)
+def _half_pair(name: str, d: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False):
+        r = ROTATIONS[name].on(d, device)
+        return r.to(dtype).contiguous(), r.T.to(dtype).contiguous()
 
 
 def rotation(name: str) -> Rotation:

@@ -100,6 +100,9 @@ class StaticLayer(CacheLayerMixin):
         # the kernel's extra segment: the same rows in each role's code frame (centered, rotated) when it has one,
         # made once per token as it is written instead of every step; the raw rows stay for the flush
         self.framed = {r: self.specs[r].rotation != "none" or bool(self.specs[r].center) for r in ROLES}
+        # fp16 (R, R.T) of each role's rotation: a step rotates the query, the new token and the output with one
+        # small tensor-core matmul each (no float32 copies)
+        self.rmat = {r: rotation(self.specs[r].rotation).half_pair(head_dim, device, FP) for r in ROLES}
         self.ext_k = torch.zeros_like(self.win_k) if self.framed["key"] else self.win_k
         self.ext_v = torch.zeros_like(self.win_v) if self.framed["value"] else self.win_v
         i32 = {"dtype": torch.int32, "device": device}
@@ -162,8 +165,9 @@ class StaticLayer(CacheLayerMixin):
     # -- attention and flush ----------------------------------------------------------------------------------------
     def _frame(self, role: str, x: torch.Tensor) -> torch.Tensor:
         """fp16 rows ``x [B, Hkv, n, D]`` in ``role``'s code frame (mean removed, rotated), as the kernel reads them."""
-        spec = self.specs[role]
-        return rotation(spec.rotation).forward(centering.shift(spec, self.state[role], x)).to(FP)
+        spec, rmat = self.specs[role], self.rmat[role]
+        x = centering.shift(spec, self.state[role], x.to(FP))
+        return x @ rmat[0] if rmat is not None else x
 
     def _write(self, rows: Any, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write fp16 tokens ``k, v [B, Hkv, n, D]`` at extra rows ``rows`` (an index tensor or a slice), raw and (for
@@ -186,14 +190,15 @@ class StaticLayer(CacheLayerMixin):
         in (centered, rotated; as in the dynamic kernel path), so a step rotates only the query and the output."""
         from kvtune.kernels.decode_static import decode_static
 
-        ks, vs = self.specs["key"], self.specs["value"]
-        krot, vrot = rotation(ks.rotation), rotation(vs.rotation)
+        kmat, vmat = self.rmat["key"], self.rmat["value"]
         kq, vq = self.operands
-        out = decode_static(krot.forward(q.to(FP)), kq, vq, self.ext_k, self.ext_v,
+        q16 = q.to(FP)
+        out = decode_static(q16 @ kmat[0] if kmat is not None else q16, kq, vq, self.ext_k, self.ext_v,
                             self.nq, self.nw, self.wstart, self.qstart, scaling)
         if self.due:
             self._flush()
-        return centering.unshift(vs, self.state["value"], vrot.inverse(out)).to(q.dtype)
+        out = out @ vmat[1] if vmat is not None else out
+        return centering.unshift(self.specs["value"], self.state["value"], out).to(q.dtype)
 
     def _padded(self, x: torch.Tensor, first: torch.Tensor | int) -> torch.Tensor:
         """``x [B, Hkv, n, D]`` (quantized tokens ``first..``, stored after the sinks) with left-padding rows replaced
