@@ -2,7 +2,8 @@
 
 A byte row holds ``slices`` channel slices of width ``W``: slot ``s`` of every byte is the contiguous
 channel slice ``[s*W, (s+1)*W)``, so one shift + mask yields a slice as fp16 codes. 3-bit codes are a
-2-bit and a 1-bit plane; ternary (1.58-bit) packs 5 trits a byte.
+2-bit and a 1-bit plane; ternary (1.58-bit) packs 5 trits a byte. :func:`_bend_f16` maps 2-bit codes onto a
+symmetric non-uniform codebook (Lloyd-Max) in code units.
 """
 
 from __future__ import annotations
@@ -103,6 +104,25 @@ def _slice_f16(x0, x1, x2, S_IDX: tl.constexpr, FMT: tl.constexpr, RAW: tl.const
         return _bytes_f16(c.to(tl.uint8), RAW, USE_ASM)
     else:
         return _slot_f16(x0, S_IDX * FMT, FMT, RAW, USE_ASM)
+
+
+@triton.jit
+def _bend_f16(c, bend, BEND: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp16 codes ``c`` (0..3) of a symmetric 2-bit codebook, affine in the code's bits: ``c + bend * (c >= 2)``
+    (BEND; ``bend`` fp32 scalar, rounded to fp16 first); otherwise ``c`` unchanged. PTX per 2 codes: HSET2 gives
+    1.0/0.0 halves, one HFMA2 adds the bend."""
+    if not BEND:
+        return c
+    b = tl.cast(bend, tl.float16)
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 m;
+            set.ge.f16x2.f16x2 m, $1, 0x40004000;
+            fma.rn.f16x2 $0, m, $2, $1;
+            }""",
+            constraints="=r,r,r", args=[c, b], dtype=tl.float16, is_pure=True, pack=2)
+    return tl.where(c >= 2.0, c + b, c)
 
 
 @triton.jit
