@@ -320,13 +320,14 @@ def _cpu(x):
 
 
 # ------------------------------------------------------------------- log8 (one-byte) per-token scales
-def _normq(x: torch.Tensor, bits: float, role: str, scale_dtype: str, sample: torch.Tensor | None = None):
-    """``x [B, h, T, D]`` coded by the ``normq`` family (uniform levels, fp16 or log8 scales, the range fitted on
-    ``sample``, default ``x``): the kernel operand and the family's own decode (the specification) fp32
+def _normq(x: torch.Tensor, bits: float, role: str, scale_dtype: str, sample: torch.Tensor | None = None,
+           codebook: str = "uniform"):
+    """``x [B, h, T, D]`` coded by the ``normq`` family (uniform levels by default, fp16 or log8 scales, the range
+    fitted on ``sample``, default ``x``): the kernel operand and the family's own decode (the specification) fp32
     ``[B, h, T, D]``."""
     from kvtune.quant.families.normq import FAMILY, NormQParams
 
-    p = NormQParams(bits=bits, codebook="uniform", scale_dtype=scale_dtype)
+    p = NormQParams(bits=bits, codebook=codebook, scale_dtype=scale_dtype)
     sample = x if sample is None else sample
     state = FAMILY.fit(p, sample.transpose(0, 1).flatten(1, 2).float())  # [h, B*T, D] -> scale_range [h, 2]
     fields = FAMILY.encode(p, x.float(), x.shape[2], state)
@@ -361,6 +362,23 @@ def test_log8_reference_is_the_family_decode(bits: float) -> None:
         assert int(op.scale.min()) == 0 and int(op.scale.max()) == 255
         deq = dequantize_keys_reference if role == "key" else dequantize_values_reference
         torch.testing.assert_close(deq(_cpu(op), 64), spec, atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "log8"])
+def test_lloyd_reference_is_the_family_decode(scale_dtype: str) -> None:
+    """2-bit Lloyd-Max codes reach the kernel as a bent code map; the packed reference's reading of it (what the
+    kernel is tested against) is ``normq``'s decode, keys and values; 3- and 4-bit Lloyd-Max stay off the kernel."""
+    from kvtune.kernels.packed import dequantize_keys_reference, dequantize_values_reference
+    from kvtune.quant.families.normq import FAMILY, NormQParams
+
+    x = torch.randn(2, 3, 40, 64, generator=torch.Generator().manual_seed(7)) * 3
+    for role in ("key", "value"):
+        op, spec = _normq(x, 2, role, scale_dtype, codebook="lloyd")
+        assert op.bent and op.bits == 2
+        deq = dequantize_keys_reference if role == "key" else dequantize_values_reference
+        torch.testing.assert_close(deq(_cpu(op), 64), spec, atol=1e-6 * float(spec.abs().max()), rtol=1e-6)
+        assert FAMILY.kernel_ok(NormQParams(2, "lloyd", scale_dtype), role)
+        assert not any(FAMILY.kernel_ok(NormQParams(b, "lloyd", scale_dtype), role) for b in (3, 4))
 
 
 @pytest.mark.parametrize(("bits_k", "bits_v", "n_rep", "d", "dtypes"), [
