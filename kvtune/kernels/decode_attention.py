@@ -64,7 +64,7 @@ def _decode_split_kernel(
     ev_ptr, stride_evb, stride_evh, stride_evt,
     emask_ptr, stride_emb, start_ptr, t_ptr, estart_ptr,
     m_ptr, l_ptr, o_ptr,
-    T, R, chunk, n_qsplits, NS, Hkv, qk_scale, k_alpha, k_beta, v_alpha, v_beta, k_bend, v_bend,
+    T, R, chunk, n_qsplits, NS, Hkv, qk_scale, k_alpha, k_beta, v_alpha, v_beta,
     D: tl.constexpr, NREP: tl.constexpr, QH: tl.constexpr,
     FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr, WKP: tl.constexpr, G: tl.constexpr,
     FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr, WVP: tl.constexpr, GC: tl.constexpr,
@@ -80,7 +80,7 @@ def _decode_split_kernel(
     ``scale * (alpha * c + beta) + zero`` (AFF_*: alpha 1, beta 0; HAS_*Z: a zero-point tensor is read); LOG_K /
     LOG_V: per-token scales are uint8 log8 positions over the head's range ``(lo, hi)`` at ``kr_ptr``/``vr_ptr``
     ``[Hkv, 2]`` (KAX 1 keys, GC >= D values); BEND_K / BEND_V: 2-bit codes of a symmetric codebook, ``c`` read as
-    ``c + bend * (c >= 2)`` (``k_bend``/``v_bend``; values then enter the MMA as codes, not RAW);
+    ``c + bend * (c >= 2)`` (the fp16 bits of ``bend``; 0: none; bent values enter the MMA as codes, not RAW);
     extra K/V [B, Hkv, R, D]; EXTRA: 0 none, 1 lengths [B] (valid prefix),
     2 mask [B, R], 3 all valid, 4 tokens ``estart[b] <= r < emask[0]`` (device counts); start [B] (tokens
     t < start are padding); T_DEV: the quantized tokens in use are read from ``t_ptr`` [1] (``T`` on the host is
@@ -149,24 +149,24 @@ def _decode_split_kernel(
             m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
-                                                   k_step, v_lo, v_step, k_bend, v_bend, D, QH, FMT_K, SK, WK, WKP, G,
-                                                   FMT_V, SV, WV, WVP, GC, KG, NG, True, USE_ASM, KAX, HAS_KZ, AFF_K,
-                                                   HAS_VZ, AFF_V, LOG_K, LOG_V, BEND_K, BEND_V)
+                                                   k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
+                                                   WVP, GC, KG, NG, True, USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V,
+                                                   LOG_K, LOG_V, BEND_K, BEND_V)
         for t0 in range(full_lo, full_hi, BT):
             m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
-                                                   k_step, v_lo, v_step, k_bend, v_bend, D, QH, FMT_K, SK, WK, WKP, G,
-                                                   FMT_V, SV, WV, WVP, GC, KG, NG, False, USE_ASM, KAX, HAS_KZ, AFF_K,
-                                                   HAS_VZ, AFF_V, LOG_K, LOG_V, BEND_K, BEND_V)
+                                                   k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
+                                                   WVP, GC, KG, NG, False, USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V,
+                                                   LOG_K, LOG_V, BEND_K, BEND_V)
     else:  # other formats: one masked loop (keeps the unrolled code, and the compile time, small)
         for t0 in range(first, hi, BT):
             m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
-                                                   k_step, v_lo, v_step, k_bend, v_bend, D, QH, FMT_K, SK, WK, WKP, G,
-                                                   FMT_V, SV, WV, WVP, GC, KG, NG, True, USE_ASM, KAX, HAS_KZ, AFF_K,
-                                                   HAS_VZ, AFF_V, LOG_K, LOG_V, BEND_K, BEND_V)
+                                                   k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
+                                                   WVP, GC, KG, NG, True, USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V,
+                                                   LOG_K, LOG_V, BEND_K, BEND_V)
     l_i = tl.sum(l_acc, 1)
     if GC >= D:  # value zero-points, the RAW codes' offset (1024 * sum pv) and scale (2^shift), code affine map
         # (bent codes enter the MMA as codes: no offset, no scale)
@@ -175,7 +175,7 @@ def _decode_split_kernel(
         added = ()
         for s in tl.static_range(SV):
             a = accs[s]
-            if not BEND_V:  # RAW codes
+            if BEND_V == 0:  # RAW codes
                 a = (a - 1024.0 * pvsum) * (1.0 / (1 << _raw_shift(s, FMT_V)))
             if not AFF_V:
                 a = a * v_alpha + v_beta * pvsum
@@ -251,7 +251,12 @@ def _static_args(kq: tuple, vq: tuple, d: int, n_rep: int,
 def _format(x: Any) -> tuple:
     """The launch-relevant format of a :class:`PackedKeys` / :class:`PackedValues` (hashable)."""
     return (x.bits, x.group, getattr(x, "axis", "token"), x.zero is not None, x.affine, x.scale_range is not None,
-            x.bent)
+            _half_bits(x.code_bend))
+
+
+def _half_bits(x: float) -> int:
+    """The fp16 bit pattern of ``x`` (0 for 0.0): a code bend as the kernel's constexpr."""
+    return int(torch.tensor(x, dtype=torch.float16).view(torch.int16)) & 0xFFFF if x else 0
 
 
 def _range_arg(x: PackedKeys | PackedValues, hkv: int, stand_in: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -332,7 +337,6 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
         emask, stride_emb, st, t_dev if t_dev is not None else m, extra_start if extra_start is not None else m,
         m, lse, o,
         t, r, chunk, n_q, ns, hkv, scaling * LOG2E, kq.code_scale, kq.code_offset, vq.code_scale, vq.code_offset,
-        kq.code_bend, vq.code_bend,
         BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None, T_DEV=t_dev is not None,
         **cfg.launch_options(), **consts,
     )

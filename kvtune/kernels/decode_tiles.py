@@ -15,7 +15,7 @@ from kvtune.kernels.unpack_tl import _bend_f16, _load_packed, _slice_f16
 
 @triton.jit
 def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg, k_alpha, k_beta, k_lo, k_step,
-                k_bend, D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
+                D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
                 WKP: tl.constexpr, G: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
                 USE_ASM: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr,
                 LOG_K: tl.constexpr, BEND_K: tl.constexpr):
@@ -24,8 +24,8 @@ def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride
     KAX 0 (per-channel groups): the tokens are one key group, one scale row per slice, dequantized in registers.
     KAX 1 (per-token scale): raw code products, then ``s_t * (alpha * (q . c) + beta * sum(q)) + z_t * sum(q)``
     (``qsum`` ``[QH]``: the row sums of the scaled query; LOG_K: ``s_t`` from uint8 log8 positions over the head's
-    ``(k_lo, k_step)``; BEND_K: 2-bit codes bent onto a symmetric codebook, ``c + k_bend * (c >= 2)``). MASKED:
-    tokens outside ``[st, hi)`` get -inf
+    ``(k_lo, k_step)``; BEND_K: the fp16 bits of the bend of 2-bit codes of a symmetric codebook, read as
+    ``c + bend * (c >= 2)``). MASKED: tokens outside ``[st, hi)`` get -inf
     (head/tail tiles); unmasked tiles load without predicates.
     """
     offs = tg + tl.arange(0, KG)
@@ -43,7 +43,7 @@ def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride
         grow = (tg // G) * stride_ksg
     scores = tl.zeros([QH, KG], tl.float32)
     for s in tl.static_range(SK):
-        c = _bend_f16(_slice_f16(x0, x1, x2, s, FMT_K, False, USE_ASM), k_bend, BEND_K, USE_ASM)  # [KG, WKP] fp16
+        c = _bend_f16(_slice_f16(x0, x1, x2, s, FMT_K, False, USE_ASM), BEND_K, USE_ASM)  # [KG, WKP] fp16
         if KAX == 1:
             scores = tl.dot(qs[s], tl.trans(c), scores)
         else:
@@ -78,7 +78,7 @@ def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride
 
 @triton.jit
 def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, stride_vpt, stride_vst, v_alpha, v_beta,
-                  v_lo, v_step, v_bend, D: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
+                  v_lo, v_step, D: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
                   WVP: tl.constexpr, GC: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
                   USE_ASM: tl.constexpr, HAS_VZ: tl.constexpr, AFF_V: tl.constexpr, LOG_V: tl.constexpr,
                   BEND_V: tl.constexpr):
@@ -88,11 +88,11 @@ def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, str
     ``P * zero`` goes to ``z_acc`` ``[QH, KG]`` (reduced once at the end), so the codes go to the
     tensor cores as they come out of the unpack (``1024 + c``, the offset also leaves through ``o_acc``, and
     ``code_scale``/``code_offset`` apply once at the end; LOG_V: the scale from a uint8 log8 position over the
-    head's ``(v_lo, v_step)``; BEND_V: codes bent onto a symmetric 2-bit codebook, ``c + v_bend * (c >= 2)``, enter
-    as fp16 codes, not RAW). Otherwise V is dequantized in registers (per-token
+    head's ``(v_lo, v_step)``; BEND_V: the fp16 bits of a bend, codes read as ``c + bend * (c >= 2)`` enter the MMA
+    as they are, not RAW). Otherwise V is dequantized in registers (per-token
     column of scales when a slice lies in one channel group, else a gathered tile).
     """
-    RAW: tl.constexpr = GC >= D and not BEND_V
+    RAW: tl.constexpr = GC >= D and BEND_V == 0
     offs_t = tg + tl.arange(0, KG)
     jv = tl.arange(0, WVP)[None, :]
     cmask = jv < WV
@@ -118,7 +118,7 @@ def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, str
         p16 = p.to(tl.float16)
     new = ()
     for s in tl.static_range(SV):
-        c = _bend_f16(_slice_f16(x0, x1, x2, s, FMT_V, RAW, USE_ASM), v_bend, BEND_V, USE_ASM)  # [KG, WVP] fp16
+        c = _bend_f16(_slice_f16(x0, x1, x2, s, FMT_V, RAW, USE_ASM), BEND_V, USE_ASM)  # [KG, WVP] fp16
         if GC >= D:
             acc = tl.dot(pv, c, accs[s])
         else:
@@ -151,7 +151,7 @@ def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, str
 @triton.jit
 def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row, ks_row, kz_row, vp_row, vs_row, vz_row,
           stride_kpt, stride_ksg, stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo, k_step, v_lo, v_step,
-          k_bend, v_bend, D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
+          D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
           WKP: tl.constexpr, G: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
           WVP: tl.constexpr, GC: tl.constexpr, KG: tl.constexpr, NG: tl.constexpr, MASKED: tl.constexpr,
           USE_ASM: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr,
@@ -165,8 +165,8 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row, ks_row, 
     scores = ()
     for g in tl.static_range(NG):
         scores = scores + (_key_scores(qs, qsum, kp_row, ks_row, kz_row, t0 + g * KG, hi, st, stride_kpt, stride_ksg,
-                                       k_alpha, k_beta, k_lo, k_step, k_bend, D, QH, FMT_K, SK, WK, WKP, G, KG,
-                                       MASKED, USE_ASM, KAX, HAS_KZ, AFF_K, LOG_K, BEND_K),)
+                                       k_alpha, k_beta, k_lo, k_step, D, QH, FMT_K, SK, WK, WKP, G, KG, MASKED,
+                                       USE_ASM, KAX, HAS_KZ, AFF_K, LOG_K, BEND_K),)
     smax = scores[0]
     for g in tl.static_range(1, NG):
         smax = tl.maximum(smax, scores[g])
@@ -183,8 +183,8 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row, ks_row, 
         p = tl.math.exp2(scores[g] - m_new[:, None])
         l_acc += p
         accs, z_acc, o_acc = _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, t0 + g * KG, hi, st,
-                                           stride_vpt, stride_vst, v_alpha, v_beta, v_lo, v_step, v_bend, D, FMT_V, SV,
-                                           WV, WVP, GC, KG, MASKED, USE_ASM, HAS_VZ, AFF_V, LOG_V, BEND_V)
+                                           stride_vpt, stride_vst, v_alpha, v_beta, v_lo, v_step, D, FMT_V, SV, WV,
+                                           WVP, GC, KG, MASKED, USE_ASM, HAS_VZ, AFF_V, LOG_V, BEND_V)
     return m_new, l_acc, z_acc, o_acc, accs
 
 

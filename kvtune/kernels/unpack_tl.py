@@ -107,21 +107,24 @@ def _slice_f16(x0, x1, x2, S_IDX: tl.constexpr, FMT: tl.constexpr, RAW: tl.const
 
 
 @triton.jit
-def _bend_f16(c, bend, BEND: tl.constexpr, USE_ASM: tl.constexpr):
-    """fp16 codes ``c`` (0..3) of a symmetric 2-bit codebook, affine in the code's bits: ``c + bend * (c >= 2)``
-    (BEND; ``bend`` fp32 scalar, rounded to fp16 first); otherwise ``c`` unchanged. PTX per 2 codes: HSET2 gives
-    1.0/0.0 halves, one HFMA2 adds the bend."""
-    if not BEND:
+def _bend_f16(c, BEND: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp16 codes ``c`` (0..3) of a symmetric 2-bit codebook, affine in the code's bits: ``c + bend * (c >= 2)``, the
+    bend given by its fp16 bit pattern ``BEND`` (0: no bend, ``c`` unchanged). PTX per 2 codes: HSET2 gives 1.0/0.0
+    halves, one HFMA2 adds the bend (an immediate: a splatted runtime scalar, hoisted out of the loop, keeps the
+    codes out of the MMA operand layout and costs a shared-memory round trip a slice)."""
+    if BEND == 0:
         return c
-    b = tl.cast(bend, tl.float16)
     if USE_ASM:
         return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 m;
-            set.ge.f16x2.f16x2 m, $1, 0x40004000;
-            fma.rn.f16x2 $0, m, $2, $1;
-            }""",
-            constraints="=r,r,r", args=[c, b], dtype=tl.float16, is_pure=True, pack=2)
+            asm=f"""{{
+            .reg .b32 m, k;
+            mov.b32 k, 0x40004000;
+            set.ge.f16x2.f16x2 m, $1, k;
+            mov.b32 k, {BEND * 0x10001};
+            fma.rn.f16x2 $0, m, k, $1;
+            }}""",
+            constraints="=r,r", args=[c], dtype=tl.float16, is_pure=True, pack=2)
+    b = tl.full(c.shape, BEND, tl.uint16).to(tl.float16, bitcast=True)
     return tl.where(c >= 2.0, c + b, c)
 
 
