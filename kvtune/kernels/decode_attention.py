@@ -71,6 +71,7 @@ def _decode_split_kernel(
     BT: tl.constexpr, BTE: tl.constexpr, EXTRA: tl.constexpr, HAS_START: tl.constexpr,
     USE_ASM: tl.constexpr, FAST: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr,
     HAS_VZ: tl.constexpr, AFF_V: tl.constexpr, T_DEV: tl.constexpr, LOG_K: tl.constexpr, LOG_V: tl.constexpr,
+    BEND_K: tl.constexpr, BEND_V: tl.constexpr,
 ):
     """Partial attention of one (split, batch * kv head).
 
@@ -78,7 +79,8 @@ def _decode_split_kernel(
     (KAX 1: per token, G = BT); value scale/zero [B, Hkv, T, D/GC]; every code dequantizes as
     ``scale * (alpha * c + beta) + zero`` (AFF_*: alpha 1, beta 0; HAS_*Z: a zero-point tensor is read); LOG_K /
     LOG_V: per-token scales are uint8 log8 positions over the head's range ``(lo, hi)`` at ``kr_ptr``/``vr_ptr``
-    ``[Hkv, 2]`` (KAX 1 keys, GC >= D values);
+    ``[Hkv, 2]`` (KAX 1 keys, GC >= D values); BEND_K / BEND_V: 2-bit codes of a symmetric codebook, ``c`` read as
+    ``c + bend * (c >= 2)`` (the fp16 bits of ``bend``; 0: none; bent values enter the MMA as codes, not RAW);
     extra K/V [B, Hkv, R, D]; EXTRA: 0 none, 1 lengths [B] (valid prefix),
     2 mask [B, R], 3 all valid, 4 tokens ``estart[b] <= r < emask[0]`` (device counts); start [B] (tokens
     t < start are padding); T_DEV: the quantized tokens in use are read from ``t_ptr`` [1] (``T`` on the host is
@@ -150,14 +152,14 @@ def _decode_split_kernel(
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
                                                    k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
                                                    WVP, GC, KG, NG, True, USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V,
-                                                   LOG_K, LOG_V)
+                                                   LOG_K, LOG_V, BEND_K, BEND_V)
         for t0 in range(full_lo, full_hi, BT):
             m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
                                                    k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
                                                    WVP, GC, KG, NG, False, USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V,
-                                                   LOG_K, LOG_V)
+                                                   LOG_K, LOG_V, BEND_K, BEND_V)
     else:  # other formats: one masked loop (keeps the unrolled code, and the compile time, small)
         for t0 in range(first, hi, BT):
             m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
@@ -165,14 +167,17 @@ def _decode_split_kernel(
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
                                                    k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
                                                    WVP, GC, KG, NG, True, USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V,
-                                                   LOG_K, LOG_V)
+                                                   LOG_K, LOG_V, BEND_K, BEND_V)
     l_i = tl.sum(l_acc, 1)
     if GC >= D:  # value zero-points, the RAW codes' offset (1024 * sum pv) and scale (2^shift), code affine map
+        # (bent codes enter the MMA as codes: no offset, no scale)
         pvsum = tl.sum(o_acc, 1)[:, None]
         zt = tl.sum(z_acc, 1)[:, None]
         added = ()
         for s in tl.static_range(SV):
-            a = (accs[s] - 1024.0 * pvsum) * (1.0 / (1 << _raw_shift(s, FMT_V)))
+            a = accs[s]
+            if BEND_V == 0:  # RAW codes
+                a = (a - 1024.0 * pvsum) * (1.0 / (1 << _raw_shift(s, FMT_V)))
             if not AFF_V:
                 a = a * v_alpha + v_beta * pvsum
             added = added + (a + zt,)
@@ -228,7 +233,7 @@ def _static_args(kq: tuple, vq: tuple, d: int, n_rep: int,
     """What a launch derives from the operands' formats alone (``_format`` tuples), once per format: the key and
     value slicing, the value channel group, the fast-path flag and the constexpr arguments. Raises ValueError for
     formats the kernel lacks."""
-    (kbits, kgroup, kaxis, kzero, kaff, klog), (vbits, vgroup, _, vzero, vaff, vlog) = kq, vq
+    (kbits, kgroup, kaxis, kzero, kaff, klog, kbend), (vbits, vgroup, _, vzero, vaff, vlog, vbend) = kq, vq
     if kaxis == "channel" and (kgroup < 16 or kgroup & (kgroup - 1)):
         raise ValueError(f"key group must be a power of two >= 16, got {kgroup}")
     lk, lv = slicing(kbits, d), slicing(vbits, d)
@@ -240,13 +245,20 @@ def _static_args(kq: tuple, vq: tuple, d: int, n_rep: int,
               "FMT_K": lk.fmt, "SK": lk.slices, "WK": lk.width, "WKP": max(16, _p2(lk.width)),
               "FMT_V": lv.fmt, "SV": lv.slices, "WV": lv.width, "WVP": max(16, _p2(lv.width)), "FAST": fast,
               "KAX": int(kaxis == "token"), "HAS_KZ": kzero, "AFF_K": kaff, "HAS_VZ": vzero, "AFF_V": vaff,
-              "LOG_K": klog, "LOG_V": vlog}
+              "LOG_K": klog, "LOG_V": vlog, "BEND_K": kbend, "BEND_V": vbend}
     return lk, lv, gc, fast, consts
 
 
 def _format(x: Any) -> tuple:
     """The launch-relevant format of a :class:`PackedKeys` / :class:`PackedValues` (hashable)."""
-    return x.bits, x.group, getattr(x, "axis", "token"), x.zero is not None, x.affine, x.scale_range is not None
+    return (x.bits, x.group, getattr(x, "axis", "token"), x.zero is not None, x.affine, x.scale_range is not None,
+            _half_bits(x.code_bend))
+
+
+@lru_cache(maxsize=64)
+def _half_bits(x: float) -> int:
+    """The fp16 bit pattern of ``x`` (0 for 0.0): a code bend as the kernel's constexpr."""
+    return int(torch.tensor(x, dtype=torch.float16).view(torch.int16)) & 0xFFFF if x else 0
 
 
 def _range_arg(x: PackedKeys | PackedValues, hkv: int, stand_in: torch.Tensor) -> tuple[torch.Tensor, int]:

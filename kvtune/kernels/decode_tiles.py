@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kvtune.kernels.scales_tl import _token_scales
-from kvtune.kernels.unpack_tl import _load_packed, _slice_f16, _trit_carry, _trit_f16
+from kvtune.kernels.unpack_tl import _bend_f16, _load_packed, _slice_f16, _trit_carry, _trit_f16
 
 
 @triton.jit
@@ -18,13 +18,14 @@ def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride
                 D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
                 WKP: tl.constexpr, G: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
                 USE_ASM: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr,
-                LOG_K: tl.constexpr):
+                LOG_K: tl.constexpr, BEND_K: tl.constexpr):
     """Scores ``[QH, KG]`` of the KG tokens from ``tg``.
 
     KAX 0 (per-channel groups): the tokens are one key group, one scale row per slice, dequantized in registers.
     KAX 1 (per-token scale): raw code products, then ``s_t * (alpha * (q . c) + beta * sum(q)) + z_t * sum(q)``
     (``qsum`` ``[QH]``: the row sums of the scaled query; LOG_K: ``s_t`` from uint8 log8 positions over the head's
-    ``(k_lo, k_step)``). MASKED: tokens outside ``[st, hi)`` get -inf
+    ``(k_lo, k_step)``; BEND_K: the fp16 bits of the bend of 2-bit codes of a symmetric codebook, read as
+    ``c + bend * (c >= 2)``). MASKED: tokens outside ``[st, hi)`` get -inf
     (head/tail tiles); unmasked tiles load without predicates.
     """
     offs = tg + tl.arange(0, KG)
@@ -47,7 +48,7 @@ def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride
         if FMT_K == 0:
             c, tq = _trit_f16(tq, s, False, USE_ASM)
         else:
-            c = _slice_f16(x0, x1, x2, s, FMT_K, False, USE_ASM)          # [KG, WKP] fp16 codes
+            c = _bend_f16(_slice_f16(x0, x1, x2, s, FMT_K, False, USE_ASM), BEND_K, USE_ASM)  # [KG, WKP] fp16
         if KAX == 1:
             scores = tl.dot(qs[s], tl.trans(c), scores)
         else:
@@ -84,16 +85,19 @@ def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride
 def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, stride_vpt, stride_vst, v_alpha, v_beta,
                   v_lo, v_step, D: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
                   WVP: tl.constexpr, GC: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
-                  USE_ASM: tl.constexpr, HAS_VZ: tl.constexpr, AFF_V: tl.constexpr, LOG_V: tl.constexpr):
+                  USE_ASM: tl.constexpr, HAS_VZ: tl.constexpr, AFF_V: tl.constexpr, LOG_V: tl.constexpr,
+                  BEND_V: tl.constexpr):
     """acc_s += P @ V_s over the KG tokens from ``tg``, for every value slice.
 
     One channel group (GC >= D): the per-token scale is folded into P and the zero-point term
     ``P * zero`` goes to ``z_acc`` ``[QH, KG]`` (reduced once at the end), so the codes go to the
     tensor cores as they come out of the unpack (``1024 + c``, the offset also leaves through ``o_acc``, and
     ``code_scale``/``code_offset`` apply once at the end; LOG_V: the scale from a uint8 log8 position over the
-    head's ``(v_lo, v_step)``). Otherwise V is dequantized in registers (per-token
+    head's ``(v_lo, v_step)``; BEND_V: the fp16 bits of a bend, codes read as ``c + bend * (c >= 2)`` enter the MMA
+    as they are, not RAW). Otherwise V is dequantized in registers (per-token
     column of scales when a slice lies in one channel group, else a gathered tile).
     """
+    RAW: tl.constexpr = GC >= D and BEND_V == 0
     offs_t = tg + tl.arange(0, KG)
     jv = tl.arange(0, WVP)[None, :]
     cmask = jv < WV
@@ -114,7 +118,7 @@ def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, str
                 vz = tl.load(vz_row + offs_t * stride_vst).to(tl.float32)
             z_acc += p * vz[None, :]
         pv = (p * vs[None, :]).to(tl.float16)
-        o_acc += pv.to(tl.float32)  # codes enter the MMA as 1024 + c * 2^shift: 1024 * sum(pv) leaves later
+        o_acc += pv.to(tl.float32)  # RAW codes enter the MMA as 1024 + c * 2^shift: 1024 * sum(pv) leaves later
     else:
         p16 = p.to(tl.float16)
     new = ()
@@ -122,9 +126,9 @@ def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, str
         tq = _trit_carry(x0, USE_ASM)
     for s in tl.static_range(SV):
         if FMT_V == 0:
-            c, tq = _trit_f16(tq, s, GC >= D, USE_ASM)
+            c, tq = _trit_f16(tq, s, RAW, USE_ASM)
         else:
-            c = _slice_f16(x0, x1, x2, s, FMT_V, GC >= D, USE_ASM)          # [KG, WVP] fp16
+            c = _bend_f16(_slice_f16(x0, x1, x2, s, FMT_V, RAW, USE_ASM), BEND_V, USE_ASM)  # [KG, WVP] fp16
         if GC >= D:
             acc = tl.dot(pv, c, accs[s])
         else:
@@ -161,7 +165,8 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row, ks_row, 
           WKP: tl.constexpr, G: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
           WVP: tl.constexpr, GC: tl.constexpr, KG: tl.constexpr, NG: tl.constexpr, MASKED: tl.constexpr,
           USE_ASM: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr,
-          HAS_VZ: tl.constexpr, AFF_V: tl.constexpr, LOG_K: tl.constexpr, LOG_V: tl.constexpr):
+          HAS_VZ: tl.constexpr, AFF_V: tl.constexpr, LOG_K: tl.constexpr, LOG_V: tl.constexpr,
+          BEND_K: tl.constexpr, BEND_V: tl.constexpr):
     """One tile of NG * KG tokens: NG key-group sub-tiles, a single online-softmax rescale.
 
     Row sums (``l_acc``) and zero-point terms (``z_acc``) stay elementwise ``[QH, KG]`` tiles, so the
@@ -171,7 +176,7 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row, ks_row, 
     for g in tl.static_range(NG):
         scores = scores + (_key_scores(qs, qsum, kp_row, ks_row, kz_row, t0 + g * KG, hi, st, stride_kpt, stride_ksg,
                                        k_alpha, k_beta, k_lo, k_step, D, QH, FMT_K, SK, WK, WKP, G, KG, MASKED,
-                                       USE_ASM, KAX, HAS_KZ, AFF_K, LOG_K),)
+                                       USE_ASM, KAX, HAS_KZ, AFF_K, LOG_K, BEND_K),)
     smax = scores[0]
     for g in tl.static_range(1, NG):
         smax = tl.maximum(smax, scores[g])
@@ -189,7 +194,7 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row, ks_row, 
         l_acc += p
         accs, z_acc, o_acc = _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, t0 + g * KG, hi, st,
                                            stride_vpt, stride_vst, v_alpha, v_beta, v_lo, v_step, D, FMT_V, SV, WV,
-                                           WVP, GC, KG, MASKED, USE_ASM, HAS_VZ, AFF_V, LOG_V)
+                                           WVP, GC, KG, MASKED, USE_ASM, HAS_VZ, AFF_V, LOG_V, BEND_V)
     return m_new, l_acc, z_acc, o_acc, accs
 
 

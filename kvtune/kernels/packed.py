@@ -1,9 +1,12 @@
 """Packed K/V of one layer as the decode kernels read them, and their PyTorch reference (the specification).
 
 :class:`PackedKeys` / :class:`PackedValues` bundle codes (layout of :mod:`kvtune.quant.codes`), scales and
-optional zero-points. Every element dequantizes as ``scale * (code_scale * c + code_offset) + zero``: an
-integer grid (``affine``: ``code_scale = 1``, ``code_offset = 0``) or evenly spaced codebook levels scaled per
-token (``normq``: no zero-point). Per-token scales may be stored in one byte on a log scale (``normq``'s ``log8``):
+optional zero-points. Every element dequantizes as ``scale * (code_scale * c' + code_offset) + zero``: an
+integer grid (``affine``: ``code_scale = 1``, ``code_offset = 0``) or codebook levels scaled per token (``normq``:
+no zero-point). ``c' = c + code_bend * (c >= 2)``: evenly spaced levels have ``code_bend = 0`` (``c' = c``); a
+symmetric 2-bit codebook ``l0 < l1 < l2 < l3`` (``l3 - l2 = l1 - l0``, e.g. Lloyd-Max for N(0, 1)) is affine in the
+code's two bits and reads ``code_scale = l1 - l0``, ``code_offset = l0``, ``code_bend = (l2 - l0) / (l1 - l0) - 2``
+(2-bit codes only). Per-token scales may be stored in one byte on a log scale (``normq``'s ``log8``):
 with ``scale_range`` float ``[Hkv, 2]`` = ``(lo, hi)`` set, ``scale`` is uint8 ``pos`` and means
 ``exp2(lo_h + pos * span_h / 255)``, ``span_h = max(hi_h - lo_h, 1e-3)`` (keys ``axis="token"``, values with one
 channel group only). :func:`decode_attention_reference` dequantizes everything and runs an fp32
@@ -35,11 +38,22 @@ class _PackedCodes:
     code_scale: float = 1.0
     code_offset: float = 0.0
     scale_range: torch.Tensor | None = None
+    code_bend: float = 0.0
+
+    @property
+    def bent(self) -> bool:
+        """2-bit codes whose upper two levels are shifted by ``code_bend`` steps (a symmetric codebook)."""
+        return self.code_bend != 0.0
 
     @property
     def affine(self) -> bool:
         """Codes are plain integers (``code_scale = 1``, ``code_offset = 0``)."""
         return self.code_scale == 1.0 and self.code_offset == 0.0
+
+    def _check_bend(self) -> None:
+        if self.bent and (self.bits != 2 or not math.isfinite(self.code_bend)):
+            raise ValueError(f"code_bend (a symmetric 2-bit codebook) needs 2-bit codes and a finite bend, got "
+                             f"bits={self.bits}, code_bend={self.code_bend}")
 
     def _check_zero(self) -> None:
         if self.zero is not None and self.zero.shape != self.scale.shape:
@@ -71,7 +85,10 @@ class _PackedCodes:
         return torch.exp2(lo + self.scale.float() * span / 255)
 
     def _levels(self, d: int) -> torch.Tensor:
-        return unpack(self.packed, self.bits, d).float() * self.code_scale + self.code_offset
+        c = unpack(self.packed, self.bits, d).float()
+        if self.bent:
+            c = c + self.code_bend * (c >= 2)
+        return c * self.code_scale + self.code_offset
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,7 @@ class PackedKeys(_PackedCodes):
         if self.axis not in AXES:
             raise ValueError(f"key axis must be one of {AXES}, got {self.axis!r}")
         self._check_zero()
+        self._check_bend()
         self._check_range(self.axis == "token")
         if self.axis == "token":
             if tuple(self.scale.shape) != (b, h, t, 1):
@@ -118,6 +136,7 @@ class PackedValues(_PackedCodes):
         if self.group < 0:
             raise ValueError(f"value group must be >= 0, got {self.group}")
         self._check_zero()
+        self._check_bend()
         self._check_range(self.scale.dim() == 4 and self.scale.shape[-1] == 1)
         if tuple(self.scale.shape[:3]) != tuple(self.packed.shape[:3]):
             raise ValueError(f"value scale/zero must be [B, Hkv, T, D/Gc], got {tuple(self.scale.shape)}")
@@ -128,7 +147,7 @@ def _zero(x: torch.Tensor | None) -> torch.Tensor | float:
 
 
 def dequantize_keys_reference(kq: PackedKeys, d: int) -> torch.Tensor:
-    """fp32 keys ``[B, Hkv, T, D]``: ``scale * (code_scale * c + code_offset) + zero`` per group or token."""
+    """fp32 keys ``[B, Hkv, T, D]``: ``scale * (code_scale * c' + code_offset) + zero`` per group or token."""
     if kq.axis == "token":
         return kq._levels(d) * kq._scales() + _zero(kq.zero)
     scale = kq.scale.float().repeat_interleave(kq.group, dim=2)
@@ -137,7 +156,7 @@ def dequantize_keys_reference(kq: PackedKeys, d: int) -> torch.Tensor:
 
 
 def dequantize_values_reference(vq: PackedValues, d: int) -> torch.Tensor:
-    """fp32 values ``[B, Hkv, T, D]``: ``scale[t, e // Gc] * (code_scale * c + code_offset) + zero[t, e // Gc]``."""
+    """fp32 values ``[B, Hkv, T, D]``: ``scale[t, e // Gc] * (code_scale * c' + code_offset) + zero[t, e // Gc]``."""
     gc = min(vq.group or d, d)
     scale = vq._scales().repeat_interleave(gc, dim=-1)[..., :d]
     zero = 0.0 if vq.zero is None else vq.zero.float().repeat_interleave(gc, dim=-1)[..., :d]

@@ -3,7 +3,8 @@
 A byte row holds ``slices`` channel slices of width ``W``: slot ``s`` of every byte is the contiguous
 channel slice ``[s*W, (s+1)*W)``, so one shift + mask yields a slice as fp16 codes. 3-bit codes are a
 2-bit and a 1-bit plane; ternary (1.58-bit) packs 5 trits a byte (walked digit by digit with
-:func:`_trit_carry` / :func:`_trit_f16`).
+:func:`_trit_carry` / :func:`_trit_f16`). :func:`_bend_f16` maps 2-bit codes onto a symmetric non-uniform codebook
+(Lloyd-Max) in code units.
 """
 
 from __future__ import annotations
@@ -165,6 +166,28 @@ def _trit_f16(q, S_IDX: tl.constexpr, RAW: tl.constexpr, USE_ASM: tl.constexpr):
             c = c + 1024.0
         qn = q // 3
     return c, qn
+
+
+@triton.jit
+def _bend_f16(c, BEND: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp16 codes ``c`` (0..3) of a symmetric 2-bit codebook, affine in the code's bits: ``c + bend * (c >= 2)``, the
+    bend given by its fp16 bit pattern ``BEND`` (0: no bend, ``c`` unchanged). PTX per 2 codes: HSET2 gives 1.0/0.0
+    halves, one HFMA2 adds the bend (an immediate: a splatted runtime scalar, hoisted out of the loop, keeps the
+    codes out of the MMA operand layout and costs a shared-memory round trip a slice)."""
+    if BEND == 0:
+        return c
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 m, k;
+            mov.b32 k, 0x40004000;
+            set.ge.f16x2.f16x2 m, $1, k;
+            mov.b32 k, {BEND * 0x10001};
+            fma.rn.f16x2 $0, m, k, $1;
+            }}""",
+            constraints="=r,r", args=[c], dtype=tl.float16, is_pure=True, pack=2)
+    b = tl.full(c.shape, BEND, tl.uint16).to(tl.float16, bitcast=True)
+    return tl.where(c >= 2.0, c + b, c)
 
 
 @triton.jit

@@ -306,6 +306,50 @@ def test_per_token_keys_and_code_maps(bits: float, zero: bool) -> None:
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-3 * float(ref.abs().max()), rtol=0)  # fp16 out
 
 
+@pytest.mark.parametrize(("d", "n_rep", "key_axis", "bend_k", "bend_v", "gc"), [
+    (64, 4, "token", True, True, 0), (128, 1, "token", True, False, 0), (64, 1, "channel", False, True, 32),
+    (128, 4, "channel", True, True, 0)])
+def test_bent_two_bit_code_maps(d: int, n_rep: int, key_axis: str, bend_k: bool, bend_v: bool, gc: int) -> None:
+    """2-bit codes of a symmetric non-uniform codebook (Lloyd-Max: ``code_scale * (c + bend * (c >= 2)) +
+    code_offset``) on keys (per-token or per-channel-group scales) and values (one channel group: codes enter the MMA
+    bent, not RAW; or channel groups), beside evenly spaced ones: partial head/tail tiles, splits, an extra segment."""
+    from kvtune.quant.codes import pack as pack_codes
+    from kvtune.quant.families.normq import codebook
+
+    gen = torch.Generator().manual_seed(6)
+    b, hkv, t, g = 2, 2, 96, 32
+    l0, l1, l2, _ = codebook(4, "lloyd")
+    lloyd, even = (l1 - l0, l0, (l2 - l0) / (l1 - l0) - 2), (0.9957, -1.4935, 0.0)  # bend -0.1438
+    codes = [torch.randint(0, 4, (b, hkv, t, d), generator=gen, dtype=torch.uint8) for _ in range(2)]
+    kshape = (b, hkv, t, 1) if key_axis == "token" else (b, hkv, t // g, d)
+    ks = (torch.rand(kshape, generator=gen) + 0.5).half()
+    kz = None if key_axis == "token" else (torch.randn(kshape, generator=gen) * 0.1).half()
+    vs = (torch.rand(b, hkv, t, math.ceil(d / (gc or d)), generator=gen) + 0.5).half()
+    kq = da.PackedKeys(pack_codes(codes[0], 2).to(DEV), ks.to(DEV), None if kz is None else kz.to(DEV), 2,
+                       0 if key_axis == "token" else g, *(lloyd if bend_k else even)[:2], None,
+                       (lloyd if bend_k else even)[2], axis=key_axis)
+    vq = da.PackedValues(pack_codes(codes[1], 2).to(DEV), vs.to(DEV), None, 2, gc, *(lloyd if bend_v else even)[:2],
+                         None, (lloyd if bend_v else even)[2])
+    assert (kq.bent, vq.bent) == (bend_k, bend_v)
+    q = torch.randn(b, hkv * n_rep, 1, d, generator=gen).half()
+    ek, ev = torch.randn(b, hkv, 5, d, generator=gen).half(), torch.randn(b, hkv, 5, d, generator=gen).half()
+    ext, start = torch.tensor([5, 2]), torch.tensor([0, 17], dtype=torch.int32)
+    out = da.decode_attention(q.to(DEV), kq, vq, ek.to(DEV), ev.to(DEV), ext.to(DEV), start.to(DEV),
+                              config=da.DecodeConfig(32, 3, 4, 2)).cpu()
+    ref = da.decode_attention_reference(q, *(_cpu(x) for x in (kq, vq)), ek, ev, ext, start)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-3 * float(ref.abs().max()), rtol=0)  # fp16 out
+
+
+def test_code_bend_is_checked() -> None:
+    """A bend needs 2-bit codes (only there is a symmetric codebook affine in the code's bits)."""
+    codes, scale = torch.zeros(1, 2, 16, 16, dtype=torch.uint8), torch.ones(1, 2, 16, 1).half()
+    da.PackedValues(codes, scale, None, 2, 0, 1.0, -1.5, None, -0.14)
+    with pytest.raises(ValueError, match="2-bit"):
+        da.PackedValues(codes, scale, None, 4, 0, 1.0, -1.5, None, -0.14)
+    with pytest.raises(ValueError, match="2-bit"):
+        da.PackedKeys(codes, scale, None, 1.58, 0, 1.0, -1.5, None, 0.5, axis="token")
+
+
 def _cpu(x):
     import dataclasses
 
@@ -314,13 +358,14 @@ def _cpu(x):
 
 
 # ------------------------------------------------------------------- log8 (one-byte) per-token scales
-def _normq(x: torch.Tensor, bits: float, role: str, scale_dtype: str, sample: torch.Tensor | None = None):
-    """``x [B, h, T, D]`` coded by the ``normq`` family (uniform levels, fp16 or log8 scales, the range fitted on
-    ``sample``, default ``x``): the kernel operand and the family's own decode (the specification) fp32
+def _normq(x: torch.Tensor, bits: float, role: str, scale_dtype: str, sample: torch.Tensor | None = None,
+           codebook: str = "uniform"):
+    """``x [B, h, T, D]`` coded by the ``normq`` family (uniform levels by default, fp16 or log8 scales, the range
+    fitted on ``sample``, default ``x``): the kernel operand and the family's own decode (the specification) fp32
     ``[B, h, T, D]``."""
     from kvtune.quant.families.normq import FAMILY, NormQParams
 
-    p = NormQParams(bits=bits, codebook="uniform", scale_dtype=scale_dtype)
+    p = NormQParams(bits=bits, codebook=codebook, scale_dtype=scale_dtype)
     sample = x if sample is None else sample
     state = FAMILY.fit(p, sample.transpose(0, 1).flatten(1, 2).float())  # [h, B*T, D] -> scale_range [h, 2]
     fields = FAMILY.encode(p, x.float(), x.shape[2], state)
@@ -355,6 +400,23 @@ def test_log8_reference_is_the_family_decode(bits: float) -> None:
         assert int(op.scale.min()) == 0 and int(op.scale.max()) == 255
         deq = dequantize_keys_reference if role == "key" else dequantize_values_reference
         torch.testing.assert_close(deq(_cpu(op), 64), spec, atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "log8"])
+def test_lloyd_reference_is_the_family_decode(scale_dtype: str) -> None:
+    """2-bit Lloyd-Max codes reach the kernel as a bent code map; the packed reference's reading of it (what the
+    kernel is tested against) is ``normq``'s decode, keys and values; 3- and 4-bit Lloyd-Max stay off the kernel."""
+    from kvtune.kernels.packed import dequantize_keys_reference, dequantize_values_reference
+    from kvtune.quant.families.normq import FAMILY, NormQParams
+
+    x = torch.randn(2, 3, 40, 64, generator=torch.Generator().manual_seed(7)) * 3
+    for role in ("key", "value"):
+        op, spec = _normq(x, 2, role, scale_dtype, codebook="lloyd")
+        assert op.bent and op.bits == 2
+        deq = dequantize_keys_reference if role == "key" else dequantize_values_reference
+        torch.testing.assert_close(deq(_cpu(op), 64), spec, atol=1e-6 * float(spec.abs().max()), rtol=1e-6)
+        assert FAMILY.kernel_ok(NormQParams(2, "lloyd", scale_dtype), role)
+        assert not any(FAMILY.kernel_ok(NormQParams(b, "lloyd", scale_dtype), role) for b in (3, 4))
 
 
 @pytest.mark.parametrize(("bits_k", "bits_v", "n_rep", "d", "dtypes"), [

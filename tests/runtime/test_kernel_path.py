@@ -20,13 +20,13 @@ from .kernel_env import DEV  # sets up the kernels (or skips this module)
 
 
 def _plan(name: str) -> Plan:
-    """A preset, or a plan of the newer families (rotated per-token codes, with fp16 or one-byte log8 scales --
-    ranges fitted on the first block --; static per-channel key steps)."""
+    """A preset, or a plan of the newer families (rotated per-token codes -- 2-bit Lloyd-Max or evenly spaced --,
+    with fp16 or one-byte log8 scales -- ranges fitted on the first block --; static per-channel key steps)."""
     from kvtune.quant.families.normq import normq
     from kvtune.quant.families.static import static
     from kvtune.quant.formats import affine
 
-    layers = {"normq": LayerPlan(key=normq(2, "uniform"), value=normq(1.58, scale_dtype="log8"), residual=8),
+    layers = {"normq": LayerPlan(key=normq(2), value=normq(1.58, scale_dtype="log8"), residual=8),  # Lloyd-Max keys
               "static-normq": LayerPlan(key=static(2, pairs=False), value=normq(2, "uniform"), residual=16),
               "centered-normq": LayerPlan(key=normq(2, "uniform", scale_dtype="log8", center=True),
                                           value=normq(1.58, center=True), residual=8),

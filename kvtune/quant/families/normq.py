@@ -12,7 +12,11 @@ Stored per head: ``codes`` uint8 ``[T, packed_width(D, bits)]`` and ``scale`` ``
 on 256 steps between a per-head range ``scale_range`` ``[2]`` (fp16, calibrated state fitted on a sample with an
 octave of margin each side; values outside clamp). 1 and 1.58 bits: the Lloyd-Max and uniform codebooks are the
 same (``±0.798``; ``0, ±1.224``). The decode kernel reads uniform codebooks with fp16 or log8 scales (the range
-passed as the operands' ``scale_range``): ``x^ = s * step * (c - (L-1)/2)``.
+passed as the operands' ``scale_range``): ``x^ = s * step * (c - (L-1)/2)``, and the 2-bit Lloyd-Max codebook: a
+symmetric 4-level codebook ``l0 < l1 < l2 = -l1 < l3 = -l0`` is affine in the code's two bits (``l3 - l2 - l1 + l0 =
+0``), ``l_c = l0 + w * (c + bend * (c >= 2))`` with ``w = l1 - l0``, ``bend = (l2 - l0) / w - 2`` (-0.1438 for
+Lloyd-Max), passed as the operands' ``code_scale``, ``code_offset``, ``code_bend``. 3- and 4-bit Lloyd-Max levels are
+not affine in the bits: PyTorch path.
 
 ``scale_fit: norm`` stores the vector's L2 norm instead and decodes ``x^ = |x| * u / |u|`` (the chosen levels
 renormalised to unit length, then scaled by the norm): vLLM's TurboQuant keys with norm correction (the ``_nc``
@@ -116,7 +120,7 @@ class NormQParams:
 
     @property
     def uniform(self) -> bool:
-        """The codebook is evenly spaced (what the decode kernel reads)."""
+        """The codebook is evenly spaced (the decode kernel reads these, and the symmetric 2-bit Lloyd-Max one)."""
         return self.codebook == "uniform" or self.levels <= 3
 
 
@@ -182,21 +186,41 @@ class NormQ(QuantFamily):
                  + [normq(b, "uniform", rot, scale_dtype=LOG8) for b in small])
         return tuple(plain + [replace(s, center=True) for s in plain])
 
-    # -- kernel hooks: evenly spaced codes, fp16 or log8 scales; x^ = scale * (step * c - step * (L - 1) / 2)
+    # -- kernel hooks: evenly spaced codes, fp16 or log8 scales; x^ = scale * (step * c - step * (L - 1) / 2); 2-bit
+    # symmetric codebooks (Lloyd-Max) with the upper codes bent: x^ = scale * (w * (c + bend * (c >= 2)) + l0)
     def kernel_ok(self, p: NormQParams, role: str) -> bool:
         read = p.scale_dtype in ("float16", LOG8) and p.scale_fit == "lsq"  # norm-corrected: PyTorch path
-        return p.uniform and p.bits in KERNEL_BITS and read
+        return (p.uniform or _code_map(p) is not None) and p.bits in KERNEL_BITS and read
 
     def kernel_operands(self, p: NormQParams, role: str, fields: Mapping[str, torch.Tensor],
                         state: Mapping[str, torch.Tensor]) -> Any:
         from kvtune.kernels.packed import PackedKeys, PackedValues
 
-        levels = codebook(p.levels, p.codebook)
-        step = (levels[-1] - levels[0]) / (p.levels - 1)
-        affine = {"code_scale": step, "code_offset": levels[0], "scale_range": _kernel_range(p, fields, state)}
+        code_map = _code_map(p)
+        if code_map is None:
+            raise ValueError(f"the decode kernel does not read {p.bits:g}-bit {p.codebook} codebooks")
+        step, first, bend = code_map
+        affine = {"code_scale": step, "code_offset": first, "code_bend": bend,
+                  "scale_range": _kernel_range(p, fields, state)}
         if role == "key":
             return PackedKeys(fields["codes"], fields["scale"], None, p.bits, 0, axis="token", **affine)
         return PackedValues(fields["codes"], fields["scale"], None, p.bits, 0, **affine)
+
+
+def _code_map(p: NormQParams) -> tuple[float, float, float] | None:
+    """``(code_scale, code_offset, code_bend)`` of the kernel's code map ``level(c) = code_scale * (c + code_bend *
+    (c >= 2)) + code_offset``: evenly spaced levels (bend 0), or a symmetric 2-bit codebook (affine in the code's two
+    bits); None where the levels are neither (3- and 4-bit Lloyd-Max)."""
+    levels = codebook(p.levels, p.codebook)
+    if p.uniform:
+        return (levels[-1] - levels[0]) / (p.levels - 1), levels[0], 0.0
+    if p.levels != 4:
+        return None
+    l0, l1, l2, l3 = levels
+    w = l1 - l0
+    if abs(l3 - l2 - l1 + l0) > 1e-9 * w:
+        return None
+    return w, l0, (l2 - l0) / w - 2.0
 
 
 def _codes_and_scale(p: NormQParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
