@@ -63,7 +63,9 @@ def kv2_g128_plan() -> Any:
                 "head, asymmetric, fp16 scale+zero, no residual window (flushes of 128 tokens)")
 
 
-SEARCHED = Path(__file__).resolve().parent / "plans" / "searched_2.5bit_smollm2.json"
+PLANS = Path(__file__).resolve().parent / "plans"
+SEARCHED = {"searched-static-graph": PLANS / "searched_2.5bit_smollm2.json",
+            "searched2-static-graph": PLANS / "searched_2bit_smollm2.json"}
 
 
 @torch.no_grad()
@@ -88,16 +90,20 @@ def fitted_plan(model: Any, layers: tuple[Any, ...], name: str, description: str
     return Plan(layers=layers, name=name, tensors=tensors, description=description)
 
 
-def searched_plan(model: Any) -> Any:
-    """The layer specs of a real searched plan (:data:`SEARCHED`: SmolLM2's 2.5-bit plan: norm codes with one-byte
-    scales, centering, sinks, per-layer windows and flush blocks) cycled over ``model``'s layers, state fitted."""
+def searched_plan(path: Path) -> Any:
+    """A maker (model -> Plan) of the layer specs of a real searched plan (``path``, one of :data:`SEARCHED`:
+    SmolLM2's 2.5- and 2.0-bit plans: norm codes with one-byte scales, Lloyd-Max and ternary codes, centering, sinks,
+    per-layer windows and flush blocks) cycled over the model's layers, state fitted on that model."""
     from kvtune.plan_types import LayerPlan
 
-    doc = json.loads(SEARCHED.read_text())
-    specs = [LayerPlan.from_dict(d, f"{SEARCHED.name} layer {i}") for i, d in enumerate(doc["layers"])]
-    layers = tuple(specs[i % len(specs)] for i in range(model.config.num_hidden_layers))
-    return fitted_plan(model, layers, "searched-2.5bit",
-                       f"the layer specs of {doc['source']['name']} ({SEARCHED.name}) on this shape")
+    def make(model: Any) -> Any:
+        doc = json.loads(path.read_text())
+        specs = [LayerPlan.from_dict(d, f"{path.name} layer {i}") for i, d in enumerate(doc["layers"])]
+        layers = tuple(specs[i % len(specs)] for i in range(model.config.num_hidden_layers))
+        return fitted_plan(model, layers, doc["source"]["name"],
+                           f"the layer specs of {doc['source']['name']} ({path.name}) on this shape")
+
+    return make
 
 
 def normq2_plan(model: Any) -> Any:
@@ -121,9 +127,9 @@ GRAPH_METHODS = {  # name -> (description, kvtune plan maker (model -> Plan) or 
                               "replayed as CUDA graphs", lambda m: kv2_g128_plan()),
     "normq2-static-graph": ("normq2-log8 (2-bit rotated norm codes, one-byte scales, fitted ranges) in "
                             "StaticKVTuneCache, decode steps replayed as CUDA graphs", normq2_plan),
-    "searched-static-graph": ("a searched plan's layer specs (benchmarks/plans/searched_2.5bit_smollm2.json, state "
-                              "fitted on this model) in StaticKVTuneCache, decode steps replayed as CUDA graphs",
-                              searched_plan),
+    **{name: (f"a searched plan's layer specs (benchmarks/plans/{path.name}, state fitted on this model) in "
+              "StaticKVTuneCache, decode steps replayed as CUDA graphs", searched_plan(path))
+       for name, path in SEARCHED.items()},
 }
 
 

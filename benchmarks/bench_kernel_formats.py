@@ -34,8 +34,8 @@ WINDOW = 64
 
 
 def formats() -> dict[str, tuple[Any, Any]]:
-    """Name -> (key spec, value spec): KIVI's layout, the norm codes searched plans pick (fp16 and one-byte scales),
-    ternary keys, 4-bit."""
+    """Name -> (key spec, value spec): KIVI's layout, the norm codes searched plans pick (fp16 and one-byte scales,
+    evenly spaced and Lloyd-Max levels), ternary keys, 4-bit."""
     from kvtune.quant.families.normq import normq
     from kvtune.quant.formats import affine
 
@@ -45,6 +45,8 @@ def formats() -> dict[str, tuple[Any, Any]]:
         "normq2-log8": (normq(2, "uniform", scale_dtype="log8"), normq(2, "uniform", scale_dtype="log8")),
         "tern-g128+normq1-log8": (affine(bits=1.58, axis="channel", group=128),
                                   normq(1, "uniform", scale_dtype="log8")),
+        "lloyd2+normq1.58-log8": (normq(2), normq(1.58, "uniform", scale_dtype="log8")),
+        "lloyd2-log8 (K and V)": (normq(2, scale_dtype="log8"), normq(2, scale_dtype="log8")),
         "kivi4-g128": (affine(bits=4, axis="channel", group=128), affine(bits=4, axis="token", group=0)),
     }
 
