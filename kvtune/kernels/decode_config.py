@@ -47,9 +47,12 @@ def default_config(batch: int, hkv: int, t: int, d: int, device: torch.device,
     """Launch choice for ``batch * hkv`` sequences of ``t`` quantized tokens (values of ``value_bits`` codes in
     slices of ``value_width`` channels).
 
-    Warps: 4, unless a value slice is narrower than 32 channels (2-bit codes of a 64-channel head: 16),
-    where the ``[QH, BT] @ [BT, W]`` products cannot spread 4 warps over W (Triton would replicate the
-    whole tile on every warp): then one warp on 64-token tiles. Splits: about 8 programs a
+    Warps: 4, unless a value slice is narrower than 32 lanes after padding to a power of two (2-bit codes of a
+    64-channel head: 16; 1-bit codes of a 128-channel head: 16), where the ``[QH, BT] @ [BT, W]`` products cannot
+    spread 4 warps over W (Triton would replicate the whole tile on every warp): then one warp on 64-token tiles.
+    1.58-bit slices of a 128-channel head (26 channels, 32 lanes) take 4 warps: Lloyd-Max 2-bit keys with them
+    0.223 ms vs 0.347 on one warp (Llama-3-8B, B=8, 32k; benchmarks/results/kernel_formats_llama3-8b_h200.json).
+    Splits: about 8 programs a
     multiprocessor (of 1 or 4 warps), each with >= 2 tiles when possible. On the H200 at B=8, 32k, 2-bit
     this is the fastest swept split count for the SmolLM2 shape (44 splits: 0.033 ms vs 0.037 at 88 and
     0.056 at 22) and within 7% of it for Llama-3-8B (17 splits: 0.19 ms; 4: 0.18, 5: 0.25, 9: 0.21).
@@ -61,7 +64,7 @@ def default_config(batch: int, hkv: int, t: int, d: int, device: torch.device,
     that cap and ran slower (0.201 vs 0.195 ms; benchmarks/results/decode_kernel_variants_h200.json), and so did
     one-warp tiles in the variant measured with it (SmolLM2 shape, 0.060 vs 0.032 ms), so they take no cap.
     """
-    narrow = value_width is not None and value_width < 32
+    narrow = value_width is not None and _p2(value_width) < 32  # lanes after padding (1.58-bit, D=128: 26 -> 32)
     block_t = 64 if narrow or d > 128 else 128
     warps = 1 if narrow else 4
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
