@@ -89,14 +89,9 @@ def _slice_f16(x0, x1, x2, S_IDX: tl.constexpr, FMT: tl.constexpr, RAW: tl.const
     """fp16 codes of channel slice ``S_IDX`` from uint8 byte tiles (same shape as ``x0``).
 
     b-bit: slot ``S_IDX`` of ``x0``; 3-bit: low 2 bits from ``x0``/``x1`` (even/odd slice), high bit from
-    ``x2``; ternary (FMT 0): base-3 digit ``S_IDX`` of ``x0``. RAW: ``1024 + c * 2^_raw_shift``.
+    ``x2``. RAW: ``1024 + c * 2^_raw_shift``. (Ternary digits come from :func:`_trit_f16`.)
     """
-    if FMT == 0:
-        c = x0.to(tl.int32)
-        for _ in tl.static_range(S_IDX):
-            c = c // 3
-        return _bytes_f16((c % 3).to(tl.uint8), RAW, USE_ASM)
-    elif FMT == 3:
+    if FMT == 3:
         if S_IDX % 2 == 0:
             lo = x0
         else:
