@@ -76,8 +76,10 @@ class StaticLayer(CacheLayerMixin):
     ``nq`` (quantized tokens) and ``nw`` (extra rows in use: sinks filled + window) int32 ``[1]``; per row int32
     ``[B]``: left padding ``pad``, the quantized part's padding ``qstart = max(pad - S, 0)`` and the first valid
     extra row ``wstart = min(pad, S) + max(pad - S - nq, 0)`` (valid extra rows ``wstart <= r < nw`` are contiguous:
-    the window fills only once the sinks are full). Host mirrors: ``n_quant``, ``n_win`` (window tokens only),
-    ``length``; the sinks filled are ``min(length, S)``."""
+    the window fills only once the sinks are full). ``ext_k``/``ext_v``: the same extra rows in each role's code frame
+    (centered, rotated) as the kernel reads them (the raw rows themselves when a role has no frame); the flush
+    quantizes the raw rows. Host mirrors: ``n_quant``, ``n_win`` (window tokens only), ``length``; the sinks filled
+    are ``min(length, S)``."""
 
     is_sliding = False
     is_compileable = False
