@@ -164,21 +164,3 @@ def versions() -> dict[str, str | None]:
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
-
-POINTWISE_SUFFIXES = ("RMSNorm", "MLP")  # modules whose forward is pure tensor maths (norms, dense MLPs)
-
-
-def compile_pointwise(model: Any) -> int:
-    """``torch.compile`` the forward of every norm and dense-MLP module of ``model`` (by class-name suffix), so the
-    elementwise ops around the matmuls fuse (RMSNorm: ~7 kernels -> 1; SiLU * up: 2 -> 1). The cache and attention
-    stay eager Python, so any cache works and CUDA graphs capture the result. Returns the modules compiled."""
-    fn_cache: dict[type, Any] = {}
-    n = 0
-    for mod in model.modules():
-        cls = type(mod)
-        if cls.__name__.endswith(POINTWISE_SUFFIXES):
-            if cls not in fn_cache:  # one compiled function a class: every layer reuses it
-                fn_cache[cls] = torch.compile(cls.forward, dynamic=False)
-            mod.forward = fn_cache[cls].__get__(mod, cls)
-            n += 1
-    return n

@@ -38,16 +38,9 @@ import torch
 from kvtune.io import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    RESULTS,
-    build_model,
-    compile_pointwise,
-    device_name,
-    method,
-    model_info,
-    probe_hf_backend,
-    versions,
-)
+from _common import RESULTS, build_model, device_name, method, model_info, probe_hf_backend, versions
+
+from kvtune.runtime.fuse import compile_pointwise
 
 DEFAULT_METHODS = ("hf-dynamic", "hf-dynamic-flash", "hf-quanto-4bit", "hf-hqq-4bit", "kivi-4bit", "k4v2",
                    "kivi-2bit", "kv2-g128")
