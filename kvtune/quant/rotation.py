@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from kvtune.quant.transforms import _hadamard_on, hadamard
+from kvtune.quant.transforms import hadamard, hadamard_on
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _orthogonal_inverse(x: torch.Tensor) -> torch.Tensor:
 
 ROTATIONS: dict[str, Rotation] = {
     "none": Rotation("none", _same, _same, lambda d: None),
-    "hadamard": Rotation("hadamard", hadamard, hadamard, _power_of_two, _hadamard_on),  # self-inverse
+    "hadamard": Rotation("hadamard", hadamard, hadamard, _power_of_two, hadamard_on),  # self-inverse
     "orthogonal": Rotation("orthogonal", _orthogonal, _orthogonal_inverse, lambda d: None, _orthogonal_on),  # any d
 }
 

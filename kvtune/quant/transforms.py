@@ -39,11 +39,11 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     if d <= 0 or d & (d - 1):
         raise KVTuneError(f"Walsh-Hadamard rotation needs a power-of-two head_dim, got {d}",
                           "turn hadamard off for this model")
-    return (x.float() @ _hadamard_on(d, x.device)).to(x.dtype)
+    return (x.float() @ hadamard_on(d, x.device)).to(x.dtype)
 
 
 @lru_cache(maxsize=16)
-def _hadamard_on(d: int, device: torch.device) -> torch.Tensor:
+def hadamard_on(d: int, device: torch.device) -> torch.Tensor:
     """:func:`_hadamard_matrix` on ``device``, copied once (a copy inside a CUDA-graph capture is not allowed)."""
     with torch.inference_mode(False):
         return _hadamard_matrix(d).to(device)
