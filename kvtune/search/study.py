@@ -33,6 +33,7 @@ from kvtune.search.storage import (
     ATTR,
     DEFAULT_STUDY,
     STUDY_DB,
+    close_storage,
     default_storage,
     load_existing,
     mask_url,
@@ -154,17 +155,20 @@ def search(calib_dir: str | Path | CalibrationTables, budget: str | float, out: 
     store = open_storage(url)
     seeds = seed_points(ev, budget, {p["name"]: p["layers"] for p in presets})
     name = study or DEFAULT_STUDY
-    with quiet_optuna():
-        opened, created = open_study(store, name, None, _study_attrs(space, tables, ev, presets, calib_path))
-        worker = Worker(opened, store, SAMPLERS[sampler], seed)
-        worker.enqueue(seeds if created else seeds[::-1])  # only the points the study lacks when their turn comes
-        t1 = time.perf_counter()
-        report = None if progress is None else (
-            lambda done, proxy, bits: progress(SearchProgress("trials", done, trials, proxy, bits)))
-        run_trials(worker, ev, budget, trials, report)
-    t2 = time.perf_counter()
-    result = finish(opened, budget, out, validate=validate, model=model, validation=validation,
-                    storage_url=url, trials_run=trials, progress=progress, ev=ev)
+    try:
+        with quiet_optuna():
+            opened, created = open_study(store, name, None, _study_attrs(space, tables, ev, presets, calib_path))
+            worker = Worker(opened, store, SAMPLERS[sampler], seed)
+            worker.enqueue(seeds if created else seeds[::-1])  # only the points the study lacks when their turn comes
+            t1 = time.perf_counter()
+            report = None if progress is None else (
+                lambda done, proxy, bits: progress(SearchProgress("trials", done, trials, proxy, bits)))
+            run_trials(worker, ev, budget, trials, report)
+        t2 = time.perf_counter()
+        result = finish(opened, budget, out, validate=validate, model=model, validation=validation,
+                        storage_url=url, trials_run=trials, progress=progress, ev=ev)
+    finally:
+        close_storage(store)
     seconds = {"prepare": t1 - t0, "trials": t2 - t1, **result.seconds, "total": time.perf_counter() - t0}
     return replace(result, seconds={k: round(v, 2) for k, v in seconds.items()})
 
@@ -185,9 +189,13 @@ def resolve(storage: str, study: str, budget: str | float, out: str | Path | Non
         if not (Path(storage) / STUDY_DB).is_file():
             raise KVTuneError(f"no {STUDY_DB} in {storage}", "pass the storage URL of the study")
         storage = default_storage(storage)
-    loaded = load_existing(open_storage(storage), study)
-    return finish(loaded, budget, out, validate=validate, model=model, validation=validation,
-                  storage_url=storage, trials_run=0, progress=progress, ev=_evaluator(loaded.user_attrs))
+    store = open_storage(storage)
+    try:
+        loaded = load_existing(store, study)
+        return finish(loaded, budget, out, validate=validate, model=model, validation=validation,
+                      storage_url=storage, trials_run=0, progress=progress, ev=_evaluator(loaded.user_attrs))
+    finally:
+        close_storage(store)
 
 
 def _evaluator(attrs: Mapping[str, Any]) -> Evaluator | None:

@@ -84,6 +84,8 @@ def test_other_space_leaves_the_study_alone(tmp_path: Path, tiny_calib: Path,
     out = tmp_path / "o"
     base = ("--budget", "3", "--calib", str(tiny_calib), "--out", str(out), "--validate", "0")
     assert _run(capsys, *base, "--trials", "10")[0] == 0
+    wal = out / "study.db-wal"  # the command checkpoints SQLite's write-ahead log: study.db alone holds the study
+    assert not wal.exists() or wal.stat().st_size == 0
     before = (out / "study.db").read_bytes()
     code, _, err = _run(capsys, *base, "--trials", "10", "--granularity", "head")
     assert code == 2 and "another search space (granularity differ)" in err
