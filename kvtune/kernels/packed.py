@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from kvtune.quant.codes import slicing, unpack
+from kvtune.quant.grid import LOG_SPAN_FLOOR
 
 AXES = ("channel", "token")
-MIN_SPAN = 1e-3  # log2 span floor of a one-byte scale range (normq's ``_range``)
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,10 @@ class _PackedCodes:
         if self.scale.dtype != torch.uint8:
             raise ValueError(f"log8 scales (scale_range set) must be uint8, got {self.scale.dtype}")
         h = self.packed.shape[1]
-        if tuple(self.scale_range.shape) != (h, 2) or not self.scale_range.is_floating_point():
-            raise ValueError(f"scale_range must be float [Hkv={h}, 2], got {self.scale_range.dtype} "
-                             f"{tuple(self.scale_range.shape)}")
+        r = self.scale_range
+        if tuple(r.shape) != (h, 2) or not r.is_floating_point() or r.device != self.scale.device:
+            raise ValueError(f"scale_range must be float [Hkv={h}, 2] on {self.scale.device}, got {r.dtype} "
+                             f"{tuple(r.shape)} on {r.device}")
 
     def _scales(self) -> torch.Tensor:
         """fp32 scales, shaped as ``scale``: the stored ones, or ``exp2(lo + pos * span / 255)`` per head."""
@@ -81,7 +82,7 @@ class _PackedCodes:
             return self.scale.float()
         r = self.scale_range.to(device=self.scale.device, dtype=torch.float32)[:, None, None]  # [Hkv, 1, 1, 2]
         lo = r[..., 0]
-        span = (r[..., 1] - lo).clamp_min(MIN_SPAN)
+        span = (r[..., 1] - lo).clamp_min(LOG_SPAN_FLOOR)
         return torch.exp2(lo + self.scale.float() * span / 255)
 
     def _levels(self, d: int) -> torch.Tensor:

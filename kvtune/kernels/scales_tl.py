@@ -11,7 +11,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MIN_SPAN: tl.constexpr = tl.constexpr(1e-3)  # kvtune.kernels.packed.MIN_SPAN
+from kvtune.quant.grid import LOG_SPAN_FLOOR
+
+MIN_SPAN: tl.constexpr = tl.constexpr(LOG_SPAN_FLOOR)
 
 
 @triton.jit

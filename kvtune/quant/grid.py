@@ -27,6 +27,7 @@ from kvtune.quant.codes import code_format
 
 SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                                         "float32": torch.float32}
+LOG_SPAN_FLOOR = 1e-3  # smallest log2 span of a one-byte (log8) scale range: normq's encode/decode and the kernel's
 
 
 class Grid(Protocol):

@@ -251,7 +251,7 @@ def _range(state: Mapping[str, torch.Tensor], like: torch.Tensor) -> tuple[torch
         raise ValueError("a log8 normq spec needs its calibrated scale range (state['scale_range'])")
     r = r.to(device=like.device, dtype=torch.float32)
     lo = r[..., 0, None, None]
-    return lo, (r[..., 1, None, None] - lo).clamp_min(1e-3)
+    return lo, (r[..., 1, None, None] - lo).clamp_min(grid.LOG_SPAN_FLOOR)
 
 
 def _kernel_range(p: NormQParams, fields: Mapping[str, torch.Tensor],
