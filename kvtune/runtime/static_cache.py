@@ -174,17 +174,16 @@ class StaticLayer(CacheLayerMixin):
     def _write(self, rows: Any, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write fp16 tokens ``k, v [B, Hkv, n, D]`` at extra rows ``rows`` (an index tensor or a slice), raw and (for
         a role with a code frame) framed."""
-        for role, raw, ext, x in (("key", self.win_k, self.ext_k, k), ("value", self.win_v, self.ext_v, v)):
+        def put(buf: torch.Tensor, x: torch.Tensor) -> None:
             if isinstance(rows, slice):
-                raw[:, :, rows] = x
+                buf[:, :, rows] = x
             else:
-                raw.index_copy_(2, rows, x)
+                buf.index_copy_(2, rows, x)
+
+        for role, raw, ext, x in (("key", self.win_k, self.ext_k, k), ("value", self.win_v, self.ext_v, v)):
+            put(raw, x)
             if self.framed[role]:
-                fx = self._frame(role, x)
-                if isinstance(rows, slice):
-                    ext[:, :, rows] = fx
-                else:
-                    ext.index_copy_(2, rows, fx)
+                put(ext, self._frame(role, x))
 
     def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """``q [B, Hq, 1, D]`` -> ``[B, Hq, 1, D]`` over the stored tokens (the extra segment holds this step's),
