@@ -200,7 +200,7 @@ def run_one(model: Any, meth: Any, length: int, batch: int, new_tokens: int, war
     fp16 = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * tokens * c.head_dim * 2
     held = meth.nbytes(cache)
     if torch.cuda.is_available():
-        row["gpu_ms_per_step"], row["top_gpu_kernels"] = _gpu_ms_per_step(
+        row["gpu_ms_per_step"], row["top_gpu_kernels"], row["kernels_per_step"] = _gpu_ms_per_step(
             lambda c=cache, n=nxt: model(n, past_key_values=c, use_cache=True).logits[:, -1:].argmax(-1))
         row["host_bound"] = bool(row["gpu_ms_per_step"] is not None
                                  and row["gpu_ms_per_step"] < 0.8 * 1000 * decode / new_tokens)
@@ -287,7 +287,6 @@ def _fill_synthetic(cache: Any, length: int, gen: torch.Generator) -> None:
             layer.win_v.normal_(generator=gen)
             layer.nq.fill_(n)
             layer.nw.fill_(length - n)
-            layer.wstart.zero_()
             layer.n_quant, layer.n_win, layer.length = n, length - n, length
         else:  # transformers StaticLayer
             layer.keys[:, :, :length].normal_(generator=gen)
@@ -296,9 +295,9 @@ def _fill_synthetic(cache: Any, length: int, gen: torch.Generator) -> None:
                 layer.cumulative_length.fill_(length)
 
 
-def _gpu_ms_per_step(step: Any, steps: int = 8, top: int = 10) -> tuple[float | None, list[dict]]:
-    """Sum of the GPU kernels' durations (torch.profiler, CUDA graph replays included) per step, and the ``top``
-    kernels by time (name, calls and ms per step)."""
+def _gpu_ms_per_step(step: Any, steps: int = 8, top: int = 10) -> tuple[float | None, list[dict], float]:
+    """Sum of the GPU kernels' durations (torch.profiler, CUDA graph replays included) per step, the ``top``
+    kernels by time (name, calls and ms per step) and the kernel launches a step."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -307,14 +306,14 @@ def _gpu_ms_per_step(step: Any, steps: int = 8, top: int = 10) -> tuple[float | 
         _sync()
     kernels = [e for e in prof.key_averages() if _dev_us(e) > 0]
     total = sum(_dev_us(e) for e in kernels)
-    ranked = [{"kernel": e.key[:100], "calls_per_step": e.count / steps, "ms_per_step": _dev_us(e) / 1000 / steps}
+    ranked = [{"kernel": e.key[:160], "calls_per_step": e.count / steps, "ms_per_step": _dev_us(e) / 1000 / steps}
               for e in sorted(kernels, key=lambda e: -_dev_us(e))[:top]]
-    return (total / 1000 / steps if total else None), ranked
+    return (total / 1000 / steps if total else None), ranked, sum(e.count for e in kernels) / steps
 
 
 @torch.no_grad()
 def run_graph(model: Any, meth: Any, length: int, batch: int, new_tokens: int, warmup: int, chunk: int,
-              synthetic: bool = False, keep_tokens: int = 32) -> dict:
+              synthetic: bool = False, keep_tokens: int = 32, top_kernels: int = 10) -> dict:
     """A static cache of ``length + warmup + new_tokens + 16`` tokens: prompt (one call for kvtune's static cache,
     ``chunk``-token pieces for fp16 StaticCache; ``synthetic``: 16 real tokens then random content), then decode
     steps replayed as CUDA graphs (:class:`kvtune.runtime.graphs.GraphDecoder`): wall ms per step, the GPU
@@ -357,7 +356,8 @@ def run_graph(model: Any, meth: Any, length: int, batch: int, new_tokens: int, w
         tok = dec.step(tok).argmax(-1)
     _sync()
     decode = time.perf_counter() - t1
-    gpu_ms, top = _gpu_ms_per_step(lambda d=dec: d.step(d.out.argmax(-1))) if dev.type == "cuda" else (None, [])
+    gpu_ms, top, launches = (_gpu_ms_per_step(lambda d=dec: d.step(d.out.argmax(-1)), top=top_kernels)
+                             if dev.type == "cuda" else (None, [], None))
     c = model.config
     tokens = length + warmup + new_tokens
     fp16 = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * tokens * c.head_dim * 2
@@ -367,7 +367,7 @@ def run_graph(model: Any, meth: Any, length: int, batch: int, new_tokens: int, w
                 "tokens_per_s": batch * new_tokens / decode, "peak_decode_bytes": _peak(), "cache_tokens": tokens,
                 "cache_bytes": held, "fp16_cache_bytes": fp16, "compression_vs_fp16": fp16 / held if held else None,
                 "bits_per_element_held": 8 * held / (fp16 / 2), "capture_s": dec.capture_s,
-                "graphs": len(dec.graphs), "top_gpu_kernels": top,
+                "graphs": len(dec.graphs), "top_gpu_kernels": top, "kernels_per_step": launches,
                 "greedy_tokens": torch.stack(toks[:keep_tokens], 1)[:2].tolist() if keep_tokens else []})
     if meth.plan is not None:
         row["effective_bits_accountant"] = float(cache.plan.effective_bits(tokens))
@@ -531,6 +531,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON path; rows already there for other cases are kept")
     p.add_argument("--shape", choices=["smollm2-135m", "llama3-8b"], default="smollm2-135m",
                    help="model architecture (random weights)")
+    p.add_argument("--top-kernels", type=int, default=10, help="GPU kernels listed a graph row (by time)")
     p.add_argument("--compile-pointwise", action="store_true",
                    help="torch.compile the norm and MLP modules of the model first (every method gets it)")
     p.add_argument("--max-batch", action="store_true",
@@ -601,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                             entry.update(profile_one(model, meth, length, batch, args.prefill_chunk))
                         elif name in GRAPH_METHODS:
                             entry.update(run_graph(model, meth, length, batch, args.new_tokens, args.warmup,
-                                                   args.prefill_chunk))
+                                                   args.prefill_chunk, top_kernels=args.top_kernels))
                         else:
                             entry.update(run_one(model, meth, length, batch, args.new_tokens, args.warmup,
                                                  args.prefill_chunk))

@@ -65,3 +65,24 @@ def test_kernel_formats_quick_on_cpu(bench_path: Path, tmp_path: Path) -> None:
     timed = [r for r in rows if "error" not in r]
     assert {r["format"] for r in timed} >= {"kivi2-g128", "normq2", "kivi4-g128"}
     assert all(r["max_abs_err"] < 2e-3 and r["bits_per_element"] > 1 for r in timed)
+
+
+def test_launch_count_of_a_static_step(bench_path: Path, tmp_path: Path) -> None:
+    """A plain static-cache decode step of a rotated plan costs four launches a layer in the cache and attention:
+    the append kernel (token rows, frames, query rotation, visible range), the row count, attention and merge."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kvtune.kernels import append_step
+
+    if not isinstance(append_step._append_kernel, InterpretedFunction):
+        pytest.skip("the kernels run compiled here: the count needs TRITON_INTERPRET=1")
+    import bench_launches
+
+    out = tmp_path / "launches.json"
+    assert bench_launches.main(["--methods", "normq2-static-graph", "--steps", "3", "--prompt", "24",
+                                "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["plain"]["cache_attention_per_layer"] == 4
+    assert row["plain"]["cache_attention_ops_per_layer"] == {"aten.add_": 1, "triton._append_kernel": 1,
+                                                             "triton._decode_split_kernel": 1,
+                                                             "triton._merge_kernel": 1}

@@ -275,7 +275,8 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
                      extra_len: torch.Tensor | None = None, start: torch.Tensor | None = None,
                      scaling: float | None = None, config: DecodeConfig | None = None, *,
                      t_dev: torch.Tensor | None = None, extra_count: torch.Tensor | None = None,
-                     extra_start: torch.Tensor | None = None,
+                     extra_start: torch.Tensor | None = None, out_rot: torch.Tensor | None = None,
+                     out_mean: torch.Tensor | None = None,
                      launch: Callable[[Any], Any] | None = None) -> torch.Tensor:
     """Decode attention of one query token over packed K/V plus a full-precision extra segment.
 
@@ -287,7 +288,9 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     ``t < start[b]`` are left padding) or None; scaling: softmax scale (default ``1/sqrt(D)``).
     Device-side lengths for one fixed launch (CUDA graphs): ``t_dev`` int32 ``[1]`` quantized tokens in use (the
     packed tensors are then a capacity), ``extra_count`` int32 ``[1]`` and ``extra_start`` int32 ``[B]``: extra
-    tokens ``extra_start[b] <= r < extra_count`` are valid. ``launch`` wraps each kernel before its grid is applied
+    tokens ``extra_start[b] <= r < extra_count`` are valid. The output leaves the values' code frame in the merge:
+    ``out @ out_rot + out_mean[h]`` (``out_rot`` fp16 ``[D, D]``, the inverse rotation; ``out_mean`` ``[Hkv, D]``,
+    the value mean; None: not applied). ``launch`` wraps each kernel before its grid is applied
     (``torch.library.wrap_triton`` inside a ``triton_op``). Returns ``[B, Hq, 1, D]`` in q's dtype.
     """
     # q: [B, Hq, 1, D]
@@ -338,8 +341,11 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
         BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None, T_DEV=t_dev is not None,
         **cfg.launch_options(), **consts,
     )
-    wrap(_merge_kernel)[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns,
-                               D=d, DP=_p2(d), BS=min(16, _p2(ns)), num_warps=4)
+    rot = out_rot.contiguous() if out_rot is not None else o
+    mean = out_mean.contiguous() if out_mean is not None else o
+    wrap(_merge_kernel)[(bsz * hq,)](m, lse, o, out, out.stride(0), out.stride(1), hq, ns, rot, mean, hq // hkv,
+                                     D=d, DP=_p2(d), BS=min(16, _p2(ns)), ROT=out_rot is not None,
+                                     CEN=out_mean is not None, num_warps=4)
     return out
 
 

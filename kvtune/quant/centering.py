@@ -49,7 +49,7 @@ def restore(y: torch.Tensor, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return y + _mean(state, y)
 
 
-def _active(spec: Any, state: Mapping[str, torch.Tensor]) -> bool:
+def active(spec: Any, state: Mapping[str, torch.Tensor]) -> bool:
     """A centered spec with its mean: before the mean is fitted (no plan state, nothing stored yet) every token
     is fp16 and already in one frame."""
     return bool(spec.center) and CENTER_FIELD in state
@@ -59,13 +59,13 @@ def shift(spec: Any, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torc
     """What the fused decode kernel reads beside the codes of a centered ``spec``: the fp16 tokens ``x [B, h, R, D]``
     (sinks, window) minus the mean, so that every token of the head is in the same frame. Keys: each score then
     drops the same ``q . mean`` (softmax unchanged); values: the output drops ``mean`` (:func:`unshift`)."""
-    return (x.float() - _mean(state, x)).to(x.dtype) if _active(spec, state) else x
+    return (x.float() - _mean(state, x)).to(x.dtype) if active(spec, state) else x
 
 
 def unshift(spec: Any, state: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """The kernel's attention output ``out [B, h * n_rep, 1, D]`` over shifted values with the value mean added
     back (probabilities sum to one), each query head taking its KV head's mean."""
-    if not _active(spec, state):
+    if not active(spec, state):
         return out
     mean = _mean(state, out)  # [h, 1, D]
     return out + mean.repeat_interleave(out.shape[1] // mean.shape[0], dim=0).to(out.dtype)

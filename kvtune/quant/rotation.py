@@ -34,10 +34,10 @@ class Rotation:
     def identity(self) -> bool:
         return self.name == "none"
 
-    def half_pair(self, d: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(R, R.T)`` in ``dtype`` on ``device`` for a decode step that rotates fp16 rows on the tensor cores (one
-        small matmul, no float32 copies), or None for the identity. Cached per (rotation, d, device, dtype)."""
-        return _half_pair(self.name, d, device, dtype) if not self.identity else None
+    def pair(self, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(R, R.T)``, both contiguous float32 ``[D, D]`` on ``device`` (what the decode kernels read to rotate the
+        query and the new token, and the output back), or None for the identity. Cached per (rotation, d, device)."""
+        return _pair(self.name, d, device) if not self.identity else None
 
 
 def _power_of_two(d: int) -> None:
@@ -85,10 +85,10 @@ ROTATIONS: dict[str, Rotation] = {
 
 
 @lru_cache(maxsize=32)
-def _half_pair(name: str, d: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(name: str, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode(False):
         r = ROTATIONS[name].on(d, device)
-        return r.to(dtype).contiguous(), r.T.to(dtype).contiguous()
+        return r.contiguous(), r.T.contiguous()
 
 
 def rotation(name: str) -> Rotation:

@@ -219,8 +219,10 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
         idx = torch.cat([torch.arange(s, device=q.device),
                          nq + s + e + torch.arange(layer.win_k.shape[2], device=q.device)])
         extra = idx[None, :] >= lo[:, None]  # [B, R] bool
-    out = decode_attention(qk, kq, vq, ek, ev, extra, start, scaling)
-    return centering.unshift(vs, g.state["value"], vrot.inverse(out))
+    back = vrot.pair(q.shape[-1], q.device)  # the merge takes the output back: inverse rotation, value mean
+    mean = g.state["value"][centering.CENTER_FIELD] if centering.active(vs, g.state["value"]) else None
+    return decode_attention(qk, kq, vq, ek, ev, extra, start, scaling, out_rot=back[1] if back else None,
+                            out_mean=mean.to(q.device) if mean is not None else None)
 
 
 def _first_key(layer: KVTuneLayer, pad: torch.Tensor) -> torch.Tensor:

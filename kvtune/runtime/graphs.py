@@ -23,7 +23,7 @@ import torch
 
 from kvtune.models import cache_kwargs
 
-COUNTERS = ("nq", "nw", "wstart", "cumulative_length")
+COUNTERS = ("nq", "nw", "cumulative_length")
 
 
 class GraphDecoder:
@@ -88,7 +88,7 @@ class GraphDecoder:
         return host, dev, self.pos.clone(), self.cpos.clone()
 
     def _counters(self) -> list[torch.Tensor]:
-        """The device counters a step moves: kvtune's ``nq``/``nw``/``wstart``, transformers' ``cumulative_length``."""
+        """The device counters a step moves: kvtune's ``nq``/``nw``, transformers' ``cumulative_length``."""
         return [t for ly in getattr(self.cache, "layers", []) for name in COUNTERS
                 if isinstance(t := getattr(ly, name, None), torch.Tensor)]
 

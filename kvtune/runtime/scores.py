@@ -56,6 +56,16 @@ class ScoreMods:
 PLAIN = ScoreMods()  # plain softmax(q k^T * scaling)
 
 
+def model_score_mods(model: Any) -> list[str]:
+    """What in ``model``'s attention is not a plain softmax (the fused decode kernel's maths): ``"soft-capping"``
+    (a config's ``attn_logit_softcapping``), ``"learned sinks"`` (attention modules with a ``sinks`` parameter)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    found = ["soft-capping"] if getattr(config, "attn_logit_softcapping", None) else []
+    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
+        found.append("learned sinks")
+    return found
+
+
 def softmax(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over the last axis of float32 ``scores [..., N]`` (-inf = masked; a fully masked row gives 0),
     with an extra denominator term ``exp(sinks)`` broadcast to ``[..., 1]`` when given."""

@@ -2,9 +2,10 @@
 
 :meth:`StaticLayer.update <kvtune.runtime.static_cache.StaticLayer.update>` registers itself for the key tensor it
 returns; this function hands the query to that layer (fused kernel over the packed buffers and the window, then
-the flush when due). A prompt (several query tokens) attends with transformers' SDPA over its own tokens, as in
-the dynamic path. The mask function builds transformers' SDPA mask for prompts and none for single tokens, so a
-decode step does no mask work (left padding lives in the cache's device tensors).
+the flush when due). A prompt (several query tokens) attends with the model's own attention over its own tokens
+(:func:`kvtune.runtime.scores.model_attention`), as in the dynamic path. The mask function builds transformers'
+SDPA mask for prompts and none for single tokens, so a decode step does no mask work (left padding and windows
+live in the cache's device tensors).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from kvtune.errors import KVTuneError
+from kvtune.runtime.scores import ScoreMods, model_attention
 
 NAME = "kvtune-static"
 _PENDING: dict[int, tuple[torch.Tensor, Any]] = {}  # id(key tensor) -> (that tensor, layer)
@@ -33,10 +37,10 @@ def static_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     """``query [B, Hq, L, D]`` -> ``(out [B, L, Hq, D], None)``."""
     layer = _take(key)
     if layer is None or query.shape[2] != 1:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return model_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if not ScoreMods.from_kwargs(kwargs).plain:  # StaticKVTuneCache refuses such models; a backstop
+        raise KVTuneError("the static cache's kernel has no attention soft-capping or sinks",
+                          "use plan.cache(model) (dynamic cache)")
     scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     return layer.attend(query, scaling).transpose(1, 2), None
 

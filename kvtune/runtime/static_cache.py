@@ -26,16 +26,19 @@ the ``"kvtune-static"`` implementation (:mod:`kvtune.runtime.static_attention`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvtune.errors import KVTuneError
+from kvtune.layout import GLOBAL, LayerSpan
 from kvtune.quant import centering, codec
 from kvtune.quant.centering import CENTER_FIELD
 from kvtune.quant.rotation import rotation
 from kvtune.runtime.heads import ROLES
+from kvtune.runtime.scores import model_score_mods
 
 if TYPE_CHECKING:
     from kvtune.plan import Plan
@@ -44,9 +47,11 @@ if TYPE_CHECKING:
 FP = torch.float16
 
 
-def check_static(plan: Plan, head_dim: int) -> None:
-    """Raise :class:`KVTuneError` naming the first layer the static (CUDA-graph) path cannot serve, and why."""
+def check_static(plan: Plan, head_dim: int, spans: Sequence[LayerSpan] | None = None) -> None:
+    """Raise :class:`KVTuneError` naming the first layer the static (CUDA-graph) path cannot serve, and why (each
+    layer as it runs under its attention span: a windowed layer drops its token policies)."""
     for i, lp in enumerate(plan.layers):
+        lp = lp.windowed(spans[i]) if spans is not None else lp
         why = []
         if lp.heads and len(set(lp.heads)) > 1:
             why.append("per-head specs")
@@ -74,20 +79,22 @@ class StaticLayer(CacheLayerMixin):
     """One layer: packed fields ``[B, Hkv, rows(capacity), width]``; the fp16 extra segment ``win_k``/``win_v``
     ``[B, Hkv, S + residual + flush, D]`` laid out ``[sinks (S = sink_tokens rows) | window]``; device counters
     ``nq`` (quantized tokens) and ``nw`` (extra rows in use: sinks filled + window) int32 ``[1]``; per row int32
-    ``[B]``: left padding ``pad``, the quantized part's padding ``qstart = max(pad - S, 0)`` and the first valid
-    extra row ``wstart = min(pad, S) + max(pad - S - nq, 0)`` (valid extra rows ``wstart <= r < nw`` are contiguous:
-    the window fills only once the sinks are full). ``ext_k``/``ext_v``: the same extra rows in each role's code frame
-    (centered, rotated) as the kernel reads them (the raw rows themselves when a role has no frame); the flush
-    quantizes the raw rows. Host mirrors: ``n_quant``, ``n_win`` (window tokens only), ``length``; the sinks filled
-    are ``min(length, S)``."""
+    ``[B]``: left padding ``pad`` and, written by each step's append kernel before attention, what the query sees:
+    quantized tokens from ``qvis = max(e - S, 0)`` and extra rows from ``wvis = min(e, S) + max(e - S - nq, 0)``
+    (``e``: the first visible position, after the padding and, in a sliding or chunked layer (``span``), inside its
+    window; valid extra rows ``wvis <= r < nw`` are contiguous: the window fills only once the sinks are full). A
+    windowed layer keeps its old tokens (static capacity) and masks them. ``ext_k``/``ext_v``: the same extra rows
+    in each role's code frame (centered, rotated) as the kernel reads them (the raw rows themselves when a role has
+    no frame); the flush quantizes the raw rows. Host mirrors: ``n_quant``, ``n_win`` (window tokens only),
+    ``length``; the sinks filled are ``min(length, S)``."""
 
     is_sliding = False
     is_compileable = False
 
     def __init__(self, plan: LayerPlan, num_kv_heads: int, head_dim: int, state: dict[str, dict[str, torch.Tensor]],
-                 batch: int, capacity: int, device: torch.device) -> None:
+                 batch: int, capacity: int, device: torch.device, span: LayerSpan = GLOBAL) -> None:
         super().__init__()
-        self.plan, self.head_dim, self.batch = plan, head_dim, batch
+        self.plan, self.head_dim, self.batch, self.span = plan, head_dim, batch, span
         self.specs = {"key": plan.key, "value": plan.value}
         self.flush, self.residual, self.capacity = plan.flush, plan.residual, capacity
         self.sinks = plan.salient.sink_tokens
@@ -102,18 +109,19 @@ class StaticLayer(CacheLayerMixin):
         # the kernel's extra segment: the same rows in each role's code frame (centered, rotated) when it has one,
         # made once per token as it is written instead of every step; the raw rows stay for the flush
         self.framed = {r: self.specs[r].rotation != "none" or bool(self.specs[r].center) for r in ROLES}
-        # fp16 (R, R.T) of each role's rotation: a step rotates the query, the new token and the output with one
-        # small tensor-core matmul each (no float32 copies)
-        self.rmat = {r: rotation(self.specs[r].rotation).half_pair(head_dim, device, FP) for r in ROLES}
+        # float32 (R, R.T) of each role's rotation: a step's append kernel rotates the query and the new token, the
+        # attention's merge the output back
+        self.rmat = {r: rotation(self.specs[r].rotation).pair(head_dim, device) for r in ROLES}
         self.ext_k = torch.zeros_like(self.win_k) if self.framed["key"] else self.win_k
         self.ext_v = torch.zeros_like(self.win_v) if self.framed["value"] else self.win_v
         i32 = {"dtype": torch.int32, "device": device}
         self.nq, self.nw = torch.zeros(1, **i32), torch.zeros(1, **i32)
-        self.pad, self.wstart, self.qstart = (torch.zeros(batch, **i32) for _ in range(3))
+        self.pad, self.qvis, self.wvis = (torch.zeros(batch, **i32) for _ in range(3))
         self.ar = torch.arange(self.flush, device=device)
         self.n_quant = self.n_win = self.length = 0  # host mirrors
         self.flush_due: bool | None = None  # None: from the host mirrors; set by a graph decoder while capturing
         self.due = False
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's key and value, until attend()
         self.device, self.is_initialized = device, True
 
     # -- transformers CacheLayerMixin ------------------------------------------------------------------------------
@@ -133,9 +141,8 @@ class StaticLayer(CacheLayerMixin):
         elif m != 1:
             raise KVTuneError("a static kvtune cache takes one prompt, then one token per sequence a step",
                               "prefill the whole prompt in one call, or use plan.cache(model) (dynamic)")
-        else:  # the token's row is the extra count: a sink row while the sinks fill, then the window's next
-            self._write(self.nw.long(), key_states.to(FP), value_states.to(FP))
-            self.nw += 1
+        else:  # attend() writes the token at the extra count: a sink row while the sinks fill, then the window's next
+            self.pending = (key_states, value_states)
             self.n_win, self.length = self.n_win + self.to_window(), self.length + 1
             self.due = self.n_win == self.residual + self.flush if self.flush_due is None else self.flush_due
             register(key_states, self)
@@ -160,16 +167,15 @@ class StaticLayer(CacheLayerMixin):
         return self.length >= self.sinks
 
     def reset(self) -> None:
-        for t in (self.nq, self.nw, self.wstart):
+        for t in (self.nq, self.nw):
             t.zero_()
         self.n_quant = self.n_win = self.length = 0
 
     # -- attention and flush ----------------------------------------------------------------------------------------
     def _frame(self, role: str, x: torch.Tensor) -> torch.Tensor:
         """fp16 rows ``x [B, Hkv, n, D]`` in ``role``'s code frame (mean removed, rotated), as the kernel reads them."""
-        spec, rmat = self.specs[role], self.rmat[role]
-        x = centering.shift(spec, self.state[role], x.to(FP))
-        return x @ rmat[0] if rmat is not None else x
+        spec = self.specs[role]
+        return rotation(spec.rotation).forward(centering.shift(spec, self.state[role], x.to(FP)))
 
     def _write(self, rows: Any, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write fp16 tokens ``k, v [B, Hkv, n, D]`` at extra rows ``rows`` (an index tensor or a slice), raw and (for
@@ -186,20 +192,30 @@ class StaticLayer(CacheLayerMixin):
                 put(ext, self._frame(role, x))
 
     def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        """``q [B, Hq, 1, D]`` -> ``[B, Hq, 1, D]`` over the stored tokens (the extra segment holds this step's),
-        then the flush when one is due. The extra segment (sinks + window) is read in the code frame it was written
-        in (centered, rotated; as in the dynamic kernel path), so a step rotates only the query and the output."""
+        """``q [B, Hq, 1, D]`` -> ``[B, Hq, 1, D]`` over the stored tokens and this step's (from :meth:`update`), then
+        the flush when one is due. One launch (:func:`kvtune.kernels.append_step.append_step`) writes the token's
+        raw and framed (centered, rotated) rows and rotates the query; the merge of the attention kernel takes the
+        output back out of the values' frame (inverse rotation, mean)."""
+        from kvtune.kernels.append_step import append_step
         from kvtune.kernels.decode_static import decode_static
 
+        (k, v), self.pending = self.pending, None
         kmat, vmat = self.rmat["key"], self.rmat["value"]
+        qf = append_step(q, k, v, self.win_k, self.win_v, self.ext_k, self.ext_v, self.nw,
+                         kmat[0] if kmat is not None else None, vmat[0] if vmat is not None else None,
+                         self._mean("key"), self._mean("value"), (self.pad, self.nq, self.qvis, self.wvis),
+                         self.sinks, self.span)
+        self.nw += 1
         kq, vq = self.operands
-        q16 = q.to(FP)
-        out = decode_static(q16 @ kmat[0] if kmat is not None else q16, kq, vq, self.ext_k, self.ext_v,
-                            self.nq, self.nw, self.wstart, self.qstart, scaling)
+        out = decode_static(qf.to(FP), kq, vq, self.ext_k, self.ext_v, self.nq, self.nw, self.wvis, self.qvis,
+                            scaling, vmat[1] if vmat is not None else None, self._mean("value"))
         if self.due:
             self._flush()
-        out = out @ vmat[1] if vmat is not None else out
-        return centering.unshift(self.specs["value"], self.state["value"], out).to(q.dtype)
+        return out.to(q.dtype)
+
+    def _mean(self, role: str) -> torch.Tensor | None:
+        """The mean ``[Hkv, D]`` a centered role's frame takes off (None: not centered)."""
+        return self.state[role][CENTER_FIELD] if centering.active(self.specs[role], self.state[role]) else None
 
     def _padded(self, x: torch.Tensor, first: torch.Tensor | int) -> torch.Tensor:
         """``x [B, Hkv, n, D]`` (quantized tokens ``first..``, stored after the sinks) with left-padding rows replaced
@@ -239,12 +255,7 @@ class StaticLayer(CacheLayerMixin):
         self._write(slice(s, length - n), k[:, :, s + n :], v[:, :, s + n :])
         self.nq.fill_(n)
         self.nw.fill_(length - n)
-        self._extra_start()
         self.n_quant, self.n_win, self.length = n, length - s - n, length
-
-    def _extra_start(self) -> None:
-        """``wstart = min(pad, S) + max(pad - S - nq, 0)``: padded sink rows, then padded window rows."""
-        torch.add(self.pad.clamp(max=self.sinks), (self.qstart - self.nq).clamp(min=0), out=self.wstart)
 
     def _flush(self) -> None:
         """Quantize the window's oldest ``flush`` tokens (extra rows ``S..S+flush``) into rows from ``nq``, shift the
@@ -258,7 +269,6 @@ class StaticLayer(CacheLayerMixin):
                 buf[:, :, s : s + r] = buf[:, :, s + f :].clone()
         self.nq += f
         self.nw -= f
-        self._extra_start()
         self.n_quant, self.n_win = self.n_quant + f, self.n_win - f
 
     def nbytes(self) -> int:
@@ -278,13 +288,16 @@ class StaticKVTuneCache(Cache):
         from kvtune.runtime.static_attention import install
 
         check_supported(model)
+        if mods := model_score_mods(model):
+            raise KVTuneError(f"the static (CUDA-graph) cache's kernel has no attention {' or '.join(mods)}, which "
+                              f"{type(model).__name__} uses", "use plan.cache(model) (dynamic cache)")
         ident = identity_of(model)
         self.plan = plan.bind(ident)
-        check_static(self.plan, ident.head_dim)
+        check_static(self.plan, ident.head_dim, ident.spans)
         dev = torch.device(device) if device is not None else next(model.parameters()).device
-        layers = [StaticLayer(lp, ident.num_kv_heads, ident.head_dim, self.plan.layer_state(i), batch,
-                              math.ceil(max_length / lp.flush) * lp.flush, dev)
-                  for i, lp in enumerate(self.plan.layers)]
+        layers = [StaticLayer(lp.windowed(span), ident.num_kv_heads, ident.head_dim, self.plan.layer_state(i), batch,
+                              math.ceil(max_length / lp.flush) * lp.flush, dev, span)
+                  for i, (lp, span) in enumerate(zip(self.plan.layers, ident.spans))]
         super().__init__(layers=layers)
         self.max_length = max_length
         install(model)
@@ -296,7 +309,6 @@ class StaticKVTuneCache(Cache):
                 layer.pad.zero_()
             else:
                 layer.pad.copy_((attention_mask.to(layer.device).cumsum(-1) == 0).sum(-1))
-            torch.clamp(layer.pad - layer.sinks, min=0, out=layer.qstart)  # the quantized part follows the sinks
 
     def next_flush(self) -> tuple[bool, ...]:
         """Which layers the next single-token step flushes a block in (one bool a layer; only window tokens count).

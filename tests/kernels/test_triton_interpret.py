@@ -448,3 +448,19 @@ def test_log8_operands_are_checked() -> None:
         da.PackedValues(codes, pos.half(), None, 2, 0, scale_range=rng)
     with pytest.raises(ValueError, match="need their scale_range"):
         da.PackedValues(codes, pos, None, 2, 0)
+
+
+@pytest.mark.parametrize("d, n_rep, rot, center", [(64, 2, True, True), (80, 3, True, False), (64, 4, False, True)])
+def test_merge_takes_the_output_out_of_the_value_frame(d: int, n_rep: int, rot: bool, center: bool) -> None:
+    """``out_rot`` / ``out_mean`` in the merge equal the plain output times ``out_rot`` plus each KV head's mean."""
+    q, _, _, kq, vq, ek, ev, ext, start = _case(2, 2, n_rep, d, hkv=2, t=64, gc=d)
+    gen = torch.Generator().manual_seed(3)
+    rt = torch.linalg.qr(torch.randn(d, d, generator=gen))[0].half().to(DEV) if rot else None
+    mean = torch.randn(2, d, generator=gen).half().to(DEV) if center else None
+    plain = _run(q, kq, vq, ek, ev, ext, start, "len").float()
+    got = da.decode_attention(q.to(DEV), kq, vq, ek.to(DEV), ev.to(DEV), ext.to(DEV), start.to(DEV),
+                              out_rot=rt, out_mean=mean).cpu().float()
+    want = plain @ rt.cpu().float() if rot else plain
+    if center:
+        want = want + mean.cpu().float().repeat_interleave(n_rep, 0)[None, :, None, :]
+    torch.testing.assert_close(got, want, atol=4e-3, rtol=0)

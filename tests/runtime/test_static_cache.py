@@ -142,8 +142,8 @@ def test_custom_op_compiles(model: Any) -> None:
     def attend(q: torch.Tensor) -> torch.Tensor:
         from kvtune.kernels.decode_static import decode_static
 
-        return decode_static(q, *layer.operands, layer.win_k, layer.win_v, layer.nq, layer.nw, layer.wstart,
-                             layer.qstart, 0.125)
+        return decode_static(q, *layer.operands, layer.win_k, layer.win_v, layer.nq, layer.nw, layer.wvis,
+                             layer.qvis, 0.125)
 
     torch.testing.assert_close(torch.compile(attend, fullgraph=True)(q), attend(q), atol=1e-3, rtol=0)
     model.set_attn_implementation("sdpa")
@@ -166,3 +166,35 @@ def test_static_refuses_plans_the_kernel_cannot_serve(model: Any) -> None:
         _centered(ranges=False).cache(model, static=True, batch=1, max_length=64)
     assert "\n" not in str(err.value)
     model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3", "llama4"])
+def test_windowed_layers_see_what_the_dynamic_cache_sees(arch: str) -> None:
+    """Sliding-window (Mistral; Gemma 3's 5:1 pattern with one KV head) and chunked (Llama 4) layers with an 8-token
+    window under a 30-token prompt and a left-padded row: each step attends only what the window shows (the static
+    cache keeps the older tokens and masks them), as the dynamic cache does; same logits on the same tokens."""
+    kv = 1 if arch == "gemma3" else 2
+    m = tiny_model(arch, layers=6 if arch == "gemma3" else 2, heads=2 * kv, kv_heads=kv, head_dim=32, vocab=160,
+                   window=8).to(DEV).to(torch.float16 if DEV == "cuda" else torch.float32)
+    lp = LayerPlan(key=affine(bits=2, axis="channel", group=16), value=affine(bits=2, axis="token", group=0),
+                   residual=4)
+    plan = Plan(layers=(lp,), name="t")
+    ids, mask = _inputs(30)
+    tok, logits, _ = _static(m, plan, ids, mask, 6, graphs=False)
+    m.set_attn_implementation("sdpa")
+    cache = KVTuneCache(plan, m, backend="triton")
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    ref = [m(ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **cache_kwargs(m, cache)).logits[:, -1]]
+    for i in range(tok.shape[1]):  # the static run's tokens, fed to the dynamic cache
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        ref.append(m(tok[:, i : i + 1], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                     **cache_kwargs(m, cache)).logits[:, -1])
+    torch.testing.assert_close(logits.float(), torch.stack(ref, 1).float(), atol=3e-3, rtol=0)
+
+
+@pytest.mark.parametrize("arch, why", [("gemma2", "soft-capping"), ("gpt_oss", "learned sinks")])
+def test_static_refuses_attention_the_kernel_lacks(arch: str, why: str) -> None:
+    m = tiny_model(arch, layers=2, heads=4, kv_heads=2, head_dim=32, vocab=160)
+    with pytest.raises(KVTuneError, match=why) as err:
+        _k2g16().cache(m, static=True, batch=1, max_length=64)
+    assert "\n" not in str(err.value)
