@@ -289,7 +289,7 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     Device-side lengths for one fixed launch (CUDA graphs): ``t_dev`` int32 ``[1]`` quantized tokens in use (the
     packed tensors are then a capacity), ``extra_count`` int32 ``[1]`` and ``extra_start`` int32 ``[B]``: extra
     tokens ``extra_start[b] <= r < extra_count`` are valid. The output leaves the values' code frame in the merge:
-    ``out @ out_rot + out_mean[h]`` (``out_rot`` fp16 ``[D, D]``, the inverse rotation; ``out_mean`` ``[Hkv, D]``,
+    ``out @ out_rot + out_mean[h]`` (``out_rot`` ``[D, D]`` float, the inverse rotation; ``out_mean`` ``[Hkv, D]``,
     the value mean; None: not applied). ``launch`` wraps each kernel before its grid is applied
     (``torch.library.wrap_triton`` inside a ``triton_op``). Returns ``[B, Hq, 1, D]`` in q's dtype.
     """
@@ -317,8 +317,9 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
     ek, ev, emask, stride_emb, r, mode = extra_args(extra_k, extra_v, extra_len, q, extra_count)
     ns = n_q + (1 if mode else 0)
     out = torch.empty_like(q)
-    if ns == 0:
-        return out.zero_()
+    if ns == 0:  # nothing to attend: the empty sum, out of the value frame
+        out.zero_()
+        return out if out_mean is None else out + out_mean.to(out.dtype).repeat_interleave(hq // hkv, 0)[:, None]
     kp, ks, kz = (kernel_arg(x) for x in (kq.packed, kq.scale, kq.scale if kq.zero is None else kq.zero))
     vp, vs, vz = (kernel_arg(x) for x in (vq.packed, vq.scale, vq.scale if vq.zero is None else vq.zero))
     if ks.stride() != kz.stride():

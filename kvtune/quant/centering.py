@@ -6,7 +6,8 @@ smaller vectors to code (on SmolLM2's keys, 2-bit rotated norm codes lose a thir
 ``[h, D]`` (fp16, in the unrotated basis) is ``layer``-scope state: calibrated on the calibration sample and stored
 in the plan (``layers.{i}.{role}.center``), else fitted on the first block stored. Adding it back is exact, so
 attention sees ``x^ = mean + Q(x - mean)``. The fused decode kernel reads centered codes as they are and the fp16
-tokens shifted into the same frame (:func:`shift`, :func:`unshift`).
+tokens shifted into the same frame (:func:`shift`); its merge adds the value mean back to the output
+(``decode_attention(out_mean=...)``, what :func:`unshift` states in PyTorch).
 """
 
 from __future__ import annotations

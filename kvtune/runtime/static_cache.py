@@ -108,7 +108,8 @@ class StaticLayer(CacheLayerMixin):
         self.win_v = torch.zeros_like(self.win_k)
         # the kernel's extra segment: the same rows in each role's code frame (centered, rotated) when it has one,
         # made once per token as it is written instead of every step; the raw rows stay for the flush
-        self.framed = {r: self.specs[r].rotation != "none" or bool(self.specs[r].center) for r in ROLES}
+        self.framed = {r: self.specs[r].rotation != "none" or centering.active(self.specs[r], self.state[r])
+                       for r in ROLES}  # as the append kernel decides (a rotation or a mean to take off)
         # float32 (R, R.T) of each role's rotation: a step's append kernel rotates the query and the new token, the
         # attention's merge the output back
         self.rmat = {r: rotation(self.specs[r].rotation).pair(head_dim, device) for r in ROLES}
