@@ -5,13 +5,14 @@ extra segment's next row (read from device memory: the row count ``n_extra`` ``[
 for a role with a code frame, centered and rotated as the kernel reads it (``(x - mean) @ R``), and rotates the
 query into the keys' frame (``q @ R_k``). In PyTorch that is four row copies and up to three small matmuls (plus
 the centering), each its own launch, and the rows the query sees (left padding; a sliding or chunked layer's window)
-a few more; here it is one program per (sequence, KV head), grid ``(B * Hkv,)``, each rotation a
-``[16, D] @ [D, D]`` product in fp32.
+a few more; here it is one program per (sequence, KV head), grid ``(B * Hkv,)``, each rotation two
+``[16, D] @ [D, D]`` tensor-core products.
 
 Operands: ``q [B, Hq, 1, D]``, ``k, v [B, Hkv, 1, D]`` (any strides with a contiguous last dim), the extra buffers
-``[B, Hkv, R_cap, D]`` (raw ``win_*``, framed ``ext_*``: one shape and strides), rotations ``[D, D]`` float32 and
-means ``[Hkv, D]`` fp16 (absent: None). :func:`append_step` returns the query in the keys' frame (the input itself
-when keys have no rotation).
+``[B, Hkv, R_cap, D]`` (raw ``win_*``, framed ``ext_*``: one shape and strides), rotations as fp16 ``[2, D, D]``
+pairs ``R = hi + lo`` (:meth:`kvtune.quant.rotation.Rotation.split_half`) and means ``[Hkv, D]`` fp16 (absent:
+None). :func:`append_step` returns the query in the keys' frame (the input itself when keys have no rotation).
+Compiled for sm_90 offline: 150-168 registers, no spills at D = 80-128 (a few bytes at 256).
 """
 
 from __future__ import annotations
@@ -29,20 +30,21 @@ SPAN_CODES = {"global": 0, "sliding": 1, "chunked": 2}  # kvtune.layout.SPAN_KIN
 @triton.jit
 def _store_framed(x, dst, rmask, r_ptr, m_ptr, h, D: tl.constexpr, DP: tl.constexpr, ROT: tl.constexpr,
                   CEN: tl.constexpr):
-    """Store fp32 rows ``x [RP, DP]`` at row pointers ``dst [RP, 1]`` (rows ``rmask``) in a role's frame: minus the
-    head's mean (CEN) and rounded to fp16 as the PyTorch path rounds the centered rows, times ``R`` (ROT; float32
-    products, ``CW`` output channels at a time so that a slice of ``R`` stays in registers at any head dim)."""
+    """Store fp16 rows ``x [RP, DP]`` at row pointers ``dst [RP, 1]`` (rows ``rmask``) in a role's frame: minus the
+    head's mean (CEN; rounded to fp16, as the PyTorch path rounds the centered rows), times ``R`` (ROT: ``r_ptr``
+    holds ``R`` as two fp16 matrices ``[2, D, D]``, ``hi + lo``; two tensor-core products with fp32 accumulation give
+    the float32 product of the fp16 rows, ``CW`` output channels at a time)."""
     cols = tl.arange(0, DP)[None, :]
     if CEN:
-        x = (x - tl.load(m_ptr + h * D + cols, mask=cols < D, other=0.0).to(tl.float32)).to(tl.float16)
-        x = x.to(tl.float32)
+        x = (x.to(tl.float32) - tl.load(m_ptr + h * D + cols, mask=cols < D, other=0.0).to(tl.float32)).to(tl.float16)
     if ROT:
         CW: tl.constexpr = min(DP, 64)
         ri = tl.arange(0, DP)[:, None]
         for c0 in tl.static_range(0, DP, CW):
             c = c0 + tl.arange(0, CW)[None, :]
-            rot = tl.load(r_ptr + ri * D + c, mask=(ri < D) & (c < D), other=0.0)
-            y = tl.dot(x, rot, input_precision="ieee")  # [RP, CW]
+            rm = (ri < D) & (c < D)
+            y = tl.dot(x, tl.load(r_ptr + ri * D + c, mask=rm, other=0.0))  # [RP, CW] fp32
+            y = tl.dot(x, tl.load(r_ptr + D * D + ri * D + c, mask=rm, other=0.0), y)
             tl.store(dst + c, y.to(dst.dtype.element_ty), mask=rmask & (c < D))
     else:
         tl.store(dst + cols, x.to(dst.dtype.element_ty), mask=rmask & (cols < D))
@@ -87,14 +89,14 @@ def _append_kernel(q_ptr, sqb, sqh, k_ptr, skb, skh, v_ptr, svb, svh, wk_ptr, wv
     tl.store(wk_ptr + dst + cols, k, mask=one)
     tl.store(wv_ptr + dst + cols, v, mask=one)
     if ROT_K or CEN_K:
-        _store_framed(k.to(tl.float32), ek_ptr + dst, rows == 0, rk_ptr, mk_ptr, h, D, DP, ROT_K, CEN_K)
+        _store_framed(k, ek_ptr + dst, rows == 0, rk_ptr, mk_ptr, h, D, DP, ROT_K, CEN_K)
     if ROT_V or CEN_V:
-        _store_framed(v.to(tl.float32), ev_ptr + dst, rows == 0, rv_ptr, mv_ptr, h, D, DP, ROT_V, CEN_V)
+        _store_framed(v, ev_ptr + dst, rows == 0, rv_ptr, mv_ptr, h, D, DP, ROT_V, CEN_V)
     if ROT_K:
         qr = tl.arange(0, QP)[:, None]
         heads = h * NREP + qr
         q = tl.load(q_ptr + b.to(tl.int64) * sqb + heads * sqh + cols, mask=(qr < NREP) & (cols < D), other=0.0)
-        _store_framed(q.to(tl.float16).to(tl.float32), qo_ptr + (b.to(tl.int64) * Hkv * NREP + heads) * D,
+        _store_framed(q.to(tl.float16), qo_ptr + (b.to(tl.int64) * Hkv * NREP + heads) * D,
                       qr < NREP, rk_ptr, mk_ptr, h, D, DP, True, False)
 
 
@@ -109,7 +111,8 @@ def append_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_k: torch.
                 span: LayerSpan = GLOBAL) -> torch.Tensor:
     """Write ``k, v [B, Hkv, 1, D]`` at row ``n_extra[0]`` of ``win_*`` and, framed (``(x - mean) @ R``; a role
     with neither passes ``ext_*`` as its ``win_*``), of ``ext_*`` ``[B, Hkv, R_cap, D]``; return ``q [B, Hq, 1, D]``
-    in the keys' frame (``q @ rot_k`` in fp16; ``q`` itself without a key rotation). Does not advance ``n_extra``.
+    in the keys' frame (``q @ R_k`` in fp16; ``q`` itself without a key rotation). ``rot_k``/``rot_v``: each role's
+    ``R`` as fp16 ``[2, D, D]`` (hi, lo) or None; ``mean_*`` ``[Hkv, D]`` or None. Does not advance ``n_extra``.
 
     ``visible = (pad, n_quant, qvis, wvis)``: from each row's left padding ``pad`` int32 ``[B]`` and the quantized
     count ``n_quant`` int32 ``[1]`` of the stream ``[sinks][quantized][extra rows from sinks on]``, writes what the
@@ -122,7 +125,6 @@ def append_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_k: torch.
         raise ValueError(f"append_step takes one token: q {tuple(q.shape)}, k {tuple(k.shape)}, window "
                          f"{tuple(win_k.shape)}")
     q, k, v = (_last_contiguous(x) for x in (q, k, v))
-    rot_k, rot_v = (r.contiguous() if r is not None else None for r in (rot_k, rot_v))
     qo = torch.empty(bsz, hq, 1, d, dtype=torch.float16, device=q.device) if rot_k is not None else q
     dummy = win_k
     _append_kernel[(bsz * hkv,)](

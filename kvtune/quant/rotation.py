@@ -39,6 +39,11 @@ class Rotation:
         query and the new token, and the output back), or None for the identity. Cached per (rotation, d, device)."""
         return _pair(self.name, d, device) if not self.identity else None
 
+    def split_half(self, d: int, device: torch.device) -> torch.Tensor | None:
+        """``R`` as two fp16 matrices ``[2, D, D]`` with ``hi + lo = R`` to about 2^-22: fp16 rows times both, summed
+        in float32 (two tensor-core products), equal the float32 product to rounding. None for the identity."""
+        return _split_half(self.name, d, device) if not self.identity else None
+
 
 def _power_of_two(d: int) -> None:
     from kvtune.errors import KVTuneError
@@ -89,6 +94,14 @@ def _pair(name: str, d: int, device: torch.device) -> tuple[torch.Tensor, torch.
     with torch.inference_mode(False):
         r = ROTATIONS[name].on(d, device)
         return r.contiguous(), r.T.contiguous()
+
+
+@lru_cache(maxsize=32)
+def _split_half(name: str, d: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        r = ROTATIONS[name].on(d, device)
+        hi = r.half()
+        return torch.stack([hi, (r - hi.float()).half()]).contiguous()
 
 
 def rotation(name: str) -> Rotation:

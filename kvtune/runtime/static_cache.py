@@ -110,9 +110,11 @@ class StaticLayer(CacheLayerMixin):
         # made once per token as it is written instead of every step; the raw rows stay for the flush
         self.framed = {r: self.specs[r].rotation != "none" or centering.active(self.specs[r], self.state[r])
                        for r in ROLES}  # as the append kernel decides (a rotation or a mean to take off)
-        # float32 (R, R.T) of each role's rotation: a step's append kernel rotates the query and the new token, the
-        # attention's merge the output back
-        self.rmat = {r: rotation(self.specs[r].rotation).pair(head_dim, device) for r in ROLES}
+        # each role's rotation: R as an fp16 (hi, lo) pair for the append kernel (query, new token), float32 R.T for
+        # the attention's merge (the output back)
+        rots = {r: rotation(self.specs[r].rotation) for r in ROLES}
+        self.rsplit = {r: rots[r].split_half(head_dim, device) for r in ROLES}
+        self.rback = {r: p[1] if (p := rots[r].pair(head_dim, device)) is not None else None for r in ROLES}
         self.ext_k = torch.zeros_like(self.win_k) if self.framed["key"] else self.win_k
         self.ext_v = torch.zeros_like(self.win_v) if self.framed["value"] else self.win_v
         i32 = {"dtype": torch.int32, "device": device}
@@ -201,15 +203,13 @@ class StaticLayer(CacheLayerMixin):
         from kvtune.kernels.decode_static import decode_static
 
         (k, v), self.pending = self.pending, None
-        kmat, vmat = self.rmat["key"], self.rmat["value"]
-        qf = append_step(q, k, v, self.win_k, self.win_v, self.ext_k, self.ext_v, self.nw,
-                         kmat[0] if kmat is not None else None, vmat[0] if vmat is not None else None,
-                         self._mean("key"), self._mean("value"), (self.pad, self.nq, self.qvis, self.wvis),
-                         self.sinks, self.span)
+        qf = append_step(q, k, v, self.win_k, self.win_v, self.ext_k, self.ext_v, self.nw, self.rsplit["key"],
+                         self.rsplit["value"], self._mean("key"), self._mean("value"),
+                         (self.pad, self.nq, self.qvis, self.wvis), self.sinks, self.span)
         self.nw += 1
         kq, vq = self.operands
         out = decode_static(qf.to(FP), kq, vq, self.ext_k, self.ext_v, self.nq, self.nw, self.wvis, self.qvis,
-                            scaling, vmat[1] if vmat is not None else None, self._mean("value"))
+                            scaling, self.rback["value"], self._mean("value"))
         if self.due:
             self._flush()
         return out.to(q.dtype)

@@ -34,14 +34,14 @@ def test_append_step_matches_pytorch(d: int, hkv: int, n_rep: int, rot_k: str, r
     ext_k, ext_v = win_k.clone() * 0, win_v.clone() * 0
     before = [t.clone() for t in (win_k, win_v, ext_k, ext_v)]
     means = [torch.randn(hkv, d, generator=gen).half().to(DEV) if center else None for _ in range(2)]
-    pairs = [rotation(r).pair(d, torch.device(DEV)) for r in (rot_k, rot_v)]
-    mats = [p[0] if p is not None else None for p in pairs]
+    mats = [rotation(r).on(d, torch.device(DEV)) for r in (rot_k, rot_v)]  # float32 R: what PyTorch multiplies by
+    splits = [rotation(r).split_half(d, torch.device(DEV)) for r in (rot_k, rot_v)]
     framed = [m is not None or mu is not None for m, mu in zip(mats, means)]
     n_extra = torch.tensor([row], dtype=torch.int32, device=DEV)
     i32 = {"dtype": torch.int32, "device": DEV}
     visible = (torch.tensor([0, 3], **i32), torch.tensor([32], **i32), torch.zeros(b, **i32), torch.zeros(b, **i32))
     qo = append_step(q, k, v, win_k, win_v, ext_k if framed[0] else win_k, ext_v if framed[1] else win_v, n_extra,
-                     *mats, *means, visible, sinks=2)
+                     *splits, *means, visible, sinks=2)
 
     def frame(x: torch.Tensor, mat: torch.Tensor | None, mean: torch.Tensor | None) -> torch.Tensor:
         x = x.half()
