@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kvtune.kernels.decode_config import _p2
+from kvtune.kernels.launch_args import kernel_arg
 from kvtune.layout import GLOBAL, LayerSpan
 
 SPAN_CODES = {"global": 0, "sliding": 1, "chunked": 2}  # kvtune.layout.SPAN_KINDS as the kernel's SPAN constexpr
@@ -100,10 +101,6 @@ def _append_kernel(q_ptr, sqb, sqh, k_ptr, skb, skh, v_ptr, svb, svh, wk_ptr, wv
                       qr < NREP, rk_ptr, mk_ptr, h, D, DP, True, False)
 
 
-def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def append_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor,
                 ext_k: torch.Tensor, ext_v: torch.Tensor, n_extra: torch.Tensor, rot_k: torch.Tensor | None,
                 rot_v: torch.Tensor | None, mean_k: torch.Tensor | None, mean_v: torch.Tensor | None,
@@ -124,7 +121,7 @@ def append_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_k: torch.
     if one != 1 or k.shape[2] != 1 or hq % hkv or win_k.stride() != ext_k.stride() or win_k.shape != win_v.shape:
         raise ValueError(f"append_step takes one token: q {tuple(q.shape)}, k {tuple(k.shape)}, window "
                          f"{tuple(win_k.shape)}")
-    q, k, v = (_last_contiguous(x) for x in (q, k, v))
+    q, k, v = (kernel_arg(x) for x in (q, k, v))
     qo = torch.empty(bsz, hq, 1, d, dtype=torch.float16, device=q.device) if rot_k is not None else q
     dummy = win_k
     _append_kernel[(bsz * hkv,)](

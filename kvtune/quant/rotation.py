@@ -34,10 +34,10 @@ class Rotation:
     def identity(self) -> bool:
         return self.name == "none"
 
-    def pair(self, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(R, R.T)``, both contiguous float32 ``[D, D]`` on ``device`` (what the decode kernels read to rotate the
-        query and the new token, and the output back), or None for the identity. Cached per (rotation, d, device)."""
-        return _pair(self.name, d, device) if not self.identity else None
+    def inverse_on(self, d: int, device: torch.device) -> torch.Tensor | None:
+        """``R.T`` contiguous float32 ``[D, D]`` on ``device`` (what the decode kernels' merge multiplies the output
+        by to take it back), or None for the identity. Cached per (rotation, d, device)."""
+        return _inverse_on(self.name, d, device) if not self.identity else None
 
     def split_half(self, d: int, device: torch.device) -> torch.Tensor | None:
         """``R`` as two fp16 matrices ``[2, D, D]`` with ``hi + lo = R`` to about 2^-22: fp16 rows times both, summed
@@ -90,10 +90,9 @@ ROTATIONS: dict[str, Rotation] = {
 
 
 @lru_cache(maxsize=32)
-def _pair(name: str, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _inverse_on(name: str, d: int, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):
-        r = ROTATIONS[name].on(d, device)
-        return r.contiguous(), r.T.contiguous()
+        return ROTATIONS[name].on(d, device).T.contiguous()
 
 
 @lru_cache(maxsize=32)

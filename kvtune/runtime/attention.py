@@ -219,9 +219,9 @@ def _group_decode(step: Step, g: HeadGroup, q: torch.Tensor, pad: torch.Tensor, 
         idx = torch.cat([torch.arange(s, device=q.device),
                          nq + s + e + torch.arange(layer.win_k.shape[2], device=q.device)])
         extra = idx[None, :] >= lo[:, None]  # [B, R] bool
-    back = vrot.pair(q.shape[-1], q.device)  # the merge takes the output back: inverse rotation, value mean
     mean = g.state["value"][centering.CENTER_FIELD] if centering.active(vs, g.state["value"]) else None
-    return decode_attention(qk, kq, vq, ek, ev, extra, start, scaling, out_rot=back[1] if back else None,
+    return decode_attention(qk, kq, vq, ek, ev, extra, start, scaling,  # the merge takes the output back
+                            out_rot=vrot.inverse_on(q.shape[-1], q.device),
                             out_mean=mean.to(q.device) if mean is not None else None)
 
 

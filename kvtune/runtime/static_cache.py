@@ -106,15 +106,15 @@ class StaticLayer(CacheLayerMixin):
         self.operands = tuple(codec.kernel_operands(self.specs[r], r, self.bufs[r], self.state[r]) for r in ROLES)
         self.win_k = torch.zeros(batch, num_kv_heads, self.wcap, head_dim, dtype=FP, device=device)
         self.win_v = torch.zeros_like(self.win_k)
-        # the kernel's extra segment: the same rows in each role's code frame (centered, rotated) when it has one,
-        # made once per token as it is written instead of every step; the raw rows stay for the flush
-        self.framed = {r: self.specs[r].rotation != "none" or centering.active(self.specs[r], self.state[r])
-                       for r in ROLES}  # as the append kernel decides (a rotation or a mean to take off)
-        # each role's rotation: R as an fp16 (hi, lo) pair for the append kernel (query, new token), float32 R.T for
-        # the attention's merge (the output back)
-        rots = {r: rotation(self.specs[r].rotation) for r in ROLES}
-        self.rsplit = {r: rots[r].split_half(head_dim, device) for r in ROLES}
-        self.rback = {r: p[1] if (p := rots[r].pair(head_dim, device)) is not None else None for r in ROLES}
+        # each role's code frame: its rotation R as an fp16 (hi, lo) pair for the append kernel (query, new token) and
+        # its mean (None: none); the values' float32 R.T for the attention's merge (the output back)
+        self.rsplit = {r: rotation(self.specs[r].rotation).split_half(head_dim, device) for r in ROLES}
+        self.means = {r: self.state[r][CENTER_FIELD] if centering.active(self.specs[r], self.state[r]) else None
+                      for r in ROLES}
+        self.vback = rotation(self.specs["value"].rotation).inverse_on(head_dim, device)
+        # the kernel's extra segment: the same rows in each role's code frame when it has one, made once per token as
+        # it is written instead of every step; the raw rows stay for the flush
+        self.framed = {r: self.rsplit[r] is not None or self.means[r] is not None for r in ROLES}
         self.ext_k = torch.zeros_like(self.win_k) if self.framed["key"] else self.win_k
         self.ext_v = torch.zeros_like(self.win_v) if self.framed["value"] else self.win_v
         i32 = {"dtype": torch.int32, "device": device}
@@ -204,19 +204,15 @@ class StaticLayer(CacheLayerMixin):
 
         (k, v), self.pending = self.pending, None
         qf = append_step(q, k, v, self.win_k, self.win_v, self.ext_k, self.ext_v, self.nw, self.rsplit["key"],
-                         self.rsplit["value"], self._mean("key"), self._mean("value"),
+                         self.rsplit["value"], self.means["key"], self.means["value"],
                          (self.pad, self.nq, self.qvis, self.wvis), self.sinks, self.span)
         self.nw += 1
         kq, vq = self.operands
         out = decode_static(qf.to(FP), kq, vq, self.ext_k, self.ext_v, self.nq, self.nw, self.wvis, self.qvis,
-                            scaling, self.rback["value"], self._mean("value"))
+                            scaling, self.vback, self.means["value"])
         if self.due:
             self._flush()
         return out.to(q.dtype)
-
-    def _mean(self, role: str) -> torch.Tensor | None:
-        """The mean ``[Hkv, D]`` a centered role's frame takes off (None: not centered)."""
-        return self.state[role][CENTER_FIELD] if centering.active(self.specs[role], self.state[role]) else None
 
     def _padded(self, x: torch.Tensor, first: torch.Tensor | int) -> torch.Tensor:
         """``x [B, Hkv, n, D]`` (quantized tokens ``first..``, stored after the sinks) with left-padding rows replaced
