@@ -101,8 +101,12 @@ def copy_gbs() -> float:
 
 
 def run(shape: str, batch: int, ctx: int, names: list[str], configs: list[dict[str, Any]], dev: str) -> dict:
-    from kvtune.kernels.decode_attention import DecodeConfig, decode_attention, decode_attention_reference
+    """Every format under every config: ``{}`` the default launch, else fields of
+    :class:`~kvtune.kernels.decode_config.DecodeConfig` that replace the format's default ones."""
+    from kvtune.kernels.decode_attention import decode_attention, decode_attention_reference
+    from kvtune.kernels.decode_config import default_config
     from kvtune.quant import codec
+    from kvtune.quant.codes import slicing
 
     hq, hkv, d = SHAPES[shape]
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -137,13 +141,14 @@ def run(shape: str, batch: int, ctx: int, names: list[str], configs: list[dict[s
         n = min(2, batch)
         sub = [dataclasses.replace(o, packed=o.packed[:n], scale=o.scale[:n],
                                    zero=None if o.zero is None else o.zero[:n]) for o in (kq, vq)]
-        out = decode_attention(q[:n], *sub, ek[:n], ev[:n])
-        err = float((out.float() - decode_attention_reference(q[:n], *sub, ek[:n], ev[:n]).float()).abs().max())
+        ref = decode_attention_reference(q[:n], *sub, ek[:n], ev[:n]).float()
         base = {"format": name, "key": kspec.label(), "value": vspec.label(), "bytes": held,
-                "bits_per_element": 8 * held / (2 * batch * hkv * ctx * d), "max_abs_err": err}
+                "bits_per_element": 8 * held / (2 * batch * hkv * ctx * d)}
+        auto = default_config(batch, hkv, t, d, torch.device(dev), slicing(vq.bits, d).width, vq.bits)
         for cfg in configs:
-            row = dict(base)
-            config = DecodeConfig(**cfg) if cfg else None
+            config = dataclasses.replace(auto, **cfg) if cfg else None
+            out = decode_attention(q[:n], *sub, ek[:n], ev[:n], config=config)
+            row = base | {"max_abs_err": float((out.float() - ref).abs().max())}
             if dev == "cuda":
                 ms = _graph_ms(lambda c=config, ops=(q, kq, vq, ek, ev): decode_attention(*ops, config=c))
                 row.update({"ms_graph": ms, "x_fp16_sdpa": fp16_ms / ms if fp16_ms else None})
@@ -164,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=32768)
     ap.add_argument("--formats", nargs="+", default=None, help=f"subset of {list(formats())}")
     ap.add_argument("--caps", type=int, nargs="*", default=[],
-                    help="also time each format with the default tiles under these register caps")
+                    help="also time each format with its default launch under these register caps (0: none)")
+    ap.add_argument("--rows", type=int, nargs="*", default=[],
+                    help="also time each format with its default launch at these query rows a program (with "
+                         "--caps: every pair)")
     ap.add_argument("--configs", nargs="*", default=[],
-                    help="also time these launch configs: block_t,splits,warps,stages[,max_registers] each")
+                    help="also time these launch configs: block_t,splits,warps,stages[,max_registers[,query_rows]]")
     ap.add_argument("--quick", action="store_true", help="tiny case on the CPU under the Triton interpreter")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -179,16 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("bench_kernel_formats: needs a CUDA GPU (or --quick)")
     import triton
 
-    from kvtune.kernels.decode_config import default_config
-
     configs: list[dict[str, Any]] = [{}]
-    if a.caps and dev == "cuda":
-        _, hkv, d = SHAPES[a.shape]
-        auto = dataclasses.asdict(default_config(a.batch, hkv, a.ctx, d, torch.device(dev)))
-        configs += [dict(auto, max_registers=c) for c in a.caps]
-    for text in a.configs if dev == "cuda" else []:
+    for r in a.rows or [None]:
+        for c in a.caps or [None]:
+            over = ({} if r is None else {"query_rows": r}) | ({} if c is None else {"max_registers": c or None})
+            configs += [over] if over else []
+    for text in a.configs:
         vals = [int(v) for v in text.split(",")]
-        configs.append(dict(zip(("block_t", "num_splits", "num_warps", "num_stages", "max_registers"), vals)))
+        configs.append(dict(zip(("block_t", "num_splits", "num_warps", "num_stages", "max_registers", "query_rows"),
+                                vals)))
     result = {"benchmark": "kernel_formats", "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
               "versions": {"torch": torch.__version__, "triton": triton.__version__},
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -12,6 +12,10 @@
 #   bash benchmarks/run_gpu.sh kernel-fast  # split kernel vs SDPA, Llama-3-8B + SmolLM2 -> decode_kernel_fast_$DEV.json
 #   bash benchmarks/run_gpu.sh graphs SHAPE LENGTHS BATCHES  # eager vs CUDA-graph steps -> e2e_graphs_SHAPE_$DEV.json
 #   bash benchmarks/run_gpu.sh maxbatch SHAPE LENGTH  # largest static batch, fp16 vs kvtune -> same file
+#   bash benchmarks/run_gpu.sh rows        # every plan format at 16 vs 8 query rows, with and without the register
+#                                          # cap, Llama-3-8B B=8 32k -> kernel_formats_rows_$DEV.json (~3 min)
+#   bash benchmarks/run_gpu.sh steps       # static graph steps + kernel list, Llama-3-8B B=8 32k
+#                                          # -> e2e_graphs_llama3-8b_launches_$DEV.json (~6 min)
 set -uo pipefail
 OUTDIR=${OUT:-benchmarks/results}
 DEV=${DEV:-h200}
@@ -51,5 +55,12 @@ case "$stage" in
   maxbatch)
     python3 benchmarks/bench_e2e.py --shape "$1" --lengths "$2" --max-batch --new-tokens 64 --warmup 130 \
       --methods fp16-static-graph,kv2-g128-static-graph --out "$OUTDIR/e2e_graphs_$1_$DEV.json" ;;
+  rows)
+    python3 benchmarks/bench_kernel_formats.py --shape llama3-8b --batch 8 --ctx 32768 --rows 16 8 --caps 0 168 \
+      --out "$OUTDIR/kernel_formats_rows_$DEV.json" ;;
+  steps)
+    python3 benchmarks/bench_e2e.py --shape llama3-8b --lengths 32768 --batches 8 --compile-pointwise \
+      --methods hf-dynamic-flash,normq2-static-graph,kv2-g128-static-graph --top-kernels 40 \
+      --out "$OUTDIR/e2e_graphs_llama3-8b_launches_$DEV.json" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -62,6 +62,19 @@ def e2e_table(doc: dict) -> list[str]:
     return out
 
 
+def sass_table(doc: dict) -> list[str]:
+    """The offline sm_90 builds of ``bench_sass.py``: registers, spill stack, programs a multiprocessor and warp
+    instructions a token of the hot loop, per shape, format, query rows and register cap."""
+    out = [f"kernel_sass (Triton {doc['versions']['triton']}, {doc['device']}):",
+           "| shape | format | rows | cap | registers | stack B | programs/SM | warp instr/token |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in doc["rows"]:
+        out.append(f"| {r['shape']} | {r['format']} | {r['query_rows']} | {r['max_registers'] or '-'} | "
+                   f"{r['registers']} | {r['stack_bytes']} | {r['programs_per_sm']} | "
+                   f"{r['warp_instructions_per_token']:.2f} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="h200")
@@ -88,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             if ctl := r.get("control"):
                 lines.append(f"  - control, reference vs fp16-rounded reference: {ctl['steps_equal']} of "
                              f"{ctl['steps']} steps equal, max |logit diff| {ctl['max_logit_diff']:.3f}")
+    if doc := _load("kernel_sass_sm90.json"):
+        lines += [""] + sass_table(doc)
     print("\n".join(lines))
 
 

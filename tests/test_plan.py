@@ -122,3 +122,22 @@ def test_per_head_count_must_match_model() -> None:
     plan = _plan()
     with pytest.raises(KVTuneError, match="per-head specs"):
         Plan(layers=plan.layers).bind(ModelIdentity("LlamaForCausalLM", 4, 8, 3, 64))
+
+
+def test_written_files_follow_the_umask_and_keep_a_replaced_files_mode(tmp_path: Path) -> None:
+    """Atomic writes go through an owner-only temporary file; the plan they leave is readable as any new file
+    (umask 022: 0644), so a serving engine running as another user can load it, and a rewrite keeps the mode the
+    replaced file had."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_plan(_plan(), tmp_path)
+        for f in tmp_path.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+        (tmp_path / "plan.yaml").chmod(0o640)
+        save_plan(_plan(), tmp_path)
+        assert stat.S_IMODE((tmp_path / "plan.yaml").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)

@@ -5,7 +5,7 @@ One query token per sequence attends over, per KV head, ``T`` quantized tokens (
 tokens; unordered). Flash-decoding: the grid is ``(n_splits + 1, B * Hkv)``; program ``(s, b*Hkv+h)``
 walks its chunk of the quantized sequence in tiles of ``BLOCK_T`` tokens, the last split program
 walks the extra segment instead. Each program serves *all* ``n_rep`` query heads of its KV head
-(padded to 16 rows so that both products run on tensor cores: at n_rep = 4 a broadcast
+(padded to 8 rows, :meth:`DecodeConfig.rows`, so that both products run on tensor cores: at n_rep = 4 a broadcast
 multiply-sum would cost 4 CUDA-core FMAs per K and per V element, more than the unpacking itself),
 unpacks one channel slice at a time (the strided layout makes slot ``s`` of every byte the
 contiguous channel slice ``[s*W, (s+1)*W)``, so q and the output accumulator are split the same
@@ -241,7 +241,7 @@ def _static_args(kq: tuple, vq: tuple, d: int, n_rep: int,
     if (klog and kaxis != "token") or (vlog and gc < d):
         raise ValueError("log8 scales need per-token scales: keys axis='token', values one channel group")
     fast = _fast_path(lk, d) and _fast_path(lv, d)
-    consts = {"D": d, "NREP": n_rep, "QH": max(16, _p2(n_rep)), "G": kgroup, "GC": gc, "USE_ASM": use_asm,
+    consts = {"D": d, "NREP": n_rep, "G": kgroup, "GC": gc, "USE_ASM": use_asm,
               "FMT_K": lk.fmt, "SK": lk.slices, "WK": lk.width, "WKP": max(16, _p2(lk.width)),
               "FMT_V": lv.fmt, "SV": lv.slices, "WV": lv.width, "WVP": max(16, _p2(lv.width)), "FAST": fast,
               "KAX": int(kaxis == "token"), "HAS_KZ": kzero, "AFF_K": kaff, "HAS_VZ": vzero, "AFF_V": vaff,
@@ -340,7 +340,7 @@ def decode_attention(q: torch.Tensor, kq: PackedKeys, vq: PackedValues,
         m, lse, o,
         t, r, chunk, n_q, ns, hkv, scaling * LOG2E, kq.code_scale, kq.code_offset, vq.code_scale, vq.code_offset,
         BT=block_t, BTE=min(64, max(16, _p2(r))), EXTRA=mode, HAS_START=start is not None, T_DEV=t_dev is not None,
-        **cfg.launch_options(), **consts,
+        QH=cfg.rows(hq // hkv), **cfg.launch_options(), **consts,
     )
     rot = out_rot.contiguous() if out_rot is not None else o
     mean = out_mean.contiguous() if out_mean is not None else o

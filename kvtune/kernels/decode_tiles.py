@@ -1,7 +1,8 @@
 """Triton device functions of one decode tile: key scores, online softmax, value accumulation.
 
 Called by :func:`kvtune.kernels.decode_attention._decode_split_kernel`; each works on ``QH`` query rows
-(the query heads of one KV head, padded to 16) against ``BT`` packed tokens, one channel slice at a time.
+(the query heads of one KV head, padded to 8 or more: :meth:`DecodeConfig.rows`) against ``BT`` packed tokens, one
+channel slice at a time.
 """
 
 from __future__ import annotations

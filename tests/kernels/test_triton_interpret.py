@@ -223,6 +223,17 @@ def test_decode_tiles_splits_and_groups(t: int, g: int, block_t: int, splits: in
     torch.testing.assert_close(out.float(), _reference(q, kq, vq, ek, ev, ext, start, "len", 64), atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize(("n_rep", "query_rows"), [(1, 8), (3, 8), (4, 16), (8, 8), (12, 8), (16, 4)])
+def test_query_tile_rows(n_rep: int, query_rows: int) -> None:
+    """Every query head of a KV head is served whatever the tile's padded row count (8 by default, 16 as before,
+    fewer than n_rep: the rows grow to n_rep's power of two), on two KV heads."""
+    cfg = da.DecodeConfig(32, 2, 4, 1, query_rows=query_rows)
+    assert cfg.rows(n_rep) >= max(n_rep, query_rows) and cfg.rows(n_rep) & (cfg.rows(n_rep) - 1) == 0
+    q, _, _, kq, vq, ek, ev, ext, start = _case(2, 2, n_rep, 64, hkv=2, t=96, g=32, extra="len", pad=True)
+    out = _run(q, kq, vq, ek, ev, ext, start, "len", config=cfg)
+    torch.testing.assert_close(out.float(), _reference(q, kq, vq, ek, ev, ext, start, "len", 64), atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize(("d", "n_rep", "bits_v", "g", "gc", "t", "block_t"), [
     (64, 4, 1.58, 32, 0, 224, 64), (128, 1, 1.58, 64, 0, 192, 128), (80, 3, 1.58, 32, 16, 224, 64)])
 def test_ternary_fast_tiles(d: int, n_rep: int, bits_v: float, g: int, gc: int, t: int, block_t: int) -> None:
