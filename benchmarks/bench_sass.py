@@ -86,25 +86,26 @@ def _tool(name: str) -> str:
 
 
 def hot_loop(sass: str) -> collections.Counter:
-    """Opcode counts of the largest loop body (backward branch to an earlier label) of a SASS listing."""
+    """Opcode counts of the hot loop of a SASS listing: of the loops (a backward branch to an earlier label), the
+    largest that prefetches through ``cp.async`` (LDGSTS: the pipelined loop over whole tiles; the masked head/tail
+    loop runs at most twice a program and loads plainly), else the largest."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, x in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", x))}
-    best: tuple[int, int] = (0, 0)
+    loops = []
     for i, x in enumerate(lines):
         m = re.search(r"BRA `\((\.L_x_\d+)\)", x)
-        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > best[1] - best[0]:
-            best = (labels[m.group(1)], i)
-    ops: collections.Counter = collections.Counter()
-    for x in lines[best[0]:best[1] + 1]:
-        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", x)
-        if m:
-            ops[m.group(1)] += 1
-    return ops
+        if m and labels.get(m.group(1), i) < i:
+            ops: collections.Counter = collections.Counter()
+            for y in lines[labels[m.group(1)]:i + 1]:
+                if op := re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", y):
+                    ops[op.group(1)] += 1
+            loops.append(ops)
+    return max(loops, key=lambda o: (o["LDGSTS"] > 0, sum(o.values())), default=collections.Counter())
 
 
-def compile_report(kernel: Any, args: tuple, kwargs: dict, arch: int) -> dict[str, Any]:
+def compile_report(kernel: Any, args: tuple, kwargs: dict, arch: int, dump: Path | None = None) -> dict[str, Any]:
     """Registers, spill bytes and hot-loop instructions of ``kernel`` launched with ``args``/``kwargs``,
-    compiled for ``sm_<arch>``."""
+    compiled for ``sm_<arch>`` (``dump``: also write its TTGIR, PTX and SASS beside that stem)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -119,6 +120,10 @@ def compile_report(kernel: Any, args: tuple, kwargs: dict, arch: int) -> dict[st
                                check=True).stdout
         sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
+    if dump is not None:
+        dump.parent.mkdir(parents=True, exist_ok=True)
+        for ext, text in (("ttgir", compiled.asm["ttgir"]), ("ptx", compiled.asm["ptx"]), ("sass", sass)):
+            dump.with_name(f"{dump.name}.{ext}").write_text(text)
     res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     ops = hot_loop(sass)
     ttgir = compiled.asm["ttgir"]
@@ -143,7 +148,8 @@ def programs_per_sm(registers: int, shared: int, warps: int, arch: int) -> int |
     return min(regs // (per_warp * warps), smem // max(shared, 1), max_warps // warps)
 
 
-def case(fmt: str, shape: str, rows: int, cap: int | None, arch: int, t: int = 2048) -> dict[str, Any]:
+def case(fmt: str, shape: str, rows: int, cap: int | None, arch: int, t: int = 2048,
+         dump: Path | None = None) -> dict[str, Any]:
     """One format on one shape: the default tiles of :func:`~kvtune.kernels.decode_config.tile_choice` with
     ``rows`` query rows and register cap ``cap`` (None: the default rule; 0: none)."""
     import bench_kernel_formats as bkf
@@ -166,12 +172,23 @@ def case(fmt: str, shape: str, rows: int, cap: int | None, arch: int, t: int = 2
     rec = _Record()
     decode_attention(q, kq, vq, ek, ek, config=cfg, launch=rec)
     kernel, _, args, kwargs = rec.calls[0]
-    report = compile_report(kernel, args, kwargs | {"USE_ASM": True}, arch)
+    stem = None if dump is None else dump / re.sub(r"[^\w.-]+", "_", f"{shape}_{fmt}_r{rows}_c{regs or 0}")
+    report = compile_report(kernel, args, kwargs | {"USE_ASM": True}, arch, stem)
     per_token = report["hot_loop_instructions"] * warps / block_t
     return {"format": fmt, "shape": shape, "hq": hq, "hkv": hkv, "d": d, "query_rows": cfg.rows(hq // hkv),
             "block_t": block_t, "num_warps": warps, "num_stages": stages, "max_registers": regs,
             "programs_per_sm": programs_per_sm(report["registers"], report["shared_bytes"], warps, arch),
             "warp_instructions_per_token": round(per_token, 2)} | report
+
+
+def tree_label() -> str:
+    """The checkout's short commit, ``+`` when ``kvtune/`` differs from it (``?`` outside git)."""
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode:
+        return "?"
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "kvtune"], cwd=root).returncode
+    return head.stdout.strip() + ("+" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--caps", type=int, nargs="+", default=None,
                     help="register caps to compile with (0: none; default: the launch rule's choice)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    ap.add_argument("--label", default=None,
+                    help="name of this tree's rows (default: the commit, + when kvtune/ has changes); rows of other "
+                         "labels in --out stay when they were built with the same Triton")
+    ap.add_argument("--dump", type=Path, default=None, help="folder for each build's TTGIR, PTX and SASS")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -192,18 +213,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from kvtune.io import write_text_atomic
 
+    label = a.label or tree_label()
     rows = []
     for shape in a.shapes:
         for fmt in a.formats or list(bkf.formats()):
             for r in a.rows:
                 for cap in a.caps or [None]:
-                    row = case(fmt, shape, r, cap, a.arch)
+                    row = {"tree": label} | case(fmt, shape, r, cap, a.arch, dump=a.dump)
                     rows.append(row)
                     print(json.dumps({k: v for k, v in row.items() if k != "hot_loop_top"}), flush=True)
+    out = a.out or Path(__file__).resolve().parent / "results" / f"kernel_sass_sm{a.arch}.json"
+    kept = []  # rows of other trees built with the same Triton stay: trees compare side by side
+    if out.exists() and (old := json.loads(out.read_text())).get("versions", {}).get("triton") == triton.__version__:
+        kept = [r for r in old.get("rows", []) if r.get("tree") != label]
     result = {"benchmark": "kernel_sass", "device": f"none (compiled offline for sm_{a.arch})",
               "versions": {"torch": torch.__version__, "triton": triton.__version__},
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
-    out = a.out or Path(__file__).resolve().parent / "results" / f"kernel_sass_sm{a.arch}.json"
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": kept + rows}
     write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -103,15 +103,22 @@ def _decode_split_kernel(
     jk = tl.arange(0, WKP)[None, :]
     jv = tl.arange(0, WVP)[None, :]
 
+    # per-token key scales, no bend: key codes enter the MMA raw (1024 + c * 2^shift, no conversion), against query
+    # slices scaled by 2^-shift; the products start from -qoff, 1024 times the row sums of those slices
+    RAW_K: tl.constexpr = KAX == 1 and BEND_K == 0
     qs = ()
+    qsum = tl.zeros([QH], tl.float32)  # row sums of the scaled query: per-token key zero-points and offsets
+    qoff = tl.zeros([QH], tl.float32)
     for s in tl.static_range(SK):
         qe = s * WK + jk
         qv = tl.load(q_row + qe, mask=rmask[:, None] & (jk < WK) & (qe < D), other=0.0)
-        qs = qs + ((qv.to(tl.float32) * qk_scale).to(tl.float16),)
-    qsum = tl.zeros([QH], tl.float32)  # row sums of the scaled query: per-token key zero-points and offsets
-    if KAX == 1:
-        for s in tl.static_range(SK):
-            qsum += tl.sum(qs[s].to(tl.float32), 1)
+        qf = qv.to(tl.float32) * qk_scale
+        if KAX == 1:
+            qsum += tl.sum(qf.to(tl.float16).to(tl.float32), 1)
+        if RAW_K:
+            qf = qf * (1.0 / (1 << _raw_shift(s, FMT_K)))
+            qoff += 1024.0 * tl.sum(qf.to(tl.float16).to(tl.float32), 1)
+        qs = qs + (qf.to(tl.float16),)
     accs = ()
     for _s in tl.static_range(SV):
         accs = accs + (tl.zeros([QH, WVP], tl.float32),)
@@ -147,14 +154,14 @@ def _decode_split_kernel(
         n_masked = n_head + (tail < hi).to(tl.int32)
         for i in tl.range(0, n_masked, num_stages=1):
             t0 = tl.where(i < n_head, first, tail)
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, qoff, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
                                                    k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
                                                    WVP, GC, KG, NG, True, USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V,
                                                    LOG_K, LOG_V, BEND_K, BEND_V)
         for t0 in range(full_lo, full_hi, BT):
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, qoff, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
                                                    k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
@@ -162,7 +169,7 @@ def _decode_split_kernel(
                                                    LOG_K, LOG_V, BEND_K, BEND_V)
     else:  # other formats: one masked loop (keeps the unrolled code, and the compile time, small)
         for t0 in range(first, hi, BT):
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row,
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, qoff, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
                                                    k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
@@ -206,7 +213,10 @@ def _decode_split_kernel(
                 ke = s * WK + jk
                 kcm = valid[:, None] & (jk < WK) & (ke < D)
                 kd = tl.load(ek_row + offs_r[:, None] * stride_ekt + ke, mask=kcm, other=0.0).to(tl.float16)
-                scores = tl.dot(qs[s], tl.trans(kd), scores)
+                qk = qs[s]
+                if RAW_K:  # the query slice as it was before the 2^-shift of raw codes (a power of two: exact)
+                    qk = (qk.to(tl.float32) * (1 << _raw_shift(s, FMT_K))).to(tl.float16)
+                scores = tl.dot(qk, tl.trans(kd), scores)
             p, alpha, m_i, l_i = _softmax_step(scores, valid, m_i, l_i)
             p16 = p.to(tl.float16)
             new = ()

@@ -28,9 +28,10 @@ class DecodeConfig:
 
     Eight rows, not sixteen: an ``m16n8k16`` product pads an 8-row operand itself, and every ``[rows, tokens]``
     accumulator fragment then holds one row half, not two. Compiled offline for sm_90 with the Triton the H200 runs
-    (3.6; benchmarks/results/kernel_sass_sm90.json), the hot loop of every 2-bit format at the Llama-3-8B shape
-    issues 12-13% fewer instructions a token (normq2-log8: 25.9 warp instructions vs 29.9) and fits 168 registers
-    with no spill (16 rows: up to 104 bytes of stack), and KIVI 4-bit fits it with 24 bytes (16 rows: 192).
+    (3.6; benchmarks/results/kernel_sass_sm90.json, tree fd10103), the hot loop of every 2-bit format at the
+    Llama-3-8B shape issues 14-17% fewer instructions a token (normq2-log8: 22.8 warp instructions vs 26.6) and fits
+    168 registers with no spill (16 rows: up to 104 bytes of stack), and KIVI 4-bit fits it with 24 bytes (16 rows:
+    192).
     """
 
     block_t: int

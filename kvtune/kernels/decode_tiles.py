@@ -15,8 +15,8 @@ from kvtune.kernels.unpack_tl import _bend_f16, _load_packed, _slice_f16, _trit_
 
 
 @triton.jit
-def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg, k_alpha, k_beta, k_lo, k_step,
-                D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
+def _key_scores(qs, qsum, qoff, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg, k_alpha, k_beta, k_lo,
+                k_step, D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
                 WKP: tl.constexpr, G: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
                 USE_ASM: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr,
                 LOG_K: tl.constexpr, BEND_K: tl.constexpr):
@@ -24,7 +24,10 @@ def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride
 
     KAX 0 (per-channel groups): the tokens are one key group, one scale row per slice, dequantized in registers.
     KAX 1 (per-token scale): raw code products, then ``s_t * (alpha * (q . c) + beta * sum(q)) + z_t * sum(q)``
-    (``qsum`` ``[QH]``: the row sums of the scaled query; LOG_K: ``s_t`` from uint8 log8 positions over the head's
+    (``qsum`` ``[QH]``: the row sums of the scaled query; codes without a bend enter the MMA as they come out of
+    the unpack, ``1024 + c * 2^shift``, against query slices scaled by ``2^-shift``, and the products start from
+    ``-qoff`` ``[QH]``, ``1024`` times the row sums of those slices; LOG_K: ``s_t`` from uint8 log8 positions over
+    the head's
     ``(k_lo, k_step)``; BEND_K: the fp16 bits of the bend of 2-bit codes of a symmetric codebook, read as
     ``c + bend * (c >= 2)``). MASKED: tokens outside ``[st, hi)`` get -inf
     (head/tail tiles); unmasked tiles load without predicates.
@@ -42,14 +45,17 @@ def _key_scores(qs, qsum, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride
     else:
         x0, x1, x2 = _load_packed(kp_row + offs[:, None] * stride_kpt + j, cmask, FMT_K, WK)
         grow = (tg // G) * stride_ksg
+    RAW: tl.constexpr = KAX == 1 and BEND_K == 0  # as the kernel's RAW_K
     scores = tl.zeros([QH, KG], tl.float32)
+    if RAW:
+        scores -= qoff[:, None]
     if FMT_K == 0:  # ternary: digits in slice order, each from the previous one's quotient
         tq = _trit_carry(x0, USE_ASM)
     for s in tl.static_range(SK):
         if FMT_K == 0:
-            c, tq = _trit_f16(tq, s, False, USE_ASM)
+            c, tq = _trit_f16(tq, s, RAW, USE_ASM)
         else:
-            c = _bend_f16(_slice_f16(x0, x1, x2, s, FMT_K, False, USE_ASM), BEND_K, USE_ASM)  # [KG, WKP] fp16
+            c = _bend_f16(_slice_f16(x0, x1, x2, s, FMT_K, RAW, USE_ASM), BEND_K, USE_ASM)  # [KG, WKP] fp16
         if KAX == 1:
             scores = tl.dot(qs[s], tl.trans(c), scores)
         else:
@@ -160,7 +166,7 @@ def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, str
 
 
 @triton.jit
-def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row, ks_row, kz_row, vp_row, vs_row, vz_row,
+def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, qoff, kp_row, ks_row, kz_row, vp_row, vs_row, vz_row,
           stride_kpt, stride_ksg, stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo, k_step, v_lo, v_step,
           D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
           WKP: tl.constexpr, G: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
@@ -175,9 +181,9 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kp_row, ks_row, 
     """
     scores = ()
     for g in tl.static_range(NG):
-        scores = scores + (_key_scores(qs, qsum, kp_row, ks_row, kz_row, t0 + g * KG, hi, st, stride_kpt, stride_ksg,
-                                       k_alpha, k_beta, k_lo, k_step, D, QH, FMT_K, SK, WK, WKP, G, KG, MASKED,
-                                       USE_ASM, KAX, HAS_KZ, AFF_K, LOG_K, BEND_K),)
+        scores = scores + (_key_scores(qs, qsum, qoff, kp_row, ks_row, kz_row, t0 + g * KG, hi, st, stride_kpt,
+                                       stride_ksg, k_alpha, k_beta, k_lo, k_step, D, QH, FMT_K, SK, WK, WKP, G, KG,
+                                       MASKED, USE_ASM, KAX, HAS_KZ, AFF_K, LOG_K, BEND_K),)
     smax = scores[0]
     for g in tl.static_range(1, NG):
         smax = tl.maximum(smax, scores[g])
