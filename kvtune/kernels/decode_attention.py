@@ -104,7 +104,7 @@ def _decode_split_kernel(
     jv = tl.arange(0, WVP)[None, :]
 
     # per-token key scales, no bend: key codes enter the MMA raw (1024 + c * 2^shift, no conversion), against query
-    # slices scaled by 2^-shift; the products start from -qoff, 1024 times the row sums of those slices
+    # slices scaled by 2^-shift; the products exceed q . c by qoff, 1024 times the row sums of those slices
     RAW_K: tl.constexpr = KAX == 1 and BEND_K == 0
     qs = ()
     qsum = tl.zeros([QH], tl.float32)  # row sums of the scaled query: per-token key zero-points and offsets
@@ -119,6 +119,7 @@ def _decode_split_kernel(
             qf = qf * (1.0 / (1 << _raw_shift(s, FMT_K)))
             qoff += 1024.0 * tl.sum(qf.to(tl.float16).to(tl.float32), 1)
         qs = qs + (qf.to(tl.float16),)
+    kc = k_beta * qsum - k_alpha * qoff  # per-token keys: s_t * (alpha * product + kc) + z_t * qsum
     accs = ()
     for _s in tl.static_range(SV):
         accs = accs + (tl.zeros([QH, WVP], tl.float32),)
@@ -154,14 +155,14 @@ def _decode_split_kernel(
         n_masked = n_head + (tail < hi).to(tl.int32)
         for i in tl.range(0, n_masked, num_stages=1):
             t0 = tl.where(i < n_head, first, tail)
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, qoff, kp_row,
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kc, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
                                                    k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
                                                    WVP, GC, KG, NG, True, USE_ASM, KAX, HAS_KZ, AFF_K, HAS_VZ, AFF_V,
                                                    LOG_K, LOG_V, BEND_K, BEND_V)
         for t0 in range(full_lo, full_hi, BT):
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, qoff, kp_row,
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kc, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
                                                    k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,
@@ -169,7 +170,7 @@ def _decode_split_kernel(
                                                    LOG_K, LOG_V, BEND_K, BEND_V)
     else:  # other formats: one masked loop (keeps the unrolled code, and the compile time, small)
         for t0 in range(first, hi, BT):
-            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, qoff, kp_row,
+            m_i, l_acc, z_acc, o_acc, accs = _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kc, kp_row,
                                                    ks_row, kz_row, vp_row, vs_row, vz_row, stride_kpt, stride_ksg,
                                                    stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo,
                                                    k_step, v_lo, v_step, D, QH, FMT_K, SK, WK, WKP, G, FMT_V, SV, WV,

@@ -15,7 +15,7 @@ from kvtune.kernels.unpack_tl import _bend_f16, _load_packed, _slice_f16, _trit_
 
 
 @triton.jit
-def _key_scores(qs, qsum, qoff, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg, k_alpha, k_beta, k_lo,
+def _key_scores(qs, qsum, kc, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, stride_ksg, k_alpha, k_beta, k_lo,
                 k_step, D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
                 WKP: tl.constexpr, G: tl.constexpr, KG: tl.constexpr, MASKED: tl.constexpr,
                 USE_ASM: tl.constexpr, KAX: tl.constexpr, HAS_KZ: tl.constexpr, AFF_K: tl.constexpr,
@@ -25,12 +25,12 @@ def _key_scores(qs, qsum, qoff, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, 
     KAX 0 (per-channel groups): the tokens are one key group, one scale row per slice, dequantized in registers.
     KAX 1 (per-token scale): raw code products, then ``s_t * (alpha * (q . c) + beta * sum(q)) + z_t * sum(q)``
     (``qsum`` ``[QH]``: the row sums of the scaled query; codes without a bend enter the MMA as they come out of
-    the unpack, ``1024 + c * 2^shift``, against query slices scaled by ``2^-shift``, and the products start from
-    ``-qoff`` ``[QH]``, ``1024`` times the row sums of those slices; LOG_K: ``s_t`` from uint8 log8 positions over
-    the head's
-    ``(k_lo, k_step)``; BEND_K: the fp16 bits of the bend of 2-bit codes of a symmetric codebook, read as
-    ``c + bend * (c >= 2)``). MASKED: tokens outside ``[st, hi)`` get -inf
-    (head/tail tiles); unmasked tiles load without predicates.
+    the unpack, ``1024 + c * 2^shift``, against query slices scaled by ``2^-shift``, so that ``q . c`` is the
+    product less ``qoff``, ``1024`` times the row sums of those slices; ``kc`` ``[QH]`` is
+    ``beta * qsum - alpha * qoff``, or ``beta * qsum`` for converted codes); LOG_K: ``s_t`` from uint8 log8
+    positions over the head's ``(k_lo, k_step)``; BEND_K: the fp16 bits of the bend of 2-bit codes of a symmetric
+    codebook, read as ``c + bend * (c >= 2)``). MASKED: tokens outside ``[st, hi)`` get -inf (head/tail tiles);
+    unmasked tiles load without predicates.
     """
     offs = tg + tl.arange(0, KG)
     j = tl.arange(0, WKP)[None, :]
@@ -47,8 +47,6 @@ def _key_scores(qs, qsum, qoff, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, 
         grow = (tg // G) * stride_ksg
     RAW: tl.constexpr = KAX == 1 and BEND_K == 0  # as the kernel's RAW_K
     scores = tl.zeros([QH, KG], tl.float32)
-    if RAW:
-        scores -= qoff[:, None]
     if FMT_K == 0:  # ternary: digits in slice order, each from the previous one's quotient
         tq = _trit_carry(x0, USE_ASM)
     for s in tl.static_range(SK):
@@ -74,9 +72,9 @@ def _key_scores(qs, qsum, qoff, kp_row, ks_row, kz_row, tg, hi, st, stride_kpt, 
                 sc = (sc.to(tl.float32) * k_alpha).to(tl.float16)
             kd = c * sc + zr                                                    # [KG, WKP] fp16
             scores = tl.dot(qs[s], tl.trans(kd), scores)
-    if KAX == 1:
+    if KAX == 1:  # s_t * (alpha * raw + kc), kc = beta * sum(q) - alpha * qoff a row: an FMA and a product a score
         sk = _token_scales(ks_row + offs * stride_ksg, tm, k_lo, k_step, LOG_K, MASKED)
-        scores = scores * (k_alpha * sk)[None, :] + (k_beta * sk)[None, :] * qsum[:, None]
+        scores = (scores * k_alpha + kc[:, None]) * sk[None, :]
         if HAS_KZ:
             if MASKED:
                 zk = tl.load(kz_row + offs * stride_ksg, mask=tm, other=0.0).to(tl.float32)
@@ -166,7 +164,7 @@ def _value_update(accs, z_acc, o_acc, p, vp_row, vs_row, vz_row, tg, hi, st, str
 
 
 @triton.jit
-def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, qoff, kp_row, ks_row, kz_row, vp_row, vs_row, vz_row,
+def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, kc, kp_row, ks_row, kz_row, vp_row, vs_row, vz_row,
           stride_kpt, stride_ksg, stride_vpt, stride_vst, k_alpha, k_beta, v_alpha, v_beta, k_lo, k_step, v_lo, v_step,
           D: tl.constexpr, QH: tl.constexpr, FMT_K: tl.constexpr, SK: tl.constexpr, WK: tl.constexpr,
           WKP: tl.constexpr, G: tl.constexpr, FMT_V: tl.constexpr, SV: tl.constexpr, WV: tl.constexpr,
@@ -181,7 +179,7 @@ def _tile(t0, hi, st, m_i, l_acc, z_acc, o_acc, accs, qs, qsum, qoff, kp_row, ks
     """
     scores = ()
     for g in tl.static_range(NG):
-        scores = scores + (_key_scores(qs, qsum, qoff, kp_row, ks_row, kz_row, t0 + g * KG, hi, st, stride_kpt,
+        scores = scores + (_key_scores(qs, qsum, kc, kp_row, ks_row, kz_row, t0 + g * KG, hi, st, stride_kpt,
                                        stride_ksg, k_alpha, k_beta, k_lo, k_step, D, QH, FMT_K, SK, WK, WKP, G, KG,
                                        MASKED, USE_ASM, KAX, HAS_KZ, AFF_K, LOG_K, BEND_K),)
     smax = scores[0]
