@@ -99,4 +99,5 @@ def default_config(batch: int, hkv: int, t: int, d: int, device: torch.device,
     tiles = max(1, math.ceil(t / block_t))
     programs = 8 * sms
     splits = max(1, min(math.ceil(programs / max(batch * hkv, 1)), math.ceil(tiles / 2)))
-    return DecodeConfig(block_t, splits, warps, stages, cap)
+    # ROCm's matrix cores have no 8-row shape: Triton falls back to FMAs there, so tiles keep 16 rows
+    return DecodeConfig(block_t, splits, warps, stages, cap, 16 if torch.version.hip else 8)
