@@ -8,9 +8,10 @@ traffic) and fewer instructions a token. Each case builds its cache the way the 
 (``bench_kernel_formats.build``), calls :func:`~kvtune.kernels.decode_attention.decode_attention` with a ``launch``
 hook that records the split kernel's arguments instead of launching it, specializes them as Triton's launcher would
 (16-divisible pointers and ints, ints equal to 1), and compiles for ``sm_<arch>`` with inline PTX on. From the
-cubin: registers, stack (spill) bytes (``cuobjdump -res-usage``) and the SASS of the largest loop (``nvdisasm``): its
-instructions an iteration, the same a token (``x warps / block_t``: warp instructions a token a KV head), and the
-top opcodes. Nothing here is timed: GPU time comes from ``bench_kernel_formats.py --configs``.
+cubin: registers, stack (spill) bytes (``cuobjdump -res-usage``) and the SASS of the hot loop (``nvdisasm``; the
+pipelined loop over whole tiles, :func:`hot_loop`): its instructions an iteration, the same a token (``x warps /
+block_t``: warp instructions a token a KV head), its spill loads/stores and top opcodes. Nothing here is timed: GPU
+time comes from ``bench_kernel_formats.py --rows/--caps/--configs``.
 
     PYTHONPATH=. python benchmarks/bench_sass.py                       # formats x {16, 8} query rows
     PYTHONPATH=. python benchmarks/bench_sass.py --formats normq2-log8 --rows 8 --caps 168 0
