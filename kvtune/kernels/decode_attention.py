@@ -203,6 +203,11 @@ def _decode_split_kernel(
             r_lo = tl.load(estart_ptr + b)
         ek_row = ek_ptr + b.to(tl.int64) * stride_ekb + h.to(tl.int64) * stride_ekh
         ev_row = ev_ptr + b.to(tl.int64) * stride_evb + h.to(tl.int64) * stride_evh
+        qx = qs  # fp16 keys: the query slices as they were before the 2^-shift of raw codes (a power of two: exact)
+        if RAW_K:
+            qx = ()
+            for s in tl.static_range(SK):
+                qx = qx + ((qs[s].to(tl.float32) * (1 << _raw_shift(s, FMT_K))).to(tl.float16),)
         for r0 in tl.range(0, r_end, BTE, num_stages=1):  # short loop: no smem pipeline
             offs_r = r0 + tl.arange(0, BTE)
             valid = (offs_r < R) & (offs_r < n_valid) & (offs_r >= r_lo)
@@ -214,10 +219,7 @@ def _decode_split_kernel(
                 ke = s * WK + jk
                 kcm = valid[:, None] & (jk < WK) & (ke < D)
                 kd = tl.load(ek_row + offs_r[:, None] * stride_ekt + ke, mask=kcm, other=0.0).to(tl.float16)
-                qk = qs[s]
-                if RAW_K:  # the query slice as it was before the 2^-shift of raw codes (a power of two: exact)
-                    qk = (qk.to(tl.float32) * (1 << _raw_shift(s, FMT_K))).to(tl.float16)
-                scores = tl.dot(qk, tl.trans(kd), scores)
+                scores = tl.dot(qx[s], tl.trans(kd), scores)
             p, alpha, m_i, l_i = _softmax_step(scores, valid, m_i, l_i)
             p16 = p.to(tl.float16)
             new = ()
